@@ -1,0 +1,164 @@
+"""params.yaml: its schema, loading with every problem reported at once, overrides, and flattening for MLflow.
+
+Every stage validates the whole file before any work starts, so a typo in a key fails in one second, not after an
+hour of training. Unknown keys are errors (``extra='forbid'``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(_Section):
+    raw_dir: str = "data/raw"
+    prepared_dir: str = "data/prepared"
+    val_size: int = Field(5000, ge=1)
+    download: bool = True  # fall back to torchvision's download when data/raw holds no archive
+
+
+class ModelConfig(_Section):
+    base_channels: int = Field(64, ge=8)
+    channel_mult: list[int] = [1, 2, 2]
+    num_res_blocks: int = Field(1, ge=1)
+    attention_resolutions: list[int] = [16]
+    num_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    groups: int = Field(32, ge=1)
+
+
+class DiffusionConfig(_Section):
+    schedule: Literal["linear", "cosine"] = "cosine"
+    T: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+    prediction: Literal["eps", "x0", "v", "edm"] = "edm"
+    sigma_data: float = Field(0.5, gt=0)
+    t_sampling: Literal["uniform", "log_uniform", "log_normal"] = "log_uniform"
+    sigma_min: float = Field(0.002, gt=0)  # pixel scale, for log_uniform
+    sigma_max: float = Field(1.0, gt=0)  # pixel scale, for log_uniform
+    p_mean: float = -1.2  # model-scale log-sigma mean, for log_normal
+    p_std: float = Field(1.2, gt=0)
+
+
+class TrainConfig(_Section):
+    out_dir: str = "models"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    epochs: int = Field(60, ge=1)
+    max_train_images: int | None = Field(None, ge=1)  # a subset per epoch, for quick runs and sweeps
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    hflip: bool = True
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = Field(0, ge=0)
+    pin_memory: bool = True
+    checkpoint_every: int = Field(10, ge=1)
+    val_every: int = Field(1, ge=1)
+    val_images: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)  # steps between loss/LR points logged to MLflow
+    max_nonfinite_steps: int = Field(20, ge=1)
+    resume: Literal["auto", "never"] = "auto"
+
+
+class EvalConfig(_Section):
+    out_dir: str = "evaluation"
+    n_images: int = Field(10000, ge=1)
+    sigmas: list[float] = [0.1, 0.2, 0.3, 0.5]
+    ddim_steps: int = Field(10, ge=1)
+    bm3d_images: int = Field(200, ge=0)
+    nlm_images: int = Field(1000, ge=0)
+    batch_size: int = Field(250, ge=1)
+    noise_seed: int = 1234
+    grid_images: int = Field(6, ge=1)
+
+    @field_validator("sigmas")
+    @classmethod
+    def _sigmas_in_range(cls, v: list[float]) -> list[float]:
+        bad = [s for s in v if not 0 < s <= 1]
+        if bad or not v:
+            raise ValueError(f"every sigma must lie in (0, 1] on the pixel scale, got {v}")
+        return v
+
+
+class ReportConfig(_Section):
+    out_dir: str = "reports"
+
+
+class MlflowConfig(_Section):
+    experiment: str = "ddim-denoise"
+    log_model: bool = True
+
+
+class Params(_Section):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    report: ReportConfig = ReportConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message lists every problem."""
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, object] | None = None) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params PATH") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return validate_params(raw, source=str(path))
+
+
+def validate_params(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ParamsError(f"{source}: {len(e.errors())} problem(s): {problems}") from None
+
+
+def set_dotted(tree: dict, dotted_key: str, value: object) -> None:
+    node = tree
+    *parents, leaf = dotted_key.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def flatten(params: Params) -> dict[str, object]:
+    """{'train.lr': 1e-4, ...}: one entry per leaf, the form MLflow and DVC use."""
+    out: dict[str, object] = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", params.model_dump())
+    return out

@@ -1,0 +1,105 @@
+"""The public API: ``Denoiser.from_checkpoint(path).denoise(noisy, sigma)`` on NumPy images in [0, 1]."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Params, validate_params
+from .diffusion import denoise_ddim
+from .precond import Preconditioner
+from .runtime import resolve_device, resolve_precision
+from .schedule import NoiseSchedule, pixel_to_model_sigma
+from .unet import build_unet
+
+log = logging.getLogger(__name__)
+
+
+def build_model(params: Params) -> tuple[Preconditioner, NoiseSchedule]:
+    """The preconditioned U-Net and its noise schedule, as params describe them (weights freshly initialised)."""
+    d = params.diffusion
+    schedule = NoiseSchedule(d.schedule, d.T, d.beta_start, d.beta_end)
+    return Preconditioner(build_unet(params.model), d.prediction, d.sigma_data), schedule
+
+
+def estimate_sigma(noisy: np.ndarray) -> np.ndarray:
+    """Per-image pixel-scale noise estimate (scikit-image's wavelet MAD estimator, averaged over channels)."""
+    from skimage.restoration import estimate_sigma as _estimate
+
+    return np.array([_estimate(img, channel_axis=-1, average_sigmas=True) for img in noisy], dtype=np.float32)
+
+
+def check_sigma(sigma: np.ndarray) -> None:
+    if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0) or np.any(sigma > 1):
+        raise ValueError(f"sigma must lie in (0, 1] on the [0,1] pixel scale (0.1 = 25.5/255), got {sigma.ravel()[:4]}")
+
+
+class Denoiser:
+    """A trained diffusion model used as a Gaussian denoiser.
+
+    ``denoise`` takes float32 images (N, H, W, 3) on the [0, 1] scale, noisy and unclipped, and returns the same shape
+    clipped to [0, 1]. H and W of any size work: images are reflect-padded up to a multiple of the U-Net's
+    downsampling factor and cropped back.
+    """
+
+    def __init__(self, model: Preconditioner, schedule: NoiseSchedule, params: Params, device=None):
+        self.device = resolve_device("auto" if device is None else str(device))
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cpu" or params.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.schedule, self.params = schedule, params
+        self.precision = resolve_precision(params.train.amp, self.device)
+        self.factor = self.model.net.downsampling_factor
+        self.last_sigma: np.ndarray | None = None  # the estimate, when denoise() was called with sigma=None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device=None) -> "Denoiser":
+        state = load_checkpoint(path)
+        params = validate_params(state["params"], source=f"checkpoint {path}")
+        model, schedule = build_model(params)
+        try:
+            model.load_state_dict(state.get("ema") or state["model"])
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} does not match the architecture it declares: {str(e).splitlines()[0]}") from None
+        return cls(model, schedule, params, device)
+
+    def denoise(self, noisy: np.ndarray, sigma: float | np.ndarray | None = None, steps: int = 1, eta: float = 0.0,
+                batch_size: int = 64, seed: int = 0) -> np.ndarray:
+        noisy = np.asarray(noisy)
+        if noisy.ndim != 4 or noisy.shape[-1] != 3:
+            raise ValueError(f"expected images of shape (N, H, W, 3), got {noisy.shape}; convert grayscale/RGBA to RGB first")
+        if not np.issubdtype(noisy.dtype, np.floating):
+            raise ValueError(f"expected float images on the [0, 1] scale, got dtype {noisy.dtype}; divide integers by 255")
+        if sigma is None:
+            sigma = self.last_sigma = estimate_sigma(noisy)
+            log.info("estimated sigma: %s", np.array2string(sigma, precision=4))
+        sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float32), (len(noisy),))
+        check_sigma(sigma)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        out = np.empty(noisy.shape, dtype=np.float32)
+        for start in range(0, len(noisy), batch_size):
+            sl = slice(start, start + batch_size)
+            out[sl] = self._denoise_batch(noisy[sl], sigma[sl], steps, eta, generator)
+        return out
+
+    @torch.no_grad()
+    def _denoise_batch(self, noisy, sigma, steps, eta, generator):
+        y = torch.from_numpy(np.ascontiguousarray(noisy, dtype=np.float32)).to(self.device).permute(0, 3, 1, 2)
+        y = y * 2 - 1  # [0,1] pixels -> [-1,1] model scale
+        h, w = y.shape[-2:]
+        pad_h, pad_w = (-h) % self.factor, (-w) % self.factor
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+            y = F.pad(y, (0, pad_w, 0, pad_h), mode=mode)
+        y = y.contiguous(memory_format=torch.channels_last)
+        model_sigma = pixel_to_model_sigma(torch.from_numpy(np.ascontiguousarray(sigma)).to(self.device))
+        with self.precision.autocast(self.device):
+            x0 = denoise_ddim(self.model, self.schedule, y, model_sigma, steps, eta, generator)
+        x0 = x0[..., :h, :w].float()
+        return ((x0 + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+

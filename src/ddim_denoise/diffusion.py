@@ -1,0 +1,90 @@
+"""Which noise levels training sees, and DDIM denoising from the noise level of the input down to a clean image."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .precond import Preconditioner
+from .schedule import NoiseSchedule, pixel_to_model_sigma
+
+T_SAMPLINGS = ("uniform", "log_uniform", "log_normal")
+
+
+class SigmaSampler:
+    """Draws model-scale noise levels for a training batch.
+
+    - ``uniform``: t uniform on [0, T-1] (standard DDPM); most of those t lie far above any noise we denoise.
+    - ``log_uniform``: log(sigma) uniform on [sigma_min, sigma_max] (pixel scale), the range denoising uses.
+    - ``log_normal``: log(sigma) ~ N(p_mean, p_std^2) (model scale), as in EDM.
+    """
+
+    def __init__(self, kind: str, schedule: NoiseSchedule, sigma_min: float = 0.002, sigma_max: float = 1.0,
+                 p_mean: float = -1.2, p_std: float = 1.2):
+        if kind not in T_SAMPLINGS:
+            raise ValueError(f"unknown diffusion.t_sampling {kind!r}: use one of {', '.join(T_SAMPLINGS)}")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"diffusion.sigma_min ({sigma_min}) must be positive and below sigma_max ({sigma_max})")
+        self.kind, self.schedule = kind, schedule
+        self.log_lo = math.log(pixel_to_model_sigma(sigma_min))
+        self.log_hi = math.log(pixel_to_model_sigma(sigma_max))
+        self.p_mean, self.p_std = p_mean, p_std
+
+    def __call__(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        u = torch.rand(n, device=device, generator=generator)
+        if self.kind == "uniform":
+            return self.schedule.model_sigma(u * (self.schedule.T - 1)).to(device)
+        if self.kind == "log_uniform":
+            return torch.exp(self.log_lo + u * (self.log_hi - self.log_lo))
+        z = torch.randn(n, device=device, generator=generator)
+        return torch.exp(self.p_mean + self.p_std * z)
+
+
+def ddim_timesteps(schedule: NoiseSchedule, model_sigma: torch.Tensor, steps: int) -> torch.Tensor:
+    """(steps + 1, N) fractional timesteps from t* (where the input sits) down to 0, evenly spaced in t."""
+    t_start = schedule.sigma_to_timestep(model_sigma)
+    frac = torch.linspace(1, 0, steps + 1, device=t_start.device).reshape(-1, 1)
+    return frac * t_start.reshape(1, -1)
+
+
+@torch.no_grad()
+def denoise_ddim(model: Preconditioner, schedule: NoiseSchedule, y: torch.Tensor, model_sigma: torch.Tensor,
+                 steps: int = 1, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Clean estimate of y (model scale, [-1, 1] images plus noise of std ``model_sigma`` per image).
+
+    DDIM in its VP form starts from x_t = sqrt(abar(t*)) * y at the t* where (1 - abar)/abar = sigma^2. We keep the
+    state in the equivalent unscaled form y_t = x_t / sqrt(abar_t) (so the network always sees y and its sigma), and
+    take ``steps`` model evaluations from t* to 0. The last evaluation's clean estimate is the answer, so
+    ``steps=1`` is the one-step x0 (Tweedie / MMSE) estimate. ``eta`` > 0 adds DDPM-style fresh noise per step.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    sigma = torch.as_tensor(model_sigma, dtype=torch.float32, device=y.device).expand(y.shape[0]).contiguous()
+    if steps == 1:
+        return model(y, sigma)
+    ts = ddim_timesteps(schedule, sigma.cpu(), steps).to(y.device)
+    x = y
+    for i in range(steps):
+        s_now = sigma if i == 0 else schedule.model_sigma(ts[i]).to(y.device)
+        x0 = model(x, s_now)
+        if i == steps - 1:
+            return x0
+        s_next = schedule.model_sigma(ts[i + 1]).to(y.device)
+        x = _ddim_step(x, x0, s_now, s_next, eta, generator)
+    raise AssertionError("unreachable")
+
+
+def _ddim_step(y_t, x0, s_now, s_next, eta, generator):
+    """One DDIM update written for y = x / sqrt(abar): y_next = x0 + s_next * (direction + fresh noise)."""
+    s_now, s_next = s_now.reshape(-1, 1, 1, 1), s_next.reshape(-1, 1, 1, 1)
+    eps = (y_t - x0) / s_now
+    if eta == 0:
+        return x0 + s_next * eps
+    # VP quantities, to reuse Song et al.'s eta exactly: abar = 1/(1+s^2).
+    abar_now, abar_next = 1 / (1 + s_now**2), 1 / (1 + s_next**2)
+    c1 = eta * torch.sqrt((1 - abar_next) / (1 - abar_now) * (1 - abar_now / abar_next))
+    c2 = torch.sqrt((1 - abar_next - c1**2).clamp(min=0))
+    noise = torch.randn(y_t.shape, device=y_t.device, generator=generator, dtype=y_t.dtype)
+    x_next = torch.sqrt(abar_next) * x0 + c2 * eps + c1 * noise
+    return x_next / torch.sqrt(abar_next)

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from ddim_denoise.diffusion import SigmaSampler, denoise_ddim
+from ddim_denoise.precond import PREDICTIONS, DenoisingLoss, Preconditioner, precond_coefficients
+from ddim_denoise.schedule import NoiseSchedule
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_sigma_to_timestep_round_trips_and_abar_is_monotone(name):
+    schedule = NoiseSchedule(name, T=1000)
+    abar = schedule.abar(torch.linspace(0, 999, 5000))
+    assert torch.all(abar[1:] < abar[:-1])
+    sigmas = torch.tensor([0.02, 0.2, 0.4, 0.6, 1.0, 3.0])
+    t = schedule.sigma_to_timestep(sigmas)
+    assert torch.allclose(schedule.model_sigma(t), sigmas, rtol=1e-4)
+    # Integer timesteps map back to themselves.
+    ints = torch.tensor([3.0, 100.0, 517.0])
+    assert torch.allclose(schedule.sigma_to_timestep(schedule.model_sigma(ints)), ints, atol=1e-3)
+    # (1 - abar)/abar = sigma^2 at the returned t.
+    a = schedule.abar(t)
+    assert torch.allclose((1 - a) / a, sigmas**2, rtol=1e-3)
+
+
+def test_sigma_outside_schedule_is_an_error():
+    schedule = NoiseSchedule("linear", T=1000)
+    with pytest.raises(ValueError, match="outside"):
+        schedule.sigma_to_timestep(torch.tensor([1e-4]))
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_each_prediction_target_recovers_x0_from_its_own_target(prediction):
+    # For the true x0, F* = (x0 - c_skip*y)/c_out; plugging F* back into D gives x0 exactly.
+    x0, eps, sigma = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0.1, 0.5, 1.0, 3.0])
+    y = x0 + sigma.reshape(-1, 1, 1, 1) * eps
+    c_skip, c_out, _ = precond_coefficients(prediction, sigma.reshape(-1, 1, 1, 1))
+    target = (x0 - c_skip * y) / c_out
+    assert torch.allclose(c_skip * y + c_out * target, x0, atol=1e-5)
+    if prediction == "eps":
+        assert torch.allclose(target, eps, atol=1e-5)
+
+
+class OracleNet(torch.nn.Module):
+    """Knows the clean image; returns the raw output F that makes the preconditioned D(y) equal it."""
+
+    downsampling_factor = 1
+
+    def __init__(self, x0, prediction):
+        super().__init__()
+        self.x0, self.prediction, self.calls = x0, prediction, 0
+
+    def forward(self, x_in, c_noise):
+        self.calls += 1
+        sigma = torch.exp(4 * c_noise).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in = precond_coefficients(self.prediction, sigma)
+        return (self.x0 - c_skip * x_in / c_in) / c_out
+
+
+@pytest.mark.parametrize("steps,eta", [(1, 0.0), (5, 0.0), (20, 0.0), (10, 1.0)])
+@pytest.mark.parametrize("prediction", ["eps", "v", "edm"])
+def test_ddim_with_a_perfect_oracle_returns_the_clean_image(steps, eta, prediction):
+    torch.manual_seed(0)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    sigma = torch.tensor([0.4, 1.0])
+    y = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x0)
+    net = OracleNet(x0, prediction)
+    out = denoise_ddim(Preconditioner(net, prediction), NoiseSchedule("cosine"), y, sigma, steps=steps, eta=eta)
+    assert net.calls == steps
+    assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_log_uniform_sampler_stays_in_range_and_loss_is_finite():
+    schedule = NoiseSchedule("cosine")
+    sampler = SigmaSampler("log_uniform", schedule, sigma_min=0.01, sigma_max=0.5)
+    s = sampler(10000, "cpu", torch.Generator().manual_seed(0))
+    assert s.min() >= 0.02 * 0.999 and s.max() <= 1.0 * 1.001
+    net = OracleNet(torch.zeros(3, 3, 8, 8), "edm")
+    loss = DenoisingLoss(sampler)(Preconditioner(net), torch.zeros(3, 3, 8, 8))
+    assert loss.item() < 1e-8  # the oracle's F is the target
