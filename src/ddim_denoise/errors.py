@@ -1,0 +1,15 @@
+"""The package's expected errors: what the CLI reports as one line with exit code 2 instead of a traceback."""
+
+from .checkpoint import CheckpointError
+from .config import ParamsError
+
+
+class DataError(ValueError):
+    """The dataset is missing, truncated, corrupt or of the wrong shape; the message says how to fix it."""
+
+
+class InputError(ValueError):
+    """A user-supplied image or option cannot be used; the message says why."""
+
+
+EXPECTED_ERRORS = (ParamsError, CheckpointError, DataError, InputError)
