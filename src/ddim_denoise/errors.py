@@ -12,4 +12,8 @@ class InputError(ValueError):
     """A user-supplied image or option cannot be used; the message says why."""
 
 
-EXPECTED_ERRORS = (ParamsError, CheckpointError, DataError, InputError)
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is kept."""
+
+
+EXPECTED_ERRORS = (ParamsError, CheckpointError, DataError, InputError, TrainingError)

@@ -52,7 +52,11 @@ class Preconditioner(nn.Module):
         c_noise = torch.log(sigma.float()) / 4
         return self.net(c_in * y, c_noise)
 
-    def forward(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, sigma: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """D(y) or, with ``raw=True``, the backbone output F (what the loss trains; a call through forward keeps
+        DistributedDataParallel's gradient hooks working)."""
+        if raw:
+            return self.raw(y, sigma)
         c_skip, c_out, _ = self.coefficients(sigma)
         return c_skip * y + c_out * self.raw(y, sigma).float()
 
@@ -60,13 +64,15 @@ class Preconditioner(nn.Module):
 class DenoisingLoss:
     """Mean squared error of F against its own target, (x0 - c_skip * y) / c_out, for the sampled noise levels."""
 
-    def __init__(self, sampler):
+    def __init__(self, sampler, prediction: str = "edm", sigma_data: float = 0.5):
         self.sampler = sampler  # callable: (batch, device, generator) -> model-scale sigmas
+        self.prediction, self.sigma_data = prediction, sigma_data
 
-    def __call__(self, model: Preconditioner, x0: torch.Tensor, generator: torch.Generator | None = None):
+    def __call__(self, model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None):
+        """``model`` is a Preconditioner, possibly wrapped (torch.compile, DistributedDataParallel)."""
         sigma = self.sampler(x0.shape[0], x0.device, generator)
         eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
         y = x0 + sigma.reshape(-1, 1, 1, 1) * eps
-        c_skip, c_out, _ = model.coefficients(sigma)
+        c_skip, c_out, _ = precond_coefficients(self.prediction, sigma.reshape(-1, 1, 1, 1), self.sigma_data)
         target = (x0 - c_skip * y) / c_out
-        return (model.raw(y, sigma).float() - target).pow(2).mean()
+        return (model(y, sigma, raw=True).float() - target).pow(2).mean()

@@ -105,17 +105,17 @@ class UNet(nn.Module):
         h = self.stem(x)
         hs = [h]
         for layer in self.down:
-            h = self._apply(layer, h, emb)
+            h = self._run_layer(layer, h, emb)
             hs.append(h)
         h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
                 h = torch.cat([h, hs.pop()], dim=1)
-            h = self._apply(layer, h, emb)
+            h = self._run_layer(layer, h, emb)
         return self.out(h)
 
     @staticmethod
-    def _apply(layer, h, emb):
+    def _run_layer(layer, h, emb):
         if isinstance(layer, nn.ModuleList):  # (ResBlock, attention or identity)
             return layer[1](layer[0](h, emb))
         return layer(h)

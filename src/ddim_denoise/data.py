@@ -1,0 +1,449 @@
+"""CIFAR-10 on disk: find the raw source, read it safely, validate it, and write the seeded train/val/test split.
+
+This is the library side of the DVC ``prepare`` stage. Three raw formats are accepted in ``params.data.raw_dir``,
+looked for in this order:
+
+1. the official ``cifar-10-python.tar.gz`` (read member by member, never extracted);
+2. its extracted ``cifar-10-batches-py/`` folder;
+3. an ``.npz`` holding ``x_train, y_train, x_test, y_test`` (uint8 NHWC images, labels 0..9), e.g. the offline copy
+   made by ``cifar10_from_jpeg.py``.
+
+If none is present and ``params.data.download`` is true, the official archive is downloaded with torchvision.
+
+The official batches are pickles, and unpickling runs whatever code the file names. They are therefore read with a
+restricted unpickler that only rebuilds numpy arrays and plain containers; anything else is refused. Every problem
+with the data (missing, truncated, corrupt, wrong shape, bad labels) is raised as one ``DataError`` line that names
+the file and the fix, never as a traceback from deep inside tarfile, zipfile or pickle.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import json
+import logging
+import pickle
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+import numpy as np
+
+from .checkpoint import atomic_path, atomic_write_text
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+# The CIFAR-10 format: facts about the dataset, not settings.
+ARCHIVE_NAME = "cifar-10-python.tar.gz"
+BATCH_FOLDER = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+BATCH_NAMES = (*TRAIN_BATCHES, TEST_BATCH)
+IMAGE_SHAPE = (32, 32, 3)  # stored as HWC uint8
+NUM_CLASSES = 10
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+PREFERRED_NPZ = "cifar10.npz"  # the name the README's offline recipe writes; chosen when several .npz files exist
+CIFAR_HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+# What prepare writes.
+SPLITS = ("train", "val", "test")
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "ddim-denoise-data/1"
+
+SourceKind = Literal["tar", "folder", "npz"]
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """A raw CIFAR-10 source found on disk."""
+
+    kind: SourceKind
+    path: Path
+
+    def describe(self) -> str:
+        what = {"tar": "official archive", "folder": "extracted official batches", "npz": "npz arrays"}[self.kind]
+        return f"CIFAR-10 {what} at {self.path}"
+
+
+@dataclass(frozen=True)
+class Cifar10:
+    """The official train and test sets as uint8 NHWC images and uint8 labels, validated."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Finding (and if allowed, downloading) a source
+
+
+def _accepted_sources_hint(raw_dir: Path) -> str:
+    return (f"put {ARCHIVE_NAME} (from {CIFAR_HOMEPAGE}), its extracted {BATCH_FOLDER}/ folder, "
+            f"or an .npz with {', '.join(NPZ_KEYS)} (uint8, images N x 32 x 32 x 3) in {raw_dir}/")
+
+
+def find_source(raw_dir: str | Path) -> Source | None:
+    """The first usable-looking source in ``raw_dir`` in the documented order, or None if there is none."""
+    raw_dir = Path(raw_dir)
+    if (raw_dir / ARCHIVE_NAME).is_file():
+        return Source("tar", raw_dir / ARCHIVE_NAME)
+    if (raw_dir / BATCH_FOLDER).is_dir():
+        return Source("folder", raw_dir / BATCH_FOLDER)
+    npz_files = sorted(p for p in raw_dir.glob("*.npz") if p.is_file()) if raw_dir.is_dir() else []
+    if (raw_dir / PREFERRED_NPZ) in npz_files:
+        return Source("npz", raw_dir / PREFERRED_NPZ)
+    if len(npz_files) > 1:
+        names = ", ".join(p.name for p in npz_files)
+        raise DataError(f"{raw_dir}/ holds several .npz files ({names}): keep one, or name the CIFAR-10 one "
+                        f"{PREFERRED_NPZ}")
+    return Source("npz", npz_files[0]) if npz_files else None
+
+
+def _download_official(raw_dir: Path) -> None:
+    """Download the official archive into ``raw_dir``, atomically.
+
+    torchvision supplies the URL and MD5 and verifies the file. We call its downloader rather than
+    ``torchvision.datasets.CIFAR10(download=True)`` because that constructor immediately unpickles the batches with
+    plain ``pickle.load``, and all unpickling here goes through the restricted unpickler. The archive is downloaded
+    into a temporary folder and renamed into place, so an interrupted download never leaves a truncated archive
+    behind.
+    """
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_url
+
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=raw_dir))
+    try:
+        download_url(CIFAR10.url, root=str(tmp_dir), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        (tmp_dir / CIFAR10.filename).replace(raw_dir / ARCHIVE_NAME)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def ensure_source(raw_dir: str | Path, download: bool) -> Source:
+    """The source in ``raw_dir``; downloads the official archive first if there is none and ``download`` is true."""
+    raw_dir = Path(raw_dir)
+    source = find_source(raw_dir)
+    if source is not None:
+        return source
+    if not download:
+        raise DataError(f"no CIFAR-10 data found: {_accepted_sources_hint(raw_dir)} "
+                        "(automatic download is off: data.download is false)")
+    log.info("no CIFAR-10 data in %s/; downloading the official archive", raw_dir)
+    try:
+        _download_official(raw_dir)
+    except Exception as e:  # no network, DNS, HTTP error, MD5 mismatch, disk full: all reported the same way
+        raise DataError(f"no CIFAR-10 data found and the download failed ({_one_line(e)}): "
+                        f"{_accepted_sources_hint(raw_dir)}") from e
+    source = find_source(raw_dir)
+    if source is None:  # the downloader reported success but left nothing usable
+        raise DataError(f"the download finished but {raw_dir / ARCHIVE_NAME} is missing: "
+                        f"{_accepted_sources_hint(raw_dir)}")
+    return source
+
+
+def fetch_data(raw_dir: str | Path, download: bool) -> str:
+    """Make sure ``raw_dir`` holds a source (downloading if allowed) and describe it in one line.
+
+    Run before ``dvc repro`` so that a user without data sees how to get it, not DVC's "missing dependency".
+    """
+    return ensure_source(raw_dir, download).describe()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading the official pickled batches safely
+
+
+def _numpy_array_reconstructors() -> dict[tuple[str, str], object]:
+    """The globals a pickled ndarray refers to, under the module names old and new numpy write.
+
+    The official batches were pickled by Python 2 with numpy 1.x (``numpy.core.multiarray``); numpy 2 names the same
+    function ``numpy._core.multiarray``. The function itself is taken from numpy's own pickling, so no deprecated
+    module is imported.
+    """
+    reconstruct = np.empty(0).__reduce__()[0]
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+
+def _plain_builtins() -> dict[tuple[str, str], type]:
+    """Inert container and scalar types only: no open, eval, getattr, __import__ and the like.
+
+    Both module names are listed because overriding ``find_class`` skips pickle's Python 2 name mapping.
+    """
+    names = ("dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int", "float", "complex", "bool")
+    return {(module, name): getattr(builtins, name) for module in ("builtins", "__builtin__") for name in names}
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """The pickle names a global outside the allowlist: it would run code, so it is not a CIFAR-10 batch."""
+
+
+class _CifarBatchUnpickler(pickle.Unpickler):
+    """An unpickler that can rebuild a CIFAR-10 batch (a dict of numpy arrays, lists and strings) and nothing else."""
+
+    _allowed = {**_numpy_array_reconstructors(), **_plain_builtins()}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise _ForbiddenGlobal(f"{module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise _ForbiddenGlobal(f"persistent id {pid!r}")
+
+
+def _unpickle_batch(data: bytes, where: str) -> object:
+    try:
+        return _CifarBatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except _ForbiddenGlobal as e:
+        raise DataError(f"refusing to unpickle {where}: it asks for {e}, so it is not a CIFAR-10 batch; "
+                        f"replace it with the official {ARCHIVE_NAME}") from None
+
+
+def _field(batch: dict, key: str, where: str):
+    """A batch field; official batches have bytes keys (b'data'), ones re-pickled by Python 3 may have str keys."""
+    for k in (key.encode(), key):
+        if k in batch:
+            return batch[k]
+    raise DataError(f"{where}: not a CIFAR-10 batch (no {key!r} entry; it has {sorted(map(repr, batch))})")
+
+
+def _parse_batch(batch: object, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images NHWC, labels) from one batch dict holding CIFAR's channel-major rows of 3 x 32 x 32 values."""
+    if not isinstance(batch, dict):
+        raise DataError(f"{where}: not a CIFAR-10 batch (a {type(batch).__name__}, expected a dict)")
+    rows, labels = _field(batch, "data", where), _field(batch, "labels", where)
+    height, width, channels = IMAGE_SHAPE
+    if not isinstance(rows, np.ndarray) or rows.ndim != 2 or rows.shape[1] != height * width * channels:
+        shape = getattr(rows, "shape", type(rows).__name__)
+        raise DataError(f"{where}: image rows must be an array of shape (N, {height * width * channels}), got {shape}")
+    images = rows.reshape(-1, channels, height, width).transpose(0, 2, 3, 1)
+    return validate_arrays(images, np.asarray(labels), where)
+
+
+def _assemble_batches(batches: dict[str, tuple[np.ndarray, np.ndarray]], where: Path) -> Cifar10:
+    missing = [name for name in BATCH_NAMES if name not in batches]
+    if missing:
+        raise DataError(f"{where}: missing {', '.join(missing)}; the official CIFAR-10 holds "
+                        f"{', '.join(BATCH_NAMES)}: download {ARCHIVE_NAME} again")
+    x_train = np.concatenate([batches[name][0] for name in TRAIN_BATCHES])
+    y_train = np.concatenate([batches[name][1] for name in TRAIN_BATCHES])
+    x_test, y_test = batches[TEST_BATCH]
+    return Cifar10(np.ascontiguousarray(x_train), y_train, np.ascontiguousarray(x_test), y_test)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading each kind of source
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Report any failure to parse ``path`` (truncated gzip, bad zip, garbage pickle...) as one DataError line."""
+    try:
+        yield
+    except DataError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # tarfile/zipfile/zlib/EOF/pickle/ValueError and whatever else a corrupt file provokes
+        raise DataError(f"{path}: cannot be read ({_one_line(e)}): the file is truncated or corrupt; "
+                        "replace it with a good copy") from e
+
+
+def _load_tar(path: Path) -> Cifar10:
+    """Read the batches straight from the archive, in one sequential pass over the gzip stream."""
+    wanted = {f"{BATCH_FOLDER}/{name}": name for name in BATCH_NAMES}
+    batches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with _reading(path), tarfile.open(path, mode="r|gz") as tar:
+        for member in tar:
+            name = wanted.get(member.name.removeprefix("./"))
+            if name is None or not member.isfile():
+                continue
+            where = f"{path}:{member.name}"
+            data = _read_member(tar.extractfile(member))
+            batches[name] = _parse_batch(_unpickle_batch(data, where), where)
+    return _assemble_batches(batches, path)
+
+
+def _read_member(f: IO[bytes] | None) -> bytes:
+    if f is None:
+        raise tarfile.ReadError("member has no data")
+    with f:
+        return f.read()
+
+
+def _load_folder(folder: Path) -> Cifar10:
+    batches = {}
+    for name in BATCH_NAMES:
+        path = folder / name
+        if path.is_file():
+            with _reading(path):
+                batches[name] = _parse_batch(_unpickle_batch(path.read_bytes(), str(path)), str(path))
+    return _assemble_batches(batches, folder)
+
+
+def _load_npz(path: Path) -> Cifar10:
+    with _reading(path):
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: not an .npz archive (a single .npy array); save it with numpy.savez and the "
+                            f"keys {', '.join(NPZ_KEYS)}")
+        with loaded as npz:
+            missing = [key for key in NPZ_KEYS if key not in npz.files]
+            if missing:
+                raise DataError(f"{path}: missing {', '.join(missing)}; an .npz source needs {', '.join(NPZ_KEYS)} "
+                                f"(it has {', '.join(npz.files) or 'nothing'})")
+            arrays = {key: npz[key] for key in NPZ_KEYS}
+    x_train, y_train = validate_arrays(arrays["x_train"], arrays["y_train"], f"{path} (x_train, y_train)")
+    x_test, y_test = validate_arrays(arrays["x_test"], arrays["y_test"], f"{path} (x_test, y_test)")
+    return Cifar10(x_train, y_train, x_test, y_test)
+
+
+_LOADERS = {"tar": _load_tar, "folder": _load_folder, "npz": _load_npz}
+
+
+def load_source(source: Source) -> Cifar10:
+    """Read and validate a source; every problem with it is a DataError naming the file."""
+    log.info("reading %s", source.describe())
+    return _LOADERS[source.kind](source.path)
+
+
+def validate_arrays(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Check one split (uint8 N x 32 x 32 x 3 images, N labels in 0..9) and return it with labels as uint8."""
+    if x.dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8 (0..255), got {x.dtype}")
+    if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{where}: images must have shape (N, {', '.join(map(str, IMAGE_SHAPE))}) (NHWC), "
+                        f"got {x.shape}")
+    if len(x) == 0:
+        raise DataError(f"{where}: holds no images")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{where}: expected {len(x)} labels (one per image), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where}: labels must be integers, got {y.dtype}")
+    if y.min() < 0 or y.max() >= NUM_CLASSES:
+        raise DataError(f"{where}: labels must lie in 0..{NUM_CLASSES - 1}, got {y.min()}..{y.max()}")
+    return x, y.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The dataset hash, the split, and the prepare stage
+
+
+def source_digests(source: Source) -> tuple[str, dict[str, str]]:
+    """(dataset sha256, {file name: sha256}) of the raw source, logged to MLflow to identify the data.
+
+    A single file is hashed as ``sha256sum`` would. For the extracted folder the dataset hash covers the batch
+    files' contents concatenated in sorted name order (``cat data_batch_1 ... test_batch | sha256sum``).
+    """
+    files = [source.path / name for name in sorted(BATCH_NAMES)] if source.kind == "folder" else [source.path]
+    combined, per_file = hashlib.sha256(), {}
+    for path in files:
+        digest = hashlib.sha256()
+        with _reading(path), open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+                combined.update(chunk)
+        per_file[path.name] = digest.hexdigest()
+    return combined.hexdigest(), per_file
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices into ``n`` training images: a seeded random draw, each part in original order."""
+    if not 0 < val_size < n:
+        raise DataError(f"data.val_size={val_size} must be at least 1 and smaller than the {n} training images; "
+                        "lower it in params.yaml")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[val_size:]), np.sort(order[:val_size])
+
+
+def _split_paths(prepared_dir: Path, split: str) -> tuple[Path, Path]:
+    return prepared_dir / f"{split}_x.npy", prepared_dir / f"{split}_y.npy"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def prepare(params) -> dict:
+    """Load the raw data, split off a seeded validation set, and write the splits and a manifest.
+
+    Writes ``{train,val,test}_{x,y}.npy`` (uint8) into ``params.data.prepared_dir``, each atomically, then
+    ``manifest.json`` last, so a manifest means a complete set. The official test set is kept as it is. Returns the
+    manifest.
+    """
+    cfg = params.data
+    source = ensure_source(cfg.raw_dir, cfg.download)
+    data = load_source(source)
+    train_idx, val_idx = split_indices(len(data.x_train), cfg.val_size, params.seed)
+    splits = {
+        "train": (data.x_train[train_idx], data.y_train[train_idx]),
+        "val": (data.x_train[val_idx], data.y_train[val_idx]),
+        "test": (data.x_test, data.y_test),
+    }
+    prepared_dir = Path(cfg.prepared_dir)
+    for split, (x, y) in splits.items():
+        x_path, y_path = _split_paths(prepared_dir, split)
+        _save_npy(x_path, x)
+        _save_npy(y_path, y)
+    dataset_sha256, file_sha256 = source_digests(source)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source": {"kind": source.kind, "path": str(source.path), "sha256": file_sha256},
+        "dataset_sha256": dataset_sha256,
+        "seed": params.seed,
+        "val_size": cfg.val_size,
+        "counts": {split: int(len(x)) for split, (x, _) in splits.items()},
+        "image_shape": list(IMAGE_SHAPE),
+        "dtype": "uint8",
+    }
+    atomic_write_text(prepared_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    log.info("prepared %s from %s into %s", manifest["counts"], source.describe(), prepared_dir)
+    return manifest
+
+
+def read_manifest(prepared_dir: str | Path) -> dict:
+    """The manifest prepare wrote; a DataError saying to run prepare if there is none."""
+    path = Path(prepared_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{prepared_dir}: no prepared data ({MANIFEST_NAME} missing): run `ddim-denoise prepare` "
+                        "(or `dvc repro prepare`) first")
+    with _reading(path):
+        return json.loads(path.read_text())
+
+
+def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 NHWC images, uint8 labels) of one prepared split: ``train``, ``val`` or ``test``."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    read_manifest(prepared_dir)
+    x_path, y_path = _split_paths(Path(prepared_dir), split)
+    arrays = []
+    for path in (x_path, y_path):
+        if not path.is_file():
+            raise DataError(f"{path} is missing: run `ddim-denoise prepare` (or `dvc repro prepare`) again")
+        with _reading(path):
+            arrays.append(np.load(path, allow_pickle=False))
+    return validate_arrays(*arrays, where=f"{prepared_dir} ({split} split)")

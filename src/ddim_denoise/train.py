@@ -1,0 +1,386 @@
+"""The training loop: AMP, EMA, warmup + cosine LR, validation, atomic checkpoints, resume, MLflow logging.
+
+Outputs (paths from ``train.out_dir`` and the fixed ``training/`` folder that DVC reads as metrics and plots):
+- ``models/last.pt`` every epoch, ``models/epoch_NNNN.pt`` every ``checkpoint_every`` epochs, ``models/best.pt`` on a
+  new best validation PSNR (EMA weights). Each holds everything needed to resume bit-for-bit.
+- ``training/steps.csv`` (step, epoch, loss, lr), ``training/val.csv`` (epoch, sigma, psnr, ssim),
+  ``training/summary.json`` (run id, parameter count, time, throughput, best validation PSNR).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import tracking
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .config import Params, flatten
+from .data import load_split, read_manifest
+from .denoiser import Denoiser, build_model
+from .errors import TrainingError
+from .diffusion import SigmaSampler
+from .metrics import make_noisy, psnr_ssim, to_float
+from .precond import DenoisingLoss, Preconditioner
+from .runtime import resolve_device, resolve_precision
+from .unet import count_parameters
+
+log = logging.getLogger(__name__)
+
+TRAINING_DIR = Path("training")
+# Keys that change how a run executes or reports, not what it learns: a resume ignores them.
+OPERATIONAL_KEYS = ("train.out_dir", "train.device", "train.resume", "train.num_workers", "train.pin_memory",
+                    "train.log_every", "train.val_every", "train.checkpoint_every", "train.compile",
+                    "train.max_nonfinite_steps")
+
+
+def run_fingerprint(params: Params, dataset_hash: str) -> str:
+    """Hash of everything that defines what a run learns; a checkpoint is resumed only if it matches."""
+    flat = {k: v for k, v in flatten(params).items()
+            if k.split(".")[0] in ("seed", "model", "diffusion", "train") and k not in OPERATIONAL_KEYS}
+    blob = json.dumps(flat, sort_keys=True, default=str) + dataset_hash
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr, as a multiplier of lr."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
+
+
+class EMA:
+    """Exponential moving average of the weights, with the usual warm-up so early averages are not all init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model)
+        self.model.load_state_dict(model.state_dict())
+        self.model.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+@dataclass
+class History:
+    steps: list = field(default_factory=list)  # [step, epoch, loss, lr]
+    val: list = field(default_factory=list)  # [epoch, sigma, psnr, ssim]
+
+    def write(self, folder: Path) -> None:
+        atomic_write_text(folder / "steps.csv", "step,epoch,loss,lr\n" + "".join(
+            f"{int(s)},{int(e)},{l:.6g},{lr:.6g}\n" for s, e, l, lr in self.steps))
+        atomic_write_text(folder / "val.csv", "epoch,sigma,psnr,ssim\n" + "".join(
+            f"{int(e)},{s:g},{p:.4f},{q:.4f}\n" for e, s, p, q in self.val))
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """This rank's index batches for an epoch: one seeded permutation shared by all ranks, sharded like
+    DistributedSampler, full batches only."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    per_rank = perm[rank : len(perm) - (len(perm) % world) : world] if world > 1 else perm
+    usable = len(per_rank) - len(per_rank) % batch_size
+    return list(per_rank[:usable].split(batch_size))
+
+
+class Trainer:
+    def __init__(self, params: Params, rank: int = 0, world: int = 1):
+        self.params, self.cfg = params, params.train
+        self.rank, self.world = rank, world
+        self.device = resolve_device(self.cfg.device)
+        self.precision = resolve_precision(self.cfg.amp, self.device)
+        self.out_dir = Path(self.cfg.out_dir)
+        torch.manual_seed(params.seed + rank)
+
+        self.train_x, _ = load_split(params.data.prepared_dir, "train")
+        if self.cfg.max_train_images:
+            self.train_x = self.train_x[: self.cfg.max_train_images]
+        val_x, _ = load_split(params.data.prepared_dir, "val")
+        self.val_clean = to_float(val_x[: self.cfg.val_images])
+        self.dataset_hash = read_manifest(params.data.prepared_dir)["dataset_sha256"]
+
+        self.model, self.schedule = build_model(params)
+        self.model.to(self.device)
+        if self.cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.model, self.cfg.ema_decay)
+        self.train_model = self._wrap_for_training(self.model)
+        d = params.diffusion
+        sampler = SigmaSampler(d.t_sampling, self.schedule, d.sigma_min, d.sigma_max, d.p_mean, d.p_std)
+        self.loss_fn = DenoisingLoss(sampler, d.prediction, d.sigma_data)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                           fused=fused)
+        self.batches_per_epoch = len(epoch_batches(len(self.train_x), self.cfg.batch_size, 0, params.seed, rank, world))
+        if self.batches_per_epoch == 0:
+            raise TrainingError(f"train.batch_size {self.cfg.batch_size} exceeds the {len(self.train_x)} training images per "
+                                "rank: lower train.batch_size")
+        total = self.batches_per_epoch * self.cfg.epochs
+        warmup = max(1, round(self.cfg.warmup_epochs * self.batches_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup, total, self.cfg.lr, self.cfg.min_lr))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
+        self.noise_gen = torch.Generator(self.device).manual_seed(params.seed * 7919 + rank)
+        self.fingerprint = run_fingerprint(params, self.dataset_hash)
+        self.history, self.epoch, self.step = History(), 0, 0
+        self.best_psnr, self.best_epoch = -math.inf, 0
+        self.train_seconds, self.images_seen, self.nonfinite_steps, self.consecutive_nonfinite = 0.0, 0, 0, 0
+        self.run: tracking.SafeRun | None = None
+
+    # ---- setup helpers -------------------------------------------------------------------------------------------
+    def _batches(self, data: torch.Tensor):
+        """This epoch's uint8 batches: indexed straight from memory, or through a DataLoader with worker
+        processes and pinned memory when ``train.num_workers`` > 0 (data kept off the GPU)."""
+        batches = epoch_batches(len(data), self.cfg.batch_size, self.epoch, self.params.seed, self.rank, self.world)
+        if self.cfg.num_workers == 0 or data.device.type != "cpu":
+            return len(batches), (data[idx] for idx in batches)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_sampler=batches,
+                                             num_workers=self.cfg.num_workers,
+                                             pin_memory=self.cfg.pin_memory and self.device.type == "cuda")
+        return len(batches), (x for (x,) in loader)
+
+    def _wrap_for_training(self, model: Preconditioner) -> torch.nn.Module:
+        """The module the loss calls: compiled and/or DDP-wrapped; ``self.model`` stays the plain module whose
+        parameters it shares, so checkpoints never carry wrapper prefixes."""
+        wrapped: torch.nn.Module = model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(wrapped) if self.cfg.compile else wrapped
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "params": self.params.model_dump(), "fingerprint": self.fingerprint,
+            "model": _plain_state(self.model), "ema": _plain_state(self.ema.model),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
+            "rng": {"torch": torch.get_rng_state(), "noise": self.noise_gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+            "best_psnr": self.best_psnr, "best_epoch": self.best_epoch, "train_seconds": self.train_seconds,
+            "images_seen": self.images_seen, "nonfinite_steps": self.nonfinite_steps,
+            "history": {"steps": self.history.steps, "val": self.history.val},
+            "mlflow_run_id": self.run.run_id if self.run else None,
+        }
+
+    def try_resume(self) -> str | None:
+        """Restore the last checkpoint of this same run (same fingerprint); return its MLflow run id."""
+        last = self.out_dir / "last.pt"
+        if self.cfg.resume != "auto" or not last.exists():
+            return None
+        state = load_checkpoint(last)
+        if state.get("fingerprint") != self.fingerprint:
+            log.info("%s belongs to a run with other params; starting a new run", last)
+            return None
+        self.model.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.noise_gen.set_state(state["rng"]["noise"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_psnr, self.best_epoch = state["best_psnr"], state["best_epoch"]
+        self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self.history = History(state["history"]["steps"], state["history"]["val"])
+        log.info("resumed from %s at epoch %d (step %d)", last, self.epoch, self.step)
+        return state.get("mlflow_run_id")
+
+    def save(self, names: list[str]) -> None:
+        state = self.state()
+        for name in names:
+            save_checkpoint(self.out_dir / name, state)
+        self.history.write(TRAINING_DIR)
+
+    # ---- one epoch -----------------------------------------------------------------------------------------------
+    def _batch_to_model_scale(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = x_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        if self.cfg.hflip:
+            flip = torch.rand(x.shape[0], device=self.device, generator=self.noise_gen) < 0.5
+            x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(3), x)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def train_epoch(self, data: torch.Tensor) -> float:
+        self.model.train()
+        n_batches, batches = self._batches(data)
+        bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.is_main,
+                   leave=False, mininterval=2.0)
+        losses, start = [], time.perf_counter()
+        for i, batch in enumerate(bar):
+            loss = self.train_step(self._batch_to_model_scale(batch))
+            if loss is not None:
+                losses.append(loss)
+            self.images_seen += len(batch) * self.world
+            if self.step % self.cfg.log_every == 0 and loss is not None:
+                lr = self.scheduler.get_last_lr()[0]
+                self.history.steps.append([self.step, self.epoch + 1, loss, lr])
+                if self.run:
+                    self.run.log_metrics({"train_loss": loss, "lr": lr}, step=self.step)
+                rate = (i + 1) * len(batch) * self.world / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        self.train_seconds += time.perf_counter() - start
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def train_step(self, x0: torch.Tensor) -> float | None:
+        """One optimizer step; returns the loss, or None when it was non-finite and the step was skipped."""
+        with self.precision.autocast(self.device):
+            loss = self.loss_fn(self.train_model, x0, self.noise_gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if self.world > 1:  # all ranks must agree to skip, or DDP's collectives deadlock
+            flag = torch.tensor([float(finite)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if not finite:
+            self.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            if self.consecutive_nonfinite >= self.cfg.max_nonfinite_steps:
+                raise TrainingError(f"loss was non-finite for {self.consecutive_nonfinite} steps in a row (step "
+                                    f"{self.step}): lower train.lr or set train.amp=off; the last good checkpoint is "
+                                    f"{self.out_dir / 'last.pt'}")
+            self.scheduler.step()
+            self.step += 1
+            return None
+        self.consecutive_nonfinite = 0
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        return loss.item()
+
+    # ---- validation ----------------------------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """One-step PSNR/SSIM of the EMA model on the fixed validation subset with fixed noise seeds."""
+        denoiser = Denoiser(self.ema.model, self.schedule, self.params, self.device)
+        results = {}
+        for sigma in self.params.eval.sigmas:
+            noisy = make_noisy(self.val_clean, sigma, self.params.eval.noise_seed)
+            psnr, ssim = psnr_ssim(self.val_clean, denoiser.denoise(noisy, sigma, batch_size=self.params.eval.batch_size))
+            results[f"val_psnr_sigma{sigma:g}"], results[f"val_ssim_sigma{sigma:g}"] = psnr.mean(), ssim.mean()
+            self.history.val.append([self.epoch, sigma, float(psnr.mean()), float(ssim.mean())])
+        results["val_psnr_mean"] = float(np.mean([v for k, v in results.items() if k.startswith("val_psnr_sigma")]))
+        return results
+
+    # ---- the whole run -------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        run_id = self.try_resume()
+        if self.is_main:
+            self._start_tracking(run_id)
+        data = torch.from_numpy(self.train_x)
+        if self.device.type == "cuda":
+            data = data.to(self.device)  # the whole uint8 set lives on the GPU: no loader bottleneck
+        n_params = count_parameters(self.model)
+        log.info("training %s parameters on %s (%s), %d images/epoch, %d epochs", f"{n_params:,}", self.device,
+                 self.precision.name, len(data), self.cfg.epochs)
+        while self.epoch < self.cfg.epochs:
+            mean_loss = self.train_epoch(data)
+            self.epoch += 1
+            metrics = {"epoch_loss": mean_loss}
+            if self.is_main and (self.epoch % self.cfg.val_every == 0 or self.epoch == self.cfg.epochs):
+                metrics.update(self.validate())
+            if self.is_main:
+                self._end_of_epoch(metrics)
+        summary = self._summary(n_params)
+        if self.is_main:
+            self._finish_tracking(summary)
+        return summary
+
+    def _end_of_epoch(self, metrics: dict) -> None:
+        names = ["last.pt"]
+        if self.epoch % self.cfg.checkpoint_every == 0:
+            names.append(f"epoch_{self.epoch:04d}.pt")
+        new_best = metrics.get("val_psnr_mean", -math.inf) > self.best_psnr
+        if new_best:
+            self.best_psnr, self.best_epoch = metrics["val_psnr_mean"], self.epoch
+            names.append("best.pt")
+        self.save(names)
+        if self.run:
+            self.run.log_metrics(metrics, step=self.step)
+            for name in names[1:]:
+                self.run.log_artifact(self.out_dir / name, "checkpoints")
+        rate = self.images_seen / max(self.train_seconds, 1e-9)
+        val = f", val PSNR {metrics['val_psnr_mean']:.2f} dB" if "val_psnr_mean" in metrics else ""
+        log.info("epoch %d/%d: loss %.4f%s, %.0f img/s%s", self.epoch, self.cfg.epochs, metrics["epoch_loss"], val, rate,
+                 " (best)" if new_best else "")
+
+    def _summary(self, n_params: int) -> dict:
+        return {"mlflow_run_id": self.run.run_id if self.run else None, "parameters": n_params,
+                "epochs": self.epoch, "steps": self.step, "train_images_seen": self.images_seen,
+                "train_seconds": round(self.train_seconds, 2),
+                "images_per_s": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
+                "precision": self.precision.name, "device": str(self.device), "world_size": self.world,
+                "best_val_psnr": round(self.best_psnr, 4), "best_epoch": self.best_epoch,
+                "nonfinite_steps": self.nonfinite_steps}
+
+    def _start_tracking(self, run_id: str | None) -> None:
+        self.run = tracking.start_run(self.params.mlflow.experiment, run_name="train", run_id=run_id)
+        if run_id is None:
+            self.run.log_params(flatten(self.params))
+            self.run.set_tags({"git_commit": git_commit(), "dataset_sha256": self.dataset_hash,
+                               "parameters": str(count_parameters(self.model)), "precision": self.precision.name,
+                               "device": str(self.device), "fingerprint": self.fingerprint})
+
+    def _finish_tracking(self, summary: dict) -> None:
+        atomic_write_text(TRAINING_DIR / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.history.write(TRAINING_DIR)
+        if not self.run or self.run.run_id is None:
+            return
+        self.run.log_metrics({"parameters": summary["parameters"], "train_images_per_s": summary["images_per_s"],
+                              "train_seconds": summary["train_seconds"], "best_val_psnr": summary["best_val_psnr"]},
+                             step=self.step)
+        self.run.log_artifacts(TRAINING_DIR, "training")
+        if self.params.mlflow.log_model:
+            self._log_model()
+
+    def _log_model(self) -> None:
+        try:
+            import mlflow.pytorch
+
+            with tracking.active_run(self.run) as active:
+                if active is not None:
+                    mlflow.pytorch.log_model(copy.deepcopy(self.ema.model).cpu().float(), name="model",
+                                             pip_requirements=["torch", "ddim-denoise"])
+        except Exception as e:  # the run's other records stand; a model upload failure is not fatal
+            log.warning("could not log the model to MLflow (%s: %s)", type(e).__name__, e)
+
+
+def _plain_state(model: torch.nn.Module) -> dict:
+    """State dict without torch.compile's '_orig_mod.' prefixes, so checkpoints load into a plain model."""
+    return {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+
+
+def train(params: Params, rank: int = 0, world: int = 1) -> dict:
+    return Trainer(params, rank, world).fit()

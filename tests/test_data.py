@@ -1,0 +1,243 @@
+"""The prepare stage's library code on tiny data in the real CIFAR-10 formats (see cifar_fixtures)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import yaml
+from cifar_fixtures import (make_cifar_arrays, malicious_batch_bytes, write_cifar_folder, write_cifar_npz,
+                            write_cifar_tar)
+from typer.testing import CliRunner
+
+from ddim_denoise import data
+from ddim_denoise.cli import app
+from ddim_denoise.config import validate_params
+from ddim_denoise.errors import DataError
+
+N_PER_BATCH, N_TEST, VAL_SIZE = 6, 4, 6
+N_TRAIN = len(data.TRAIN_BATCHES) * N_PER_BATCH
+WRITERS = {"tar": write_cifar_tar, "folder": write_cifar_folder, "npz": write_cifar_npz}
+
+
+def params_for(tmp_path, seed=0, val_size=VAL_SIZE, download=False):
+    return validate_params({"seed": seed, "data": {"raw_dir": str(tmp_path / "raw"), "download": download,
+                                                   "prepared_dir": str(tmp_path / "prepared"), "val_size": val_size}})
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """No test may reach the internet: a download attempt fails as it does offline."""
+
+    def offline(raw_dir):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(data, "_download_official", offline)
+
+
+@pytest.mark.parametrize("kind", list(WRITERS))
+def test_every_source_kind_loads_the_same_images(tmp_path, kind):
+    WRITERS[kind](tmp_path, N_PER_BATCH, N_TEST)
+    source = data.find_source(tmp_path)
+    loaded = data.load_source(source)
+    assert source.kind == kind
+    for key, expected in make_cifar_arrays(N_PER_BATCH, N_TEST).items():
+        got = getattr(loaded, key)
+        assert got.dtype == np.uint8 and np.array_equal(got, expected), key
+
+
+def test_official_archive_is_preferred_over_folder_and_npz(tmp_path):
+    write_cifar_npz(tmp_path)
+    write_cifar_folder(tmp_path)
+    assert data.find_source(tmp_path).kind == "folder"
+    write_cifar_tar(tmp_path)
+    assert data.find_source(tmp_path).kind == "tar"
+
+
+def test_several_npz_files_without_the_preferred_name_are_ambiguous(tmp_path):
+    write_cifar_npz(tmp_path, name="a.npz")
+    write_cifar_npz(tmp_path, name="b.npz")
+    with pytest.raises(DataError, match=r"several \.npz.*a\.npz, b\.npz"):
+        data.find_source(tmp_path)
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    train, val = data.split_indices(N_TRAIN, VAL_SIZE, seed=0)
+    again_train, again_val = data.split_indices(N_TRAIN, VAL_SIZE, seed=0)
+    _, other_val = data.split_indices(N_TRAIN, VAL_SIZE, seed=1)
+    assert np.array_equal(val, again_val) and np.array_equal(train, again_train)
+    assert not np.array_equal(val, other_val)
+    assert len(val) == VAL_SIZE and np.array_equal(np.sort(np.concatenate([train, val])), np.arange(N_TRAIN))
+
+
+@pytest.mark.parametrize("val_size", [N_TRAIN, N_TRAIN + 1])
+def test_validation_set_must_leave_training_images(tmp_path, val_size):
+    write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
+    with pytest.raises(DataError, match=f"data.val_size={val_size} .*{N_TRAIN} training images"):
+        data.prepare(params_for(tmp_path, val_size=val_size))
+
+
+def labelled_images(x, y) -> list[bytes]:
+    """Each image with its label, in a canonical order: equal lists mean the same labelled images."""
+    return sorted(image.tobytes() + bytes([label]) for image, label in zip(x, y))
+
+
+def test_prepare_writes_uint8_splits_and_a_manifest(tmp_path):
+    archive = write_cifar_tar(tmp_path / "raw", N_PER_BATCH, N_TEST)
+    manifest = data.prepare(params_for(tmp_path))
+
+    expected = make_cifar_arrays(N_PER_BATCH, N_TEST)
+    splits = {split: data.load_split(tmp_path / "prepared", split) for split in data.SPLITS}
+    for x, y in splits.values():
+        assert x.dtype == np.uint8 and y.dtype == np.uint8 and x.shape[1:] == data.IMAGE_SHAPE and len(x) == len(y)
+    assert {s: len(x) for s, (x, _) in splits.items()} == {"train": N_TRAIN - VAL_SIZE, "val": VAL_SIZE,
+                                                           "test": N_TEST}
+    assert np.array_equal(splits["test"][0], expected["x_test"])
+    assert np.array_equal(splits["test"][1], expected["y_test"])
+    train_and_val = [np.concatenate(parts) for parts in zip(splits["train"], splits["val"])]
+    assert labelled_images(*train_and_val) == labelled_images(expected["x_train"], expected["y_train"])
+
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert manifest == json.loads((tmp_path / "prepared" / data.MANIFEST_NAME).read_text())
+    assert manifest["dataset_sha256"] == sha and manifest["source"] == {
+        "kind": "tar", "path": str(archive), "sha256": {archive.name: sha}}
+    assert manifest["counts"] == {"train": N_TRAIN - VAL_SIZE, "val": VAL_SIZE, "test": N_TEST}
+    assert not [p.name for p in (tmp_path / "prepared").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_prepare_is_reproducible_per_seed(tmp_path):
+    write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
+    val = {}
+    for seed in (0, 0, 1):
+        data.prepare(params_for(tmp_path, seed=seed))
+        val.setdefault(seed, []).append(data.load_split(tmp_path / "prepared", "val")[0])
+    assert np.array_equal(*val[0]) and not np.array_equal(val[0][0], val[1][0])
+
+
+def test_folder_hash_covers_the_batch_files_in_sorted_order(tmp_path):
+    folder = write_cifar_folder(tmp_path)
+    digest, files = data.source_digests(data.find_source(tmp_path))
+    contents = b"".join((folder / name).read_bytes() for name in sorted(data.BATCH_NAMES))
+    assert digest == hashlib.sha256(contents).hexdigest() and sorted(files) == sorted(data.BATCH_NAMES)
+
+
+def test_load_split_says_to_run_prepare_first(tmp_path):
+    with pytest.raises(DataError, match="run `ddim-denoise prepare`"):
+        data.load_split(tmp_path / "prepared", "train")
+
+
+@pytest.mark.parametrize("payload", [f"{os.system.__module__}.system", "builtins.open"])
+def test_a_pickle_that_runs_code_is_refused_without_side_effects(tmp_path, payload):
+    def malicious(marker):
+        if payload.endswith(".system"):
+            return malicious_batch_bytes(os.system, f"touch '{marker}'")
+        # builtins, but not a plain data type: the allowlist must not admit every builtin
+        return b"cbuiltins\nopen\n(V" + str(marker).encode() + b"\nVw\ntR."
+
+    control = tmp_path / "control-marker"  # proves the payload is real: plain pickle runs it
+    pickle.loads(malicious(control))
+    assert control.exists()
+
+    marker = tmp_path / "marker"
+    folder = write_cifar_folder(tmp_path / "raw")
+    (folder / "data_batch_3").write_bytes(malicious(marker))
+    refused = rf"refusing to unpickle .*data_batch_3: it asks for {payload}, so it is not a CIFAR-10 batch"
+    with pytest.raises(DataError, match=refused):
+        data.prepare(params_for(tmp_path))
+    assert not marker.exists()
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_truncated_archive_is_reported_as_such(tmp_path):
+    archive = write_cifar_tar(tmp_path)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DataError, match=f"{archive}: cannot be read .*truncated or corrupt"):
+        data.load_source(data.find_source(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["tar", "folder"])
+def test_missing_batch_is_named(tmp_path, kind):
+    WRITERS[kind](tmp_path, omit=["data_batch_5"])
+    with pytest.raises(DataError, match="missing data_batch_5;"):
+        data.load_source(data.find_source(tmp_path))
+
+
+def test_garbage_batch_is_reported_with_its_path(tmp_path):
+    folder = write_cifar_folder(tmp_path)
+    (folder / "test_batch").write_bytes(b"\x80\x02}q\x00")  # a pickle cut off mid-way
+    with pytest.raises(DataError, match="test_batch: cannot be read"):
+        data.load_source(data.find_source(tmp_path))
+
+
+ARRAYS = make_cifar_arrays()
+
+
+@pytest.mark.parametrize("replace, message", [
+    ({"x_train": ARRAYS["x_train"][:, :16]}, r"shape \(N, 32, 32, 3\)"),
+    ({"x_test": ARRAYS["x_test"].transpose(0, 3, 1, 2)}, r"shape \(N, 32, 32, 3\)"),
+    ({"x_train": ARRAYS["x_train"].astype(np.float32)}, "must be uint8"),
+    ({"y_train": ARRAYS["y_train"] + 10}, r"labels must lie in 0\.\.9"),
+    ({"y_test": ARRAYS["y_test"][:-1]}, "expected 4 labels"),
+    ({"y_test": ARRAYS["y_test"].astype(np.float64)}, "labels must be integers"),
+    ({"x_test": ARRAYS["x_test"][:0], "y_test": ARRAYS["y_test"][:0]}, "holds no images"),
+])
+def test_bad_npz_arrays_are_refused(tmp_path, replace, message):
+    write_cifar_npz(tmp_path, **replace)
+    with pytest.raises(DataError, match=message):
+        data.load_source(data.find_source(tmp_path))
+
+
+def test_npz_missing_keys_or_not_an_npz(tmp_path):
+    np.savez(tmp_path / "cifar10.npz", x_train=ARRAYS["x_train"])
+    with pytest.raises(DataError, match="missing y_train, x_test, y_test"):
+        data.load_source(data.find_source(tmp_path))
+    (tmp_path / "cifar10.npz").write_bytes(b"not a zip file at all")
+    with pytest.raises(DataError, match="cifar10.npz: cannot be read"):
+        data.load_source(data.find_source(tmp_path))
+
+
+@pytest.mark.parametrize("download, reason", [(False, "data.download is false"),
+                                              (True, "download failed .*network is unreachable")])
+def test_no_data_gives_one_line_saying_where_to_put_it(tmp_path, monkeypatch, download, reason):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=reason) as error:
+        data.fetch_data("data/raw", download=download)
+    message = str(error.value)
+    assert "\n" not in message and "in data/raw/" in message
+    assert all(name in message for name in (data.ARCHIVE_NAME, data.BATCH_FOLDER, ".npz"))
+
+
+def test_fetch_data_downloads_when_allowed(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_download_official", lambda raw_dir: write_cifar_tar(raw_dir))
+    assert data.fetch_data(tmp_path / "raw", download=True) == (
+        f"CIFAR-10 official archive at {tmp_path / 'raw' / data.ARCHIVE_NAME}")
+
+
+def write_params_file(tmp_path) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"data": {"raw_dir": str(tmp_path / "raw"), "download": False,
+                                             "prepared_dir": str(tmp_path / "prepared"), "val_size": VAL_SIZE}}))
+    return str(path)
+
+
+def test_cli_prepare_and_fetch_data(tmp_path):
+    write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
+    params = write_params_file(tmp_path)
+    runner = CliRunner()
+    fetched = runner.invoke(app, ["fetch-data", "--params", params])
+    assert fetched.exit_code == 0 and "npz arrays at" in fetched.stdout
+    prepared = runner.invoke(app, ["prepare", "-p", params, "-S", "seed=3"])
+    assert prepared.exit_code == 0, prepared.output
+    assert f"train {N_TRAIN - VAL_SIZE}, val {VAL_SIZE}, test {N_TEST} images" in prepared.stdout
+    assert json.loads((tmp_path / "prepared" / data.MANIFEST_NAME).read_text())["seed"] == 3
+
+
+def test_cli_prepare_on_bad_input_exits_2_with_one_line(tmp_path):
+    write_cifar_npz(tmp_path / "raw", y_train=ARRAYS["y_train"] + 10)
+    result = CliRunner().invoke(app, ["prepare", "--params", write_params_file(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "labels" in result.stderr

@@ -1,0 +1,113 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cifar_fixtures import write_cifar_npz
+from ddim_denoise.checkpoint import load_checkpoint
+from ddim_denoise.config import validate_params
+from ddim_denoise.data import prepare
+from ddim_denoise.errors import TrainingError
+from ddim_denoise.train import Trainer, lr_factor
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, tiny_params):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    write_cifar_npz(tmp_path / "data" / "raw", n_train_per_batch=8, n_test=4)
+    params = tiny_params.model_copy(deep=True)
+    params.data.val_size = 8
+    params.mlflow.log_model = False
+    prepare(params)
+    return params
+
+
+def with_train(params, **changes):
+    raw = params.model_dump()
+    raw["train"].update(changes)
+    return validate_params(raw)
+
+
+def test_lr_warms_up_then_decays_to_min_lr():
+    factors = [lr_factor(s, 10, 100, 1e-3, 1e-5) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(100, 10, 100, 1e-3, 1e-5) == pytest.approx(1e-2)
+
+
+def test_short_training_lowers_the_loss(workspace):
+    params = with_train(workspace, epochs=10, lr=3e-3, val_every=10)
+    trainer = Trainer(params)
+    # Smooth images (random colour gradients): learnable structure, unlike the fixture's random pixels.
+    ramp = np.linspace(0, 1, 32, dtype=np.float32)
+    colours = np.random.default_rng(0).uniform(0, 1, (len(trainer.train_x), 1, 1, 3)).astype(np.float32)
+    trainer.train_x = (255 * colours * ramp[None, :, None, None] * ramp[None, None, :, None]).astype(np.uint8)
+    x0 = trainer._batch_to_model_scale(torch.from_numpy(trainer.train_x[:8]))
+    gen = lambda: torch.Generator().manual_seed(0)  # same noise levels and noise before and after
+    with torch.no_grad():
+        before = trainer.loss_fn(trainer.model, x0, gen()).item()
+    trainer.fit()
+    with torch.no_grad():
+        after = trainer.loss_fn(trainer.model, x0, gen()).item()
+    assert after < 0.8 * before
+
+
+def test_interrupted_run_resumes_to_the_same_state(workspace, tmp_path):
+    straight = Trainer(with_train(workspace, epochs=3, out_dir="straight"))
+    straight.fit()
+
+    first = Trainer(with_train(workspace, epochs=3, out_dir="resumed"))
+    # Simulate a kill after epoch 1: run one epoch and save, as fit() does, then start a fresh process-like trainer.
+    first._start_tracking(None)
+    first.train_epoch(torch.from_numpy(first.train_x))
+    first.epoch += 1
+    first._end_of_epoch({"epoch_loss": 0.0})
+    resumed = Trainer(with_train(workspace, epochs=3, out_dir="resumed"))
+    resumed.fit()
+
+    a, b = load_checkpoint("straight/last.pt"), load_checkpoint("resumed/last.pt")
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    # The resumed run continued the same MLflow run.
+    assert a["mlflow_run_id"] != b["mlflow_run_id"]
+    assert b["mlflow_run_id"] == load_checkpoint("resumed/epoch_0001.pt")["mlflow_run_id"]
+
+
+def test_changed_params_start_a_new_run(workspace):
+    Trainer(with_train(workspace, epochs=1)).fit()
+    other = Trainer(with_train(workspace, epochs=1, lr=5e-4))
+    assert other.try_resume() is None
+    same = Trainer(with_train(workspace, epochs=1, log_every=7))  # operational keys do not matter
+    assert same.try_resume() is not None
+
+
+def test_outputs_and_summary(workspace):
+    summary = Trainer(workspace).fit()
+    assert summary["epochs"] == 2 and summary["parameters"] > 0 and summary["images_per_s"] > 0
+    on_disk = json.loads(open("training/summary.json").read())
+    assert on_disk["best_val_psnr"] == summary["best_val_psnr"] and np.isfinite(on_disk["best_val_psnr"])
+    assert open("training/steps.csv").readline().strip() == "step,epoch,loss,lr"
+    assert len(open("training/val.csv").read().splitlines()) == 1 + 2 * 2  # 2 epochs x 2 sigmas
+    for name in ("last.pt", "best.pt", "epoch_0001.pt", "epoch_0002.pt"):
+        assert load_checkpoint(f"models/{name}")["format"]
+
+
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(workspace, monkeypatch):
+    trainer = Trainer(with_train(workspace, epochs=3, max_nonfinite_steps=2))
+    real_loss = trainer.loss_fn
+    calls = {"n": 0}
+
+    def flaky(model, x0, gen):
+        calls["n"] += 1
+        return real_loss(model, x0, gen) * (float("nan") if trainer.epoch >= 1 else 1.0)
+
+    trainer.loss_fn = flaky
+    with pytest.raises(TrainingError, match="non-finite for 2 steps"):
+        trainer.fit()
+    assert load_checkpoint("models/last.pt")["epoch"] == 1
+    assert trainer.nonfinite_steps == 2
