@@ -105,8 +105,14 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
 
 
 class Trainer:
-    def __init__(self, params: Params, rank: int = 0, world: int = 1):
+    """One training run. ``on_epoch_end(epoch, metrics)`` is called on rank 0 after each epoch's checkpoint (a sweep
+    reports validation PSNR to Optuna there and may raise to prune); ``run_tags`` are added to the MLflow run (e.g.
+    ``mlflow.parentRunId`` nests it under a sweep's parent run)."""
+
+    def __init__(self, params: Params, rank: int = 0, world: int = 1, on_epoch_end=None,
+                 run_tags: dict[str, str] | None = None, run_name: str = "train"):
         self.params, self.cfg = params, params.train
+        self.on_epoch_end, self.run_tags, self.run_name = on_epoch_end, run_tags or {}, run_name
         self.rank, self.world = rank, world
         self.device = resolve_device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.amp, self.device)
@@ -305,14 +311,22 @@ class Trainer:
         n_params = count_parameters(self.model)
         log.info("training %s parameters on %s (%s), %d images/epoch, %d epochs", f"{n_params:,}", self.device,
                  self.precision.name, len(data), self.cfg.epochs)
-        while self.epoch < self.cfg.epochs:
-            mean_loss = self.train_epoch(data)
-            self.epoch += 1
-            metrics = {"epoch_loss": mean_loss}
-            if self.is_main and (self.epoch % self.cfg.val_every == 0 or self.epoch == self.cfg.epochs):
-                metrics.update(self.validate())
-            if self.is_main:
-                self._end_of_epoch(metrics)
+        try:
+            while self.epoch < self.cfg.epochs:
+                mean_loss = self.train_epoch(data)
+                self.epoch += 1
+                metrics = {"epoch_loss": mean_loss}
+                if self.is_main and (self.epoch % self.cfg.val_every == 0 or self.epoch == self.cfg.epochs):
+                    metrics.update(self.validate())
+                if self.is_main:
+                    self._end_of_epoch(metrics)
+                    if self.on_epoch_end is not None:
+                        self.on_epoch_end(self.epoch, metrics)
+        except BaseException as e:
+            if self.run:
+                self.run.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
+                self.run.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
         summary = self._summary(n_params)
         if self.is_main:
             self._finish_tracking(summary)
@@ -346,7 +360,8 @@ class Trainer:
                 "nonfinite_steps": self.nonfinite_steps}
 
     def _start_tracking(self, run_id: str | None) -> None:
-        self.run = tracking.start_run(self.params.mlflow.experiment, run_name="train", run_id=run_id)
+        self.run = tracking.start_run(self.params.mlflow.experiment, run_name=self.run_name, run_id=run_id,
+                                      tags=self.run_tags)
         if run_id is None:
             self.run.log_params(flatten(self.params))
             self.run.set_tags({"git_commit": git_commit(), "dataset_sha256": self.dataset_hash,
@@ -364,6 +379,7 @@ class Trainer:
         self.run.log_artifacts(TRAINING_DIR, "training")
         if self.params.mlflow.log_model:
             self._log_model()
+        self.run.finish()
 
     def _log_model(self) -> None:
         try:

@@ -1,0 +1,95 @@
+"""Training throughput (images/s) of the U-Net under each precision / memory-format / compile setting, one run.
+
+    python benchmarks/train_speed.py                       # default model from params.yaml, batch 64, this device
+    python benchmarks/train_speed.py -S model.base_channels=32 --steps 20 --modes fp32,bf16_cl,bf16_cl_compile
+
+Prints one row per mode and the speed-up over eager fp32. Speed targets live here, not in timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import yaml
+
+from ddim_denoise.config import load_params
+from ddim_denoise.denoiser import build_model
+from ddim_denoise.diffusion import SigmaSampler
+from ddim_denoise.precond import DenoisingLoss
+from ddim_denoise.runtime import Precision, resolve_device
+from ddim_denoise.unet import count_parameters
+
+MODES = {  # name: (autocast dtype, channels_last, torch.compile)
+    "fp32": (None, False, False),
+    "fp32_cl": (None, True, False),
+    "bf16": (torch.bfloat16, False, False),
+    "bf16_cl": (torch.bfloat16, True, False),
+    "bf16_compile": (torch.bfloat16, False, True),
+    "bf16_cl_compile": (torch.bfloat16, True, True),
+    "fp16_cl": (torch.float16, True, False),
+}
+
+
+def measure(params, mode: str, batch: int, steps: int, warmup: int, device) -> float:
+    dtype, channels_last, compile_ = MODES[mode]
+    torch.manual_seed(0)
+    model, schedule = build_model(params)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if compile_ else model
+    d = params.diffusion
+    loss_fn = DenoisingLoss(SigmaSampler(d.t_sampling, schedule, d.sigma_min, d.sigma_max), d.prediction, d.sigma_data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    precision = Precision(dtype, dtype == torch.float16)
+    x = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with precision.autocast(device):
+            loss = loss_fn(step_model, x)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("-S", "--set", action="append", default=[], help="param override KEY=VALUE")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--modes", default="fp32,bf16_cl,bf16_cl_compile")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    params = load_params(args.params, overrides)
+    device = resolve_device(args.device)
+    model, _ = build_model(params)
+    print(f"device {device}, threads {torch.get_num_threads()}, {count_parameters(model):,} parameters, batch {args.batch}")
+    baseline = None
+    for mode in args.modes.split(","):
+        rate = measure(params, mode, args.batch, args.steps, args.warmup, device)
+        baseline = baseline or rate
+        print(f"{mode:>18}: {rate:8.1f} img/s  ({rate / baseline:.2f}x {args.modes.split(',')[0]})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
