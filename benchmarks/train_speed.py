@@ -3,7 +3,9 @@
     python benchmarks/train_speed.py                       # default model from params.yaml, batch 64, this device
     python benchmarks/train_speed.py -S model.base_channels=32 --steps 20 --modes fp32,bf16_cl,bf16_cl_compile
 
-Prints one row per mode and the speed-up over eager fp32. Speed targets live here, not in timed tests.
+Prints one row per mode and the speed-up over eager fp32, plus the model's training FLOPs per image (forward +
+backward, counted by torch.utils.flop_counter) and the achieved TFLOP/s; on a GPU also the share of the measured
+bf16 matmul peak. Speed targets live here, not in timed tests.
 """
 
 from __future__ import annotations
@@ -69,6 +71,34 @@ def measure(params, mode: str, batch: int, steps: int, warmup: int, device) -> f
     return steps * batch / (time.perf_counter() - start)
 
 
+def flops_per_image(params, device) -> float:
+    """Training FLOPs (forward + backward) per 32x32 image, as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, schedule = build_model(params)
+    model.to(device)
+    d = params.diffusion
+    loss_fn = DenoisingLoss(SigmaSampler(d.t_sampling, schedule, d.sigma_min, d.sigma_max), d.prediction, d.sigma_data)
+    x = torch.rand(2, 3, 32, 32, device=device) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model, x).backward()
+    return counter.get_total_flops() / 2
+
+
+def matmul_peak_tflops(device, n: int = 8192, reps: int = 10) -> float:
+    """Measured bf16 matrix-product throughput: the denominator of 'share of peak'."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -84,11 +114,22 @@ def main() -> None:
     device = resolve_device(args.device)
     model, _ = build_model(params)
     print(f"device {device}, threads {torch.get_num_threads()}, {count_parameters(model):,} parameters, batch {args.batch}")
+    flops = flops_per_image(params, device)
+    peak = matmul_peak_tflops(device) if device.type == "cuda" else None
+    print(f"training FLOPs per image (fwd+bwd): {flops / 1e9:.3f} GFLOP"
+          + (f"; measured bf16 matmul peak {peak:.0f} TFLOP/s" if peak else ""))
     baseline = None
     for mode in args.modes.split(","):
-        rate = measure(params, mode, args.batch, args.steps, args.warmup, device)
+        try:
+            rate = measure(params, mode, args.batch, args.steps, args.warmup, device)
+        except Exception as e:  # e.g. torch.compile without a working compiler: report and go on
+            print(f"{mode:>18}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+            continue
         baseline = baseline or rate
-        print(f"{mode:>18}: {rate:8.1f} img/s  ({rate / baseline:.2f}x {args.modes.split(',')[0]})", flush=True)
+        tflops = rate * flops / 1e12
+        share = f", {100 * tflops / peak:.1f}% of peak" if peak else ""
+        print(f"{mode:>18}: {rate:9.1f} img/s  ({rate / baseline:.2f}x {args.modes.split(',')[0]}), "
+              f"{tflops:.2f} TFLOP/s{share}", flush=True)
 
 
 if __name__ == "__main__":

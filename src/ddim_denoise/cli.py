@@ -61,3 +61,261 @@ def load(params_path: str, overrides: Optional[list[str]] = None):
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@app.command()
+@user_errors
+def train(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT,
+          nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="processes (GPUs) on this machine: "
+                                             "more than 1 relaunches through torchrun (DDP); each takes "
+                                             "train.batch_size images per step")):
+    """Train the diffusion U-Net (resumes an interrupted run from models/last.pt). Under torchrun, one rank each."""
+    from .distributed import relaunch_with_torchrun, train_as_launched
+
+    cfg = load(params, set_)  # every params problem is reported here, before any process or work starts
+    if nproc_per_node > 1:
+        overrides = [arg for item in set_ or [] for arg in ("--set", item)]
+        raise typer.Exit(relaunch_with_torchrun(nproc_per_node, ["train", "--params", params, *overrides]))
+    summary = train_as_launched(cfg)
+    if summary is None:  # a rank other than 0: rank 0 reports for the run
+        return
+    typer.echo(f"trained {summary['epochs']} epochs at {summary['images_per_s']:.0f} img/s; "
+               f"best validation PSNR {summary['best_val_psnr']:.2f} dB (epoch {summary['best_epoch']})")
+
+
+@app.command("prepare")
+@user_errors
+def prepare_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT):
+    """Split CIFAR-10 into seeded train/val and the official test set, as .npy files (the DVC prepare stage)."""
+    from .data import prepare
+
+    manifest = prepare(load(params, set_))
+    counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
+    source = manifest["source"]
+    typer.echo(f"prepared {counts} images from {source['kind']} {source['path']} "
+               f"(sha256 {manifest['dataset_sha256'][:12]})")
+
+
+@app.command("fetch-data")
+@user_errors
+def fetch_data_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT):
+    """Check that data/raw holds CIFAR-10 (downloading it if data.download allows); run before dvc repro."""
+    from .data import fetch_data
+
+    cfg = load(params, set_).data
+    typer.echo(fetch_data(cfg.raw_dir, cfg.download, dvc_file="data.dvc"))
+
+
+def log_to_training_run(params, metrics: dict[str, float] | None = None,
+                        artifacts: tuple[tuple[Path, str], ...] = ()):
+    """Add metrics and (path, artifact folder) pairs to the training's MLflow run, if training recorded one."""
+    from .report import training_run_id
+    from .tracking import start_run
+
+    run_id = training_run_id()
+    if run_id is None:
+        logging.getLogger(__name__).warning("no MLflow run id in training/summary.json: results not logged to MLflow")
+        return
+    run = start_run(params.mlflow.experiment, run_id=run_id)
+    if metrics:
+        run.log_metrics(metrics)
+    for path, artifact_path in artifacts:
+        (run.log_artifacts if Path(path).is_dir() else run.log_artifact)(path, artifact_path)
+    run.finish()
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT,
+                     checkpoint: Path = typer.Option(Path("models/best.pt"), "--checkpoint", "-c",
+                                                     help="checkpoint to evaluate"),
+                     device: Optional[str] = typer.Option(None, "--device", help="default: train.device"),
+                     workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                                           help="processes for BM3D/NLM (default: eval.workers)")):
+    """Score the model, the noisy input, BM3D and NLM on the test split; write eval.out_dir."""
+    from .evaluate import GRID_FILE, METRICS_FILE, TABLE_FILE, evaluate, mlflow_metrics
+
+    cfg = load(params, set_)
+    table = evaluate(cfg, checkpoint, device=device, workers=workers or cfg.eval.workers)
+    out = Path(cfg.eval.out_dir)
+    files = [out / name for name in (METRICS_FILE, TABLE_FILE, GRID_FILE) if (out / name).is_file()]
+    log_to_training_run(cfg, mlflow_metrics(table), tuple((f, "evaluation") for f in files))
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+@app.command("report")
+@user_errors
+def report_command(params: str = PARAMS_OPT):
+    """Write reports/report.md with figures from evaluation/ and training/."""
+    from .report import write_report
+
+    cfg = load(params)
+    path = write_report(cfg)
+    log_to_training_run(cfg, artifacts=((path.parent, "reports"),))
+    typer.echo(str(path))
+
+
+def given(**options) -> dict:
+    """The options the user set: the others keep the library's defaults (one place for each default)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+@app.command("denoise")
+@user_errors
+def denoise_command(
+    inputs: list[Path] = typer.Argument(..., help="images: PNG, JPEG, TIFF, WebP or .npy (8/16-bit, gray, RGB(A))",
+                                        show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: same names, formats and bit depths"),
+    sigma: Optional[str] = typer.Option(None, "--sigma", "-s", help="noise level on the [0,1] pixel scale, in (0, 1] "
+                                        "(0.1 = 25.5/255)"),
+    estimate: bool = typer.Option(False, "--estimate", help="estimate sigma per image (printed) instead of --sigma"),
+    steps: int = typer.Option(1, "--steps", "-k", help="DDIM steps (1: one-step estimate)"),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM stochasticity (0: deterministic)"),
+    tile: Optional[int] = typer.Option(None, "--tile", help="tile size for large images, pixels (default 64)"),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="overlap of neighbouring tiles, pixels (default 16)"),
+    tile_batch: Optional[int] = typer.Option(None, "--tile-batch", help="tiles per model call, bounds memory "
+                                             "(default 16)"),
+    quality: Optional[int] = typer.Option(None, "--quality", help="JPEG / lossy WebP quality of outputs (default 95)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="checkpoint (default models/best.pt)"),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="MLflow training run to take the checkpoint from"),
+    run_artifact: Optional[str] = typer.Option(None, "--run-artifact", help="checkpoint path in that run "
+                                               "(default checkpoints/best.pt)"),
+    model_uri: Optional[str] = typer.Option(None, "--model-uri", help="MLflow model, e.g. models:/ddim-denoiser/1"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+):
+    """Remove Gaussian noise from image files (large ones in blended tiles); write them to --out."""
+    from tqdm import tqdm
+
+    from .denoise_files import DenoiseOptions, check_pixel_sigma, denoise_files, load_denoiser
+    from .model_source import resolved_checkpoint
+    from .tiling import TileOptions
+
+    if (sigma is None) == (not estimate):
+        raise UserError("give either --sigma S (pixel scale, e.g. 0.1) or --estimate")
+    tiles = TileOptions(**given(tile=tile, overlap=overlap, batch=tile_batch))
+    options = DenoiseOptions(sigma=None if estimate else check_pixel_sigma(sigma), steps=steps, eta=eta, tiles=tiles,
+                             **given(quality=quality)).validate()
+    with resolved_checkpoint(checkpoint, run_id, model_uri, **given(run_artifact=run_artifact)) as path:
+        denoiser = load_denoiser(path, device)
+
+    def report(item):
+        if item.estimated:
+            tqdm.write(f"{item.source}: estimated sigma {item.sigma:.4f} ({item.sigma * 255:.1f}/255)")
+
+    done = denoise_files(denoiser, inputs, out, options, progress=progress, report=report)
+    typer.echo(f"denoised {len(done)} image(s) into {out}")
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    checkpoint: Path = typer.Option(Path("models/best.pt"), "--checkpoint", "-c", help="checkpoint to export"),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript"),
+    out: Path = typer.Option(..., "--out", "-o", help="file to write, e.g. denoiser.onnx"),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)"),
+    check: bool = typer.Option(True, "--check/--no-check", help="compare with PyTorch on noisy photos afterwards"),
+    atol: Optional[float] = typer.Option(None, "--atol", help="parity tolerance on [0,1] pixels (default 1e-4)"),
+):
+    """Export the one-step denoiser (images in [0,1] NCHW + per-image sigma -> denoised), dynamic batch and size."""
+    from .export import DEFAULT_PARITY_ATOL, export_model, verify_export
+
+    path = export_model(checkpoint, fmt, out, opset)
+    typer.echo(f"exported {fmt} to {path}")
+    if check:
+        report = verify_export(path, checkpoint, fmt, DEFAULT_PARITY_ATOL if atol is None else atol)
+        typer.echo(str(report))
+        if not report.passed:
+            raise typer.Exit(1)
+
+
+# ---- sweep: Optuna search over params.yaml keys (logic in sweep.py) -------------------------------------------------
+sweep_app = typer.Typer(no_args_is_help=True, help="Optuna search over params.yaml keys "
+                        "(pipelines/sweep/space.yaml), tracked in MLflow, resumable and parallel.")
+app.add_typer(sweep_app, name="sweep")
+
+SWEEP_STUDY_OPT = typer.Option(None, "--study", help="study name (default: derived from params.yaml, the space and "
+                               "the data, so the same command resumes the same study)")
+SWEEP_STORAGE_OPT = typer.Option(None, "--storage", help="Optuna storage: a SQLAlchemy URL (sqlite:///..., "
+                                 "postgresql://...) or journal:PATH (default: sqlite <root>/mlruns/optuna.db)")
+SWEEP_SPACE_OPT = typer.Option(Path("pipelines/sweep/space.yaml"), "--space", help="search space file")
+
+
+def sweep_errors(fn):
+    """The sweep's own expected failures (study settings changed, study not found) as one line, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .sweep_storage import SweepError
+
+        try:
+            return fn(*args, **kwargs)
+        except SweepError as e:
+            raise UserError(str(e)) from None
+
+    return wrapper
+
+
+@sweep_app.command("run")
+@user_errors
+@sweep_errors
+def sweep_run_command(
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", min=1, help="trials this process runs"),
+    total: Optional[int] = typer.Option(None, "--total", min=1, help="stop once the study holds this many finished "
+                                        "(complete or pruned) trials, counting earlier sessions and other workers: "
+                                        "rerunning the same command after a kill runs only what is missing"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="seconds; no new trial starts after it"),
+    study: Optional[str] = SWEEP_STUDY_OPT,
+    storage: Optional[str] = SWEEP_STORAGE_OPT,
+    space: Path = SWEEP_SPACE_OPT,
+    pruner: Optional[str] = typer.Option(None, "--pruner", help="median | hyperband | threshold | none "
+                                         "(default: the space file's pruner.default)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="reports folder (default sweeps/<study>)"),
+    multi_objective: bool = typer.Option(False, "--multi-objective", help="maximise validation PSNR and training "
+                                         "images/s (Pareto front; no pruning)"),
+    stop_after_failures: int = typer.Option(5, "--stop-after-failures", min=0, help="stop this worker after this "
+                                            "many failed trials in a row (0: never)"),
+    params: str = PARAMS_OPT,
+):
+    """Search the space: each trial trains with params.yaml + the space's budget + sampled values."""
+    from .sweep import SweepOptions, run_sweep, sigterm_as_keyboard_interrupt
+
+    options = SweepOptions(params_path=Path(params), space_path=space, study=study, storage=storage, trials=trials,
+                           total=total, timeout=timeout, pruner=pruner, out=out, multi_objective=multi_objective,
+                           stop_after_failures=stop_after_failures)
+    with sigterm_as_keyboard_interrupt():
+        result = run_sweep(options)
+    counts = ", ".join(f"{n} {state}" for state, n in result.get("trials", {}).items() if n)
+    best = (f"; best trial {result['best']['trial']}: {result['metric']} {result['best']['value']:.4f}"
+            if "best" in result else "")
+    typer.echo(f"study {result['study']}: {counts or 'no trials'}{best}; reports in {result.get('out_dir')}")
+
+
+@sweep_app.command("best")
+@user_errors
+@sweep_errors
+def sweep_best_command(
+    study: Optional[str] = SWEEP_STUDY_OPT,
+    storage: Optional[str] = SWEEP_STORAGE_OPT,
+    space: Path = SWEEP_SPACE_OPT,
+    trial: Optional[int] = typer.Option(None, "--trial", help="a given trial instead of the best (e.g. from the "
+                                        "Pareto front)"),
+    apply: bool = typer.Option(False, "--apply", help="write the trial's values into params.yaml (comments kept)"),
+    params: str = PARAMS_OPT,
+):
+    """Print the best trial and the `dvc exp run -S ...` command that trains it with the full budget."""
+    from .sweep import SweepOptions, best_trial_report
+
+    report = best_trial_report(SweepOptions(params_path=Path(params), space_path=space, study=study,
+                                            storage=storage), trial, apply)
+    typer.echo(report.text)
+    if report.command:
+        typer.echo(f"train it for real:\n  {report.command}")
+    for key, old, new in report.changes:
+        typer.echo(f"{params}: {key}: {old} -> {new}")
+    if apply and report.command and not report.changes:
+        typer.echo(f"{params} already holds these values")
+
+
+if __name__ == "__main__":  # torchrun -m ddim_denoise.cli and python -m ddim_denoise.cli
+    app()

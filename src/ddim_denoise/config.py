@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -84,6 +84,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(250, ge=1)
     noise_seed: int = 1234
     grid_images: int = Field(6, ge=1)
+    workers: int = Field(2, ge=1)  # processes for the classical baselines (BM3D is ~1 s per image per core)
 
     @field_validator("sigmas")
     @classmethod
@@ -101,6 +102,7 @@ class ReportConfig(_Section):
 class MlflowConfig(_Section):
     experiment: str = "ddim-denoise"
     log_model: bool = True
+    log_checkpoints: bool = True  # periodic checkpoints as they are written, the best one at the end
 
 
 class Params(_Section):

@@ -25,6 +25,7 @@ import json
 import logging
 import pickle
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -152,11 +153,24 @@ def ensure_source(raw_dir: str | Path, download: bool) -> Source:
     return source
 
 
-def fetch_data(raw_dir: str | Path, download: bool) -> str:
-    """Make sure ``raw_dir`` holds a source (downloading if allowed) and describe it in one line.
+def pull_tracked_raw_data(dvc_file: str | Path = "data.dvc") -> bool:
+    """Try ``dvc pull`` of the raw data that ``dvc_file`` records (from the cache or the default remote)."""
+    if not Path(dvc_file).is_file() or shutil.which("dvc") is None:
+        return False
+    done = subprocess.run(["dvc", "pull", "-q", str(dvc_file)], capture_output=True, text=True)
+    if done.returncode != 0:
+        log.info("dvc pull %s: not available (%s)", dvc_file, (done.stderr.strip().splitlines() or ["no output"])[-1])
+    return done.returncode == 0
+
+
+def fetch_data(raw_dir: str | Path, download: bool, dvc_file: str | Path | None = None) -> str:
+    """Make sure ``raw_dir`` holds a source and describe it in one line: what is there already, else the version
+    ``dvc_file`` tracks (``dvc pull``), else the official download if allowed, else one clear error.
 
     Run before ``dvc repro`` so that a user without data sees how to get it, not DVC's "missing dependency".
     """
+    if find_source(raw_dir) is None and dvc_file is not None:
+        pull_tracked_raw_data(dvc_file)
     return ensure_source(raw_dir, download).describe()
 
 
@@ -185,7 +199,8 @@ def _plain_builtins() -> dict[tuple[str, str], type]:
 
     Both module names are listed because overriding ``find_class`` skips pickle's Python 2 name mapping.
     """
-    names = ("dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int", "float", "complex", "bool")
+    names = ("dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int", "float", "complex",
+             "bool")
     return {(module, name): getattr(builtins, name) for module in ("builtins", "__builtin__") for name in names}
 
 

@@ -78,7 +78,7 @@ class Denoiser:
         if sigma is None:
             sigma = self.last_sigma = estimate_sigma(noisy)
             log.info("estimated sigma: %s", np.array2string(sigma, precision=4))
-        sigma = np.broadcast_to(np.asarray(sigma, dtype=np.float32), (len(noisy),))
+        sigma = np.array(np.broadcast_to(np.asarray(sigma, dtype=np.float32), (len(noisy),)))
         check_sigma(sigma)
         generator = torch.Generator(self.device).manual_seed(seed)
         out = np.empty(noisy.shape, dtype=np.float32)

@@ -92,6 +92,8 @@ class SafeRun:
                 self._warned = True
 
     def log_params(self, params: dict) -> None:
+        if self.run_id is None:
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -99,6 +101,8 @@ class SafeRun:
             self._call("log_batch", params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.run_id is None:
+            return
         import time
 
         from mlflow.entities import Metric
@@ -107,6 +111,8 @@ class SafeRun:
         self._call("log_batch", metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        if self.run_id is None:
+            return
         from mlflow.entities import RunTag
 
         self._call("log_batch", tags=[RunTag(k, str(v)) for k, v in tags.items()])

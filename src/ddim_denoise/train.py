@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import tracking
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import Params, flatten
 from .data import load_split, read_manifest
 from .denoiser import Denoiser, build_model
@@ -38,6 +39,7 @@ from .unet import count_parameters
 log = logging.getLogger(__name__)
 
 TRAINING_DIR = Path("training")
+STALE_WRITE_SUFFIX = ".pt.tmp"  # how checkpoint.save_checkpoint names a checkpoint still being written
 # Keys that change how a run executes or reports, not what it learns: a resume ignores them.
 OPERATIONAL_KEYS = ("train.out_dir", "train.device", "train.resume", "train.num_workers", "train.pin_memory",
                     "train.log_every", "train.val_every", "train.checkpoint_every", "train.compile",
@@ -50,6 +52,12 @@ def run_fingerprint(params: Params, dataset_hash: str) -> str:
             if k.split(".")[0] in ("seed", "model", "diffusion", "train") and k not in OPERATIONAL_KEYS}
     blob = json.dumps(flat, sort_keys=True, default=str) + dataset_hash
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stream_seed(seed: int, rank: int, epoch: int, stream: str) -> int:
+    """A 64-bit seed for one random stream of one rank in one epoch, unrelated to every other (seed, rank, epoch)."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{epoch}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
@@ -107,11 +115,15 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
 class Trainer:
     """One training run. ``on_epoch_end(epoch, metrics)`` is called on rank 0 after each epoch's checkpoint (a sweep
     reports validation PSNR to Optuna there and may raise to prune); ``run_tags`` are added to the MLflow run (e.g.
-    ``mlflow.parentRunId`` nests it under a sweep's parent run)."""
+    ``mlflow.parentRunId`` nests it under a sweep's parent run). ``training_dir`` receives the CSV histories and
+    summary.json: the pipeline's ``training/`` by default; a sweep trial passes its own folder so trials never
+    overwrite the main pipeline's DVC metrics."""
 
     def __init__(self, params: Params, rank: int = 0, world: int = 1, on_epoch_end=None,
-                 run_tags: dict[str, str] | None = None, run_name: str = "train"):
+                 run_tags: dict[str, str] | None = None, run_name: str = "train",
+                 training_dir: str | Path = TRAINING_DIR):
         self.params, self.cfg = params, params.train
+        self.training_dir = Path(training_dir)
         self.on_epoch_end, self.run_tags, self.run_name = on_epoch_end, run_tags or {}, run_name
         self.rank, self.world = rank, world
         self.device = resolve_device(self.cfg.device)
@@ -125,6 +137,8 @@ class Trainer:
         val_x, _ = load_split(params.data.prepared_dir, "val")
         self.val_clean = to_float(val_x[: self.cfg.val_images])
         self.dataset_hash = read_manifest(params.data.prepared_dir)["dataset_sha256"]
+        if self.is_main:
+            self._prepare_output_folders()  # after the inputs check out, before any work
 
         self.model, self.schedule = build_model(params)
         self.model.to(self.device)
@@ -180,6 +194,29 @@ class Trainer:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def _prepare_output_folders(self) -> None:
+        """Fail before any work when a checkpoint or training record could not be written, not after the first
+        epoch; and delete the temporary files a write killed mid-way left in ``out_dir`` (never read: a checkpoint
+        only appears under its name once complete, so they are just litter in DVC's ``models`` output)."""
+        for folder in (self.out_dir, self.training_dir):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as e:
+                raise TrainingError(f"cannot write to {folder}/ ({e.strerror or e}): make it writable or choose another "
+                                    + ("train.out_dir" if folder == self.out_dir else "working folder")) from None
+        for stale in self.out_dir.glob(f".*{STALE_WRITE_SUFFIX}"):
+            log.info("removing %s, left by a checkpoint write that was interrupted", stale)
+            stale.unlink(missing_ok=True)
+
+    def _seed_epoch(self) -> None:
+        """Seed this rank's dropout and noise streams from (seed, rank, epoch). A run resumed at an epoch boundary
+        then draws exactly what an uninterrupted run would have, and each rank keeps its own streams even when the
+        run resumes on another number of processes (the checkpoint holds rank 0's state only)."""
+        torch.manual_seed(stream_seed(self.params.seed, self.rank, self.epoch, "torch"))
+        self.noise_gen.manual_seed(stream_seed(self.params.seed, self.rank, self.epoch, "noise"))
+
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {
@@ -187,8 +224,6 @@ class Trainer:
             "model": _plain_state(self.model), "ema": _plain_state(self.ema.model),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
-            "rng": {"torch": torch.get_rng_state(), "noise": self.noise_gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
             "best_psnr": self.best_psnr, "best_epoch": self.best_epoch, "train_seconds": self.train_seconds,
             "images_seen": self.images_seen, "nonfinite_steps": self.nonfinite_steps,
             "history": {"steps": self.history.steps, "val": self.history.val},
@@ -198,9 +233,9 @@ class Trainer:
     def try_resume(self) -> str | None:
         """Restore the last checkpoint of this same run (same fingerprint); return its MLflow run id."""
         last = self.out_dir / "last.pt"
-        if self.cfg.resume != "auto" or not last.exists():
+        state = self._read_last_checkpoint(last)
+        if state is None:
             return None
-        state = load_checkpoint(last)
         if state.get("fingerprint") != self.fingerprint:
             log.info("%s belongs to a run with other params; starting a new run", last)
             return None
@@ -209,10 +244,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.noise_gen.set_state(state["rng"]["noise"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_psnr, self.best_epoch = state["best_psnr"], state["best_epoch"]
         self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
@@ -221,11 +252,33 @@ class Trainer:
         log.info("resumed from %s at epoch %d (step %d)", last, self.epoch, self.step)
         return state.get("mlflow_run_id")
 
+    def _read_last_checkpoint(self, last: Path) -> dict | None:
+        """``last.pt`` when resuming is on and it exists, else None. Rank 0 reads it and sends it to the other
+        ranks, so all resume from one state even on machines that share no disk."""
+        state = None
+        if self.is_main and self.cfg.resume == "auto" and last.exists():
+            try:
+                state = load_checkpoint(last)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; to start over, delete it or set train.resume=never") from None
+        if self.world > 1:
+            box = [state]
+            torch.distributed.broadcast_object_list(box, src=0)
+            state = box[0]
+        return state
+
     def save(self, names: list[str]) -> None:
+        """Write the checkpoints and histories; a failed write (disk full) leaves every earlier file as it was."""
         state = self.state()
-        for name in names:
-            save_checkpoint(self.out_dir / name, state)
-        self.history.write(TRAINING_DIR)
+        try:
+            for name in names:
+                save_checkpoint(self.out_dir / name, state)
+            self.history.write(self.training_dir)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            reason = (e.strerror if isinstance(e, OSError) else None) or str(e).splitlines()[0]
+            raise TrainingError(f"could not write the epoch {self.epoch} checkpoint to {self.out_dir}/ ({reason}): "
+                                f"free disk space and rerun to resume from the previous checkpoint, which is "
+                                f"intact") from None
 
     # ---- one epoch -----------------------------------------------------------------------------------------------
     def _batch_to_model_scale(self, x_uint8: torch.Tensor) -> torch.Tensor:
@@ -237,6 +290,7 @@ class Trainer:
 
     def train_epoch(self, data: torch.Tensor) -> float:
         self.model.train()
+        self._seed_epoch()
         n_batches, batches = self._batches(data)
         bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.is_main,
                    leave=False, mininterval=2.0)
@@ -261,11 +315,15 @@ class Trainer:
         with self.precision.autocast(self.device):
             loss = self.loss_fn(self.train_model, x0, self.noise_gen)
         self.optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
-        if self.world > 1:  # all ranks must agree to skip, or DDP's collectives deadlock
-            flag = torch.tensor([float(finite)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = bool(flag.item())
+        step_loss = loss.detach().float()
+        if self.world > 1:
+            # One all-reduce: every rank gets the mean loss over the global batch (what is logged), and a rank's
+            # non-finite loss makes the sum non-finite everywhere, so all ranks skip together (a rank that went on
+            # alone would deadlock DDP's gradient exchange).
+            step_loss = step_loss.reshape(1).clone()
+            torch.distributed.all_reduce(step_loss)
+            step_loss /= self.world
+        finite = bool(torch.isfinite(step_loss))
         if not finite:
             self.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
@@ -285,7 +343,7 @@ class Trainer:
         self.scheduler.step()
         self.ema.update(self.model, self.step)
         self.step += 1
-        return loss.item()
+        return step_loss.item()
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -343,8 +401,10 @@ class Trainer:
         self.save(names)
         if self.run:
             self.run.log_metrics(metrics, step=self.step)
-            for name in names[1:]:
-                self.run.log_artifact(self.out_dir / name, "checkpoints")
+            if self.params.mlflow.log_checkpoints:  # periodic ones now; the best once, at the end (it changes often)
+                for name in names:
+                    if name.startswith("epoch_"):
+                        self.run.log_artifact(self.out_dir / name, "checkpoints")
         rate = self.images_seen / max(self.train_seconds, 1e-9)
         val = f", val PSNR {metrics['val_psnr_mean']:.2f} dB" if "val_psnr_mean" in metrics else ""
         log.info("epoch %d/%d: loss %.4f%s, %.0f img/s%s", self.epoch, self.cfg.epochs, metrics["epoch_loss"], val, rate,
@@ -369,14 +429,16 @@ class Trainer:
                                "device": str(self.device), "fingerprint": self.fingerprint})
 
     def _finish_tracking(self, summary: dict) -> None:
-        atomic_write_text(TRAINING_DIR / "summary.json", json.dumps(summary, indent=2) + "\n")
-        self.history.write(TRAINING_DIR)
+        atomic_write_text(self.training_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.history.write(self.training_dir)
         if not self.run or self.run.run_id is None:
             return
         self.run.log_metrics({"parameters": summary["parameters"], "train_images_per_s": summary["images_per_s"],
                               "train_seconds": summary["train_seconds"], "best_val_psnr": summary["best_val_psnr"]},
                              step=self.step)
-        self.run.log_artifacts(TRAINING_DIR, "training")
+        self.run.log_artifacts(self.training_dir, "training")
+        if self.params.mlflow.log_checkpoints and (self.out_dir / "best.pt").is_file():
+            self.run.log_artifact(self.out_dir / "best.pt", "checkpoints")
         if self.params.mlflow.log_model:
             self._log_model()
         self.run.finish()

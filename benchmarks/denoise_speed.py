@@ -1,0 +1,52 @@
+"""Denoising speed: images/s of the model (one step and DDIM) and of BM3D and NLM on the same test images.
+
+Wall time of each method's call alone, after one warm-up call for the model (CUDA context, cuDNN autotuning). The
+model runs on ``--device`` in the checkpoint's precision policy; BM3D and NLM on the CPU in ``--workers`` processes.
+
+    python benchmarks/denoise_speed.py --checkpoint models/best.pt --n-images 1000 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ddim_denoise.denoiser import Denoiser
+from ddim_denoise.evaluate import baseline_methods, load_images_npz, method_label, model_methods, run_methods
+from ddim_denoise.metrics import to_float
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-lossless-subset.npz"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="models/best.pt")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="npz with uint8 x_test (N, H, W, 3)")
+    parser.add_argument("--n-images", type=int, default=500, help="images for the model and NLM")
+    parser.add_argument("--bm3d-images", type=int, default=20, help="BM3D is slow: fewer images (0: skip it)")
+    parser.add_argument("--sigma", type=float, default=0.2)
+    parser.add_argument("--ddim-steps", type=int, default=10)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's eval.batch_size")
+    parser.add_argument("--workers", type=int, default=1, help="processes for BM3D and NLM")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    clean = to_float(load_images_npz(args.data, "x_test", args.n_images))
+    denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device)
+    batch_size = args.batch_size or denoiser.params.eval.batch_size
+    methods = {**model_methods(denoiser, [1, args.ddim_steps], batch_size),
+               **baseline_methods(args.bm3d_images, len(clean), args.workers)}
+    table = run_methods(clean, [args.sigma], methods, noise_seed=denoiser.params.eval.noise_seed).table
+
+    print(f"\n### Denoising speed at σ={args.sigma:g}: model on {denoiser.device} ({denoiser.precision.name}, "
+          f"batch {batch_size}), baselines on the CPU ({args.workers} process(es))\n")
+    print("| method | images | images/s | ms/image | PSNR (dB) |\n|---|---|---|---|---|")
+    for r in table.itertuples(index=False):
+        print(f"| {method_label(r.method)} | {r.n_images} | {r.images_per_s:.1f} | {1000 / r.images_per_s:.2f} "
+              f"| {r.psnr:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

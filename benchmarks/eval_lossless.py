@@ -1,0 +1,94 @@
+"""Evaluate a checkpoint on the lossless CIFAR-10 test subset and print a Markdown table beside BM3D.
+
+The project's full CIFAR-10 copy was rebuilt from JPEGs (about 30 dB from the originals), so final quality figures
+use the 1000 bit-exact original test images instead. Same noise convention and the same functions as
+``ddim-denoise evaluate``: every method sees the same noisy images (``make_noisy`` with ``--seed``). BM3D is slow
+(about a second per image per core), so its estimates are cached per (sigma, seed, n, input digest) in
+``--cache-dir`` and computed once.
+
+    python benchmarks/eval_lossless.py --checkpoint models/best.pt --device cuda --workers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ddim_denoise.baselines import BM3D_PROFILE, bm3d_denoise
+from ddim_denoise.checkpoint import atomic_path
+from ddim_denoise.denoiser import Denoiser
+from ddim_denoise.evaluate import NOISY, NOISY_INPUT, Method, load_images_npz, model_methods, run_methods
+from ddim_denoise.metrics import to_float
+from ddim_denoise.report import results_table
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-lossless-subset.npz"
+DEFAULT_CACHE = Path.home() / ".cache" / "ddim-denoise"
+
+
+def cached_bm3d(cache_dir: Path, seed: int, workers: int):
+    """BM3D whose estimates are stored in ``cache_dir`` keyed by sigma, seed, image count and a digest of the input."""
+
+    def run(noisy: np.ndarray, sigma: float) -> np.ndarray:
+        digest = hashlib.sha256(np.ascontiguousarray(noisy).tobytes()).hexdigest()[:12]
+        path = cache_dir / f"bm3d-{BM3D_PROFILE}_sigma{sigma:g}_seed{seed}_n{len(noisy)}_{digest}.npz"
+        if path.is_file():
+            with np.load(path) as cached:
+                logging.info("BM3D sigma %g: cached in %s", sigma, path)
+                return cached["estimate"]
+        estimate = bm3d_denoise(noisy, sigma, workers=workers)
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, estimate=estimate)
+        return estimate
+
+    return run
+
+
+def parse_list(text: str, kind=float) -> list:
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="models/best.pt")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="npz with uint8 x_test (N, 32, 32, 3)")
+    parser.add_argument("--n-images", type=int, default=1000)
+    parser.add_argument("--bm3d-images", type=int, default=300, help="BM3D on the first this many (0: none)")
+    parser.add_argument("--sigmas", type=parse_list, default=None,
+                        help="e.g. 0.1,0.2 (default: the checkpoint's eval.sigmas)")
+    parser.add_argument("--ddim-steps", type=lambda t: parse_list(t, int), default=[10, 50])
+    parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the checkpoint's eval.noise_seed)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's eval.batch_size")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for BM3D")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    clean = to_float(load_images_npz(args.data, "x_test", args.n_images))
+    denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device)
+    defaults = denoiser.params.eval  # the params.yaml the checkpoint was trained under
+    batch_size, sigmas = args.batch_size or defaults.batch_size, args.sigmas or defaults.sigmas
+    seed = defaults.noise_seed if args.seed is None else args.seed
+    methods = {NOISY: NOISY_INPUT}
+    if args.bm3d_images > 0:
+        methods["bm3d"] = Method(cached_bm3d(args.cache_dir, seed, args.workers), max_images=args.bm3d_images)
+    methods |= model_methods(denoiser, [1, *args.ddim_steps], batch_size)
+
+    table = run_methods(clean, sigmas, methods, seed).table
+    print(f"\n### {args.checkpoint} on {len(clean)} lossless CIFAR-10 test images ({args.data.name}), "
+          f"PSNR (dB) / SSIM, noise seed {seed}\n")
+    print(results_table(table, origin=None))
+    n_bm3d = min(args.bm3d_images, len(clean))
+    if 0 < n_bm3d < len(clean):  # a paired comparison: every method on BM3D's images (BM3D comes from the cache)
+        paired = run_methods(clean[:n_bm3d], sigmas, methods, seed).table
+        print(f"\n### The same, all methods on BM3D's {n_bm3d} images\n")
+        print(results_table(paired, origin=None))
+
+
+if __name__ == "__main__":
+    main()

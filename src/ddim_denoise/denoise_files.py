@@ -1,0 +1,174 @@
+"""Denoising image files: read each, denoise it (whole or in tiles), write it beside the others in the output folder.
+
+The per-image step (``denoise_decoded``) is shared with the MLflow pyfunc server, so a file denoised from the command
+line and one sent over REST go through the same code. The noise level is either given (one pixel-scale sigma for
+every image: 0.1 means 25.5/255) or estimated per image from the whole image, never per tile, so the tiles of one
+image are all denoised at the same level.
+
+All inputs are checked (present, distinct output names, not overwriting themselves) before the first one is
+denoised, so a typo in the tenth path does not cost nine images' work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .denoiser import Denoiser, estimate_sigma
+from .errors import InputError
+from .image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
+from .schedule import pixel_to_model_sigma
+from .tiling import TileOptions, denoise_tiled, tile_boxes
+
+log = logging.getLogger(__name__)
+
+
+def check_pixel_sigma(sigma: float) -> float:
+    """A user's noise level, on the [0, 1] pixel scale; InputError unless it lies in (0, 1]."""
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError):
+        raise InputError(f"sigma {sigma!r} is not a number") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise InputError(f"sigma must lie in (0, 1] on the [0,1] pixel scale (0.1 = 25.5/255), got {sigma}")
+    return value
+
+
+@dataclass(frozen=True)
+class DenoiseOptions:
+    sigma: float | None = None  # pixel-scale noise level for every image; None: estimate it per image
+    steps: int = 1  # DDIM steps (1: the one-step MMSE estimate)
+    eta: float = 0.0  # DDIM stochasticity (0: deterministic)
+    tiles: TileOptions = field(default_factory=TileOptions)
+    quality: int = DEFAULT_QUALITY  # JPEG / lossy WebP quality of the written files
+
+    def validate(self) -> "DenoiseOptions":
+        if self.sigma is not None:
+            check_pixel_sigma(self.sigma)
+        if self.steps < 1:
+            raise InputError(f"steps must be at least 1, got {self.steps}")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise InputError(f"eta must be a finite number >= 0, got {self.eta}")
+        if not 1 <= self.quality <= 100:
+            raise InputError(f"quality must lie in [1, 100], got {self.quality}")
+        self.tiles.validate()
+        return self
+
+
+def load_denoiser(checkpoint: str | Path, device: str | None = None) -> Denoiser:
+    """``Denoiser.from_checkpoint``, with a device that cannot be used reported as an InputError."""
+    from .runtime import resolve_device
+
+    try:
+        resolve_device(device or "auto")
+    except (ValueError, RuntimeError) as e:  # "cuda" without a GPU, or a malformed device name
+        raise InputError(f"--device {device}: {e}") from None
+    return Denoiser.from_checkpoint(checkpoint, device=device)
+
+
+@dataclass(frozen=True)
+class DenoisedImage:
+    rgb: np.ndarray  # float32 (H, W, 3) in [0, 1]
+    sigma: float  # the pixel-scale noise level used
+    estimated: bool  # True when sigma was estimated from the image
+
+
+def image_sigma(rgb: np.ndarray, sigma: float | None) -> tuple[float, bool]:
+    """(sigma to use, whether it was estimated): the given one, or the image's own estimate (raised if not positive)."""
+    if sigma is not None:
+        return check_pixel_sigma(sigma), False
+    estimate = float(estimate_sigma(rgb[None])[0])
+    if not (math.isfinite(estimate) and estimate > 0):
+        raise InputError(f"the noise level estimated from the image is {estimate:.3g}; the image looks noise-free or "
+                         "flat: pass --sigma instead")
+    return min(estimate, 1.0), True
+
+
+def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOptions,
+                    on_tiles: Callable[[int], None] | None = None) -> DenoisedImage:
+    """Denoise one decoded image (tiled when large), at the given or estimated noise level."""
+    sigma, estimated = image_sigma(image.rgb, options.sigma)
+    batch = partial(denoiser.denoise, steps=options.steps, eta=options.eta, batch_size=options.tiles.batch)
+    try:
+        rgb = denoise_tiled(batch, image.rgb, sigma, options.tiles, on_tiles)
+    except ValueError as e:  # Denoiser's refusals: a sigma or step count its noise schedule cannot serve
+        raise InputError(str(e)) from None
+    return DenoisedImage(rgb, sigma, estimated)
+
+
+def check_schedule_covers(denoiser: Denoiser, sigma: float, steps: int) -> None:
+    """Multi-step DDIM walks the noise schedule down from sigma: refuse a level it does not cover before any work."""
+    if steps > 1:
+        try:
+            denoiser.schedule.sigma_to_timestep(pixel_to_model_sigma(sigma))
+        except ValueError as e:
+            raise InputError(f"sigma {sigma} with {steps} steps: {e}") from None
+
+
+@dataclass(frozen=True)
+class DenoisedFile:
+    source: Path
+    output: Path
+    sigma: float
+    estimated: bool
+
+
+def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:
+    """(input, output) pairs, output = out_dir / input's name; InputError on missing inputs or clashing outputs."""
+    if not inputs:
+        raise InputError("no input images given")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir}: exists and is not a folder")
+    pairs, seen = [], {}
+    for item in inputs:
+        source = Path(item)
+        if not source.is_file():
+            raise InputError(f"{source}: no such file")
+        output = out_dir / source.name
+        if output.resolve() == source.resolve():
+            raise InputError(f"{source}: the output would overwrite the input; choose another --out folder")
+        if output in seen:
+            raise InputError(f"{source} and {seen[output]} would both be written to {output}; denoise them into "
+                             "separate folders")
+        seen[output] = source
+        pairs.append((source, output))
+    return pairs
+
+
+def denoise_files(denoiser: Denoiser, inputs: Sequence[str | Path], out_dir: str | Path,
+                  options: DenoiseOptions = DenoiseOptions(), progress: bool = True,
+                  report: Callable[[DenoisedFile], None] | None = None) -> list[DenoisedFile]:
+    """Denoise every input into ``out_dir`` (same name, format and bit depth); ``report`` hears of each file as done.
+
+    Two progress bars on stderr: files done, and below it the tiles of the file in hand (a large photo takes long).
+    """
+    from tqdm import tqdm
+
+    options.validate()
+    pairs = plan_outputs(inputs, out_dir)
+    if options.sigma is not None:
+        check_schedule_covers(denoiser, options.sigma, options.steps)
+    done: list[DenoisedFile] = []
+    with tqdm(total=len(pairs), unit="file", disable=not progress, position=0) as files_bar:
+        for source, output in pairs:
+            image = read_image(source)
+            height, width = image.rgb.shape[:2]
+            n_tiles = len(tile_boxes(height, width, options.tiles))
+            log.debug("%s: %s, %d tile(s)", source, image.layout.describe(), n_tiles)
+            with tqdm(total=n_tiles, unit="tile", leave=False,
+                      desc=source.name, disable=not progress, position=1) as tiles_bar:
+                result = denoise_decoded(denoiser, image, options, on_tiles=tiles_bar.update)
+            write_image(output, result.rgb, image, options.quality)
+            item = DenoisedFile(source, output, result.sigma, result.estimated)
+            done.append(item)
+            if report:
+                report(item)
+            files_bar.update(1)
+    return done

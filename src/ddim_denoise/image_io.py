@@ -1,0 +1,303 @@
+"""Image files in and out: PNG, JPEG, TIFF, WebP and ``.npy``, written back the way they came in.
+
+The model sees float32 RGB on the [0, 1] scale; files hold 8- or 16-bit integers (or floats, for TIFF and .npy),
+grayscale or colour, with or without alpha. ``decode_image`` turns any of them into the model's RGB plus what is
+needed to undo the conversion (``ImageLayout``), and ``encode_image`` undoes it: grayscale is replicated to three
+channels on the way in and averaged back to one on the way out, alpha is set aside untouched and reattached, and the
+output keeps the input's format and bit depth.
+
+The format is recognised from the file's first bytes, not its name, so a renamed file still reads and a text file
+called ``x.png`` fails with one clear line. Decoders are chosen for full bit depth: Pillow reads a 16-bit RGB PNG as
+8-bit, so PNG goes through ``imagecodecs`` (libpng) and TIFF through ``tifffile``; JPEG and WebP (8-bit only)
+go through Pillow, which keeps their ICC profile and EXIF.
+
+Palette and 1/2/4-bit PNGs are expanded on reading, so their output is an 8-bit RGB(A) or grayscale PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import atomic_path
+from .errors import InputError
+
+FORMATS = ("png", "jpeg", "tiff", "webp", "npy")
+DEFAULT_QUALITY = 95  # JPEG / lossy WebP quality of the written result
+INTEGER_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+CHANNEL_LAYOUTS = {1: "grayscale", 2: "grayscale + alpha", 3: "RGB", 4: "RGBA"}
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How a file stored its pixels: enough to write the denoised RGB back in the same form."""
+
+    format: str  # one of FORMATS
+    dtype: np.dtype  # uint8, uint16, float32 or float64 (floats: TIFF and .npy only, on the [0, 1] scale)
+    shape: tuple[int, ...]  # the stored array's shape: (H, W) or (H, W, C)
+    extras: dict = field(default_factory=dict)  # codec details carried across: ICC profile, EXIF, WebP lossless
+
+    @property
+    def channels(self) -> int:
+        return 1 if len(self.shape) == 2 else self.shape[2]
+
+    @property
+    def gray(self) -> bool:
+        return self.channels in (1, 2)
+
+    @property
+    def has_alpha(self) -> bool:
+        return self.channels in (2, 4)
+
+    def describe(self) -> str:
+        return f"{self.format.upper()} {self.shape[1]}x{self.shape[0]} {CHANNEL_LAYOUTS[self.channels]} {self.dtype}"
+
+
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray  # float32 (H, W, 3) on the [0, 1] scale: what the model denoises
+    alpha: np.ndarray | None  # (H, W), the stored values and dtype, reattached unchanged on writing
+    layout: ImageLayout
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format from the magic bytes at the start of a file, or None when it is none of FORMATS."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # classic and BigTIFF, both byte orders
+        return "tiff"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data.startswith(b"\x93NUMPY"):
+        return "npy"
+    return None
+
+
+# --- pixel arrays <-> the model's RGB ------------------------------------------------------------------------------
+
+def _scale(dtype: np.dtype) -> float:
+    return float(np.iinfo(dtype).max) if dtype.kind == "u" else 1.0
+
+
+def split_channels(pixels: np.ndarray, fmt: str, source: str, extras: dict | None = None) -> DecodedImage:
+    """Stored pixels (H, W) or (H, W, C) -> float RGB for the model, alpha set aside, and the layout to undo it."""
+    if pixels.dtype not in INTEGER_DTYPES + FLOAT_DTYPES:
+        raise InputError(f"{source}: pixel type {pixels.dtype} is not supported (use 8- or 16-bit integers, or "
+                         "floats on the [0, 1] scale)")
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in CHANNEL_LAYOUTS):
+        raise InputError(f"{source}: array of shape {pixels.shape} is not one image; expected (H, W) or (H, W, C) "
+                         "with C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA)")
+    if pixels.shape[0] < 1 or pixels.shape[1] < 1:
+        raise InputError(f"{source}: the image is empty (shape {pixels.shape})")
+    layout = ImageLayout(fmt, pixels.dtype, tuple(pixels.shape), extras or {})
+    planes = pixels.reshape(*pixels.shape[:2], -1)
+    color = planes[..., :1] if layout.gray else planes[..., :3]
+    rgb = color.astype(np.float32) / np.float32(_scale(pixels.dtype))
+    if not np.all(np.isfinite(rgb)):
+        raise InputError(f"{source}: the image holds NaN or infinite values")
+    if layout.gray:
+        rgb = np.repeat(rgb, 3, axis=2)
+    alpha = planes[..., -1].copy() if layout.has_alpha else None
+    return DecodedImage(np.ascontiguousarray(rgb), alpha, layout)
+
+
+def merge_channels(rgb: np.ndarray, layout: ImageLayout, alpha: np.ndarray | None) -> np.ndarray:
+    """Denoised float RGB -> an array stored like the input: same dtype, channel count and shape; alpha reattached."""
+    color = rgb.mean(axis=2, keepdims=True) if layout.gray else rgb
+    if layout.dtype.kind == "u":
+        scale = _scale(layout.dtype)
+        color = np.clip(np.rint(color * scale), 0, scale)
+    color = color.astype(layout.dtype)
+    if layout.has_alpha:
+        color = np.concatenate([color, alpha[..., None].astype(layout.dtype)], axis=2)
+    return color.reshape(layout.shape)
+
+
+# --- codecs: bytes <-> stored pixel arrays --------------------------------------------------------------------------
+
+def _decode_png(data: bytes, source: str) -> tuple[np.ndarray, dict]:
+    import imagecodecs
+
+    try:
+        return imagecodecs.png_decode(data), {}
+    except Exception as e:  # libpng's errors come as several exception types
+        raise InputError(f"{source}: cannot decode the PNG ({e})") from None
+
+
+def _encode_png(pixels: np.ndarray, extras: dict, quality: int) -> bytes:
+    import imagecodecs
+
+    return bytes(imagecodecs.png_encode(pixels))
+
+
+@contextmanager
+def _quiet_logger(name: str):
+    """Mute a library's warnings while it parses a file: a broken file must give one error line, not a log too."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _decode_tiff(data: bytes, source: str) -> tuple[np.ndarray, dict]:
+    import tifffile
+
+    try:
+        with _quiet_logger("tifffile"), tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if not tif.pages or not tif.series:
+                raise InputError(f"{source}: the TIFF holds no image")
+            series, page = tif.series[0], tif.pages[0]
+            if len(tif.series) > 1 or len(series.pages) > 1:
+                raise InputError(f"{source}: multi-page TIFFs are not supported; save each page as its own file")
+            photometric = getattr(page.photometric, "name", str(page.photometric))
+            if photometric not in ("MINISBLACK", "RGB"):
+                raise InputError(f"{source}: TIFF photometric {photometric} is not supported (use grayscale or RGB)")
+            pixels, axes = series.asarray(), series.axes
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{source}: cannot decode the TIFF ({type(e).__name__}: {e})") from None
+    if axes == "SYX":  # planar configuration: one plane per sample
+        pixels = np.moveaxis(pixels, 0, -1)
+    elif axes not in ("YX", "YXS"):
+        raise InputError(f"{source}: TIFF axes {axes} are not one 2-D image")
+    return pixels, {}
+
+
+def _encode_tiff(pixels: np.ndarray, extras: dict, quality: int) -> bytes:
+    import tifffile
+
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels, photometric="minisblack" if channels <= 2 else "rgb",
+                     extrasamples=["unassalpha"] if channels in (2, 4) else None, compression="zlib")
+    return buffer.getvalue()
+
+
+PILLOW_MODES = {"L": None, "LA": None, "RGB": None, "RGBA": None, "1": "L", "P": "RGB", "PA": "RGBA"}
+
+
+def _decode_pillow(data: bytes, source: str) -> tuple[np.ndarray, dict]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                raise InputError(f"{source}: animated images are not supported")
+            if im.mode not in PILLOW_MODES:
+                raise InputError(f"{source}: image mode {im.mode} is not supported (use grayscale, RGB or RGBA)")
+            target = PILLOW_MODES[im.mode]
+            if im.mode == "P" and "transparency" in im.info:
+                target = "RGBA"
+            extras = {k: im.info[k] for k in ("icc_profile", "exif") if im.info.get(k)}
+            if im.format == "WEBP":
+                extras["lossless"] = _webp_is_lossless(data)
+            pixels = np.asarray(im.convert(target) if target else im)
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(f"{source}: corrupt or truncated {sniff_format(data).upper()} file") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{source}: cannot decode the {sniff_format(data).upper()} ({e})") from None
+    return pixels, extras
+
+
+def _webp_is_lossless(data: bytes) -> bool:
+    """True when the WebP's image chunk is VP8L (lossless): the output is then written lossless too."""
+    offset = 12
+    while offset + 8 <= len(data):
+        fourcc, size = data[offset:offset + 4], int.from_bytes(data[offset + 4:offset + 8], "little")
+        if fourcc in (b"VP8L", b"VP8 "):
+            return fourcc == b"VP8L"
+        offset += 8 + size + (size & 1)  # chunks are padded to even sizes
+    return False
+
+
+def _pillow_encoder(pillow_format: str) -> Callable[[np.ndarray, dict, int], bytes]:
+    def encode(pixels: np.ndarray, extras: dict, quality: int) -> bytes:
+        from PIL import Image
+
+        options = {k: v for k, v in extras.items() if k in ("icc_profile", "exif")}
+        if pillow_format == "WEBP" and extras.get("lossless"):
+            options.update(lossless=True, exact=True)  # exact: keep the colour under transparent pixels as well
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels).save(
+            buffer, pillow_format, quality=quality, **options)
+        return buffer.getvalue()
+
+    return encode
+
+
+def _decode_npy(data: bytes, source: str) -> tuple[np.ndarray, dict]:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False), {}
+    except Exception as e:  # pickled object arrays, truncated headers
+        raise InputError(f"{source}: cannot read the .npy array ({e})") from None
+
+
+def _encode_npy(pixels: np.ndarray, extras: dict, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, pixels, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Codec:
+    decode: Callable[[bytes, str], tuple[np.ndarray, dict]]
+    encode: Callable[[np.ndarray, dict, int], bytes]  # (pixels, extras, quality) -> bytes
+
+
+CODECS = {
+    "png": Codec(_decode_png, _encode_png),
+    "jpeg": Codec(_decode_pillow, _pillow_encoder("JPEG")),
+    "tiff": Codec(_decode_tiff, _encode_tiff),
+    "webp": Codec(_decode_pillow, _pillow_encoder("WEBP")),
+    "npy": Codec(_decode_npy, _encode_npy),
+}
+
+
+# --- public entry points ---------------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, source: str = "image") -> DecodedImage:
+    """Any supported file's bytes -> the model's RGB and the layout to write it back; InputError when unusable."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InputError(f"{source}: not a PNG, JPEG, TIFF, WebP or .npy image")
+    pixels, extras = CODECS[fmt].decode(data, source)
+    return split_channels(np.asarray(pixels), fmt, source, extras)
+
+
+def encode_image(rgb: np.ndarray, like: DecodedImage, quality: int = DEFAULT_QUALITY) -> bytes:
+    """Denoised float RGB (H, W, 3) -> file bytes in ``like``'s format, bit depth, channels and alpha."""
+    layout = like.layout
+    return CODECS[layout.format].encode(merge_channels(rgb, layout, like.alpha), layout.extras, quality)
+
+
+def read_image(path: str | Path) -> DecodedImage:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    return decode_image(data, source=str(path))
+
+
+def write_image(path: str | Path, rgb: np.ndarray, like: DecodedImage, quality: int = DEFAULT_QUALITY) -> None:
+    """Write atomically: a reader never sees half an image, and a failed write leaves no partial file."""
+    data = encode_image(rgb, like, quality)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

@@ -1,0 +1,54 @@
+"""Edit values in params.yaml in place, keeping its comments, key order and formatting (ruamel.yaml round trip).
+
+Used by ``sweep best --apply``: the file is the project's documentation of every setting, so rewriting it with a
+plain YAML dump (which drops comments) is not acceptable. The result is validated before it replaces the file.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import atomic_write_text
+from .config import ParamsError, validate_params
+
+
+def set_values(path: str | Path, values: dict[str, object]) -> list[tuple[str, object, object]]:
+    """Set dotted keys (``train.lr``) to ``values``; return (key, old, new) for the keys that changed."""
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    editor = YAML()  # round-trip mode
+    editor.preserve_quotes = True
+    editor.width = 4096  # never re-wrap long lines or comments
+    editor.representer.add_representer(  # keep `null` (ruamel's round trip would write nothing)
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+    try:
+        document = editor.load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found") from None
+    changes = []
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = document
+        for part in parents:
+            node = node.get(part) if hasattr(node, "get") else None
+            if node is None:
+                break
+        if node is None or not hasattr(node, "get"):
+            raise ParamsError(f"{path}: has no section for {key!r}; add it by hand")
+        old = node.get(leaf)
+        if old == value and isinstance(old, bool) == isinstance(value, bool):
+            continue
+        node[leaf] = value
+        changes.append((key, old, value))
+    if not changes:
+        return changes
+    buffer = io.StringIO()
+    editor.dump(document, buffer)
+    text = buffer.getvalue()
+    validate_params(yaml.safe_load(text) or {}, source=f"{path} after the edit")
+    atomic_write_text(path, text)
+    return changes

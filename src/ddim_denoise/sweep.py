@@ -1,0 +1,252 @@
+"""Optuna search over params.yaml keys (``pipelines/sweep/space.yaml``), tracked in MLflow, resumable and parallel.
+
+``run_sweep`` opens (or creates) the study, nests every trial's MLflow run under the study's parent run, trains
+trial after trial (``sweep_objective``), and rebuilds the reports (``sweep_report``) at the end of the session.
+``best_trial_report`` prints the best trial and the ``dvc exp run -S ...`` command that trains it for real, and can
+write its values into params.yaml.
+
+Resuming: the study lives in persistent storage (``sweep_storage``); run the same command again and finished trials
+are kept, the trials a killed worker left RUNNING are marked FAIL, and ``--total`` counts what is already done.
+The default study name is derived from what defines a trial's result (params.yaml less the searched keys, the space,
+the prepared data), so the same command resumes the same study, and changed settings start a new one.
+
+Parallel: start several ``ddim-denoise sweep run`` processes on the same ``--study`` and ``--storage`` (a
+``journal:PATH`` file on one machine, PostgreSQL/MySQL across machines); Optuna hands each its own trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Params, flatten, load_params
+from .data import read_manifest
+from .sweep_objective import TrialObjective
+from .sweep_report import chosen_trial, describe, dvc_exp_command, write_reports
+from .sweep_space import DEFAULT_SPACE_FILE, SearchSpace, load_space
+from .sweep_storage import (SweepError, default_storage_url, fail_dead_local_trials, open_storage, open_study,
+                            redact)
+from . import sweep_tracking
+from .tracking import project_root
+from .train import OPERATIONAL_KEYS
+
+log = logging.getLogger(__name__)
+
+SWEEPS_DIR = "sweeps"  # <project root>/sweeps/<study>/trial_NNNN/: each trial's checkpoints and histories
+STUDY_NAME_PREFIX = "sweep-"
+# params.yaml keys that define what a trial measures, besides the seed/model/diffusion/train sections.
+OBJECTIVE_EVAL_KEYS = ("eval.sigmas", "eval.noise_seed", "eval.ddim_steps")
+TRAINING_SECTIONS = ("seed", "model", "diffusion", "train")
+
+
+@dataclass
+class SweepOptions:
+    params_path: Path = Path("params.yaml")
+    space_path: Path = DEFAULT_SPACE_FILE
+    study: str | None = None  # None: derived from the settings (see module docstring)
+    storage: str | None = None  # None: sqlite:///<root>/mlruns/optuna.db
+    trials: int | None = None  # trials this process runs (Optuna's n_trials)
+    total: int | None = None  # stop once the study holds this many finished (complete + pruned) trials
+    timeout: float | None = None  # seconds; checked between trials
+    pruner: str | None = None  # median | hyperband | threshold | none; None: the space file's default
+    out: Path | None = None  # reports folder; None: <root>/sweeps/<study>
+    multi_objective: bool = False  # maximise (objective metric, train images/s); no pruning
+    stop_after_failures: int = 5  # stop this worker after this many failed trials in a row; 0: never
+
+
+@dataclass
+class SweepSetup:
+    """What ``run`` and ``best`` both derive from the options: params, space and the study's identity."""
+
+    base: Params
+    space: SearchSpace
+    study_name: str
+    fingerprint: str
+    settings: dict = field(repr=False)
+
+
+def study_settings(base: Params, space: SearchSpace, dataset_sha256: str) -> dict:
+    """Everything that defines what a trial measures: budget-applied params (less the searched keys and the purely
+    operational ones), the space and objective, and the prepared data."""
+    flat = flatten(space.budget_params(base))
+    kept = {key: value for key, value in flat.items()
+            if (key.split(".")[0] in TRAINING_SECTIONS or key in OBJECTIVE_EVAL_KEYS)
+            and key not in OPERATIONAL_KEYS and key not in space.parameters}
+    return {"params": kept, "space": space.describe(), "dataset_sha256": dataset_sha256}
+
+
+def fingerprint_of(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_setup(options: SweepOptions, need_fingerprint: bool = True) -> SweepSetup:
+    base = load_params(options.params_path)
+    space = load_space(options.space_path, base)
+    settings, fingerprint = {}, ""
+    if need_fingerprint or options.study is None:
+        settings = study_settings(base, space, read_manifest(base.data.prepared_dir)["dataset_sha256"])
+        fingerprint = fingerprint_of(settings)
+    name = options.study or f"{STUDY_NAME_PREFIX}{fingerprint[:10]}"
+    return SweepSetup(base, space, name, fingerprint, settings)
+
+
+def sweep_folder(study_name: str) -> Path:
+    return project_root() / SWEEPS_DIR / study_name
+
+
+class StopAfterFailures:
+    """Study callback: stop this worker after ``limit`` failed trials in a row (a broken space or machine should
+    not burn the night trial after trial)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def __call__(self, study, trial) -> None:
+        from optuna.trial import TrialState
+
+        self.in_a_row = self.in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        if self.limit and self.in_a_row >= self.limit:
+            log.error("%d trials failed in a row: stopping this worker (see fail_reason in trials.csv)", self.in_a_row)
+            study.stop()
+
+
+class RefreshReports:
+    """Study callback: rewrite trials.csv, summary.json and best_params.yaml after every trial, so a long search
+    can be watched, and a killed one leaves current tables (plots are drawn at the end of the session)."""
+
+    def __init__(self, out_dir: Path, metric: str):
+        self.out_dir, self.metric = out_dir, metric
+
+    def __call__(self, study, trial) -> None:
+        try:
+            write_reports(study, self.out_dir, self.metric, plots=False)
+        except Exception as e:  # a report problem must not stop the search
+            log.warning("sweep reports not refreshed (%s: %s)", type(e).__name__, e)
+
+
+def finished_count(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def run_sweep(options: SweepOptions) -> dict:
+    """Run trials until ``trials`` (this process), ``total`` (the study) or ``timeout`` is reached; return the
+    study summary (also written to ``<out>/summary.json``). KeyboardInterrupt propagates after the reports."""
+    import optuna
+
+    if options.trials is None and options.total is None:
+        raise SweepError("give --trials N (trials this process runs) and/or --total N (finished trials the study "
+                         "should reach)")
+    setup = prepare_setup(options)
+    space, base = setup.space, setup.base
+    storage_url = options.storage or default_storage_url()
+    storage = open_storage(storage_url, on_stale_trial=sweep_tracking.record_dead_trial)
+    if options.multi_objective and options.pruner not in (None, "none"):
+        log.warning("--pruner %s ignored: Optuna cannot prune multi-objective studies", options.pruner)
+    pruner = (optuna.pruners.NopPruner() if options.multi_objective
+              else space.build_pruner(options.pruner, space.budget_params(base).train.epochs))
+    directions = ["maximize", "maximize"] if options.multi_objective else ["maximize"]
+    study, created = open_study(storage, setup.study_name, directions, setup.fingerprint, setup.settings,
+                                pruner=pruner)
+    study.sampler = space.build_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
+    parent = sweep_tracking.open_parent_run(study, base.mlflow.experiment, created, redact(storage_url))
+    fail_dead_local_trials(study, on_failed=sweep_tracking.record_dead_trial)
+
+    trials_dir = sweep_folder(setup.study_name)
+    out_dir = Path(options.out) if options.out else trials_dir
+    objective = TrialObjective(base, space, setup.study_name, trials_dir, parent.run_id, options.multi_objective)
+    callbacks = [StopAfterFailures(options.stop_after_failures), RefreshReports(out_dir, space.objective.metric)]
+    if options.total is not None:
+        callbacks.append(optuna.study.MaxTrialsCallback(options.total, states=(optuna.trial.TrialState.COMPLETE,
+                                                                               optuna.trial.TrialState.PRUNED)))
+    log.info("study %s (%s): %d trials so far; trials in %s, reports in %s", setup.study_name, redact(storage_url),
+             len(study.get_trials(deepcopy=False)), trials_dir, out_dir)
+    status = "FINISHED"
+    try:
+        if options.total is None or finished_count(study) < options.total:
+            study.optimize(objective, n_trials=options.trials, timeout=options.timeout, catch=(Exception,),
+                           callbacks=callbacks, gc_after_trial=True)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        result = _close_session(study, parent, out_dir, space.objective.metric, status)
+    return result
+
+
+def _close_session(study, parent, out_dir: Path, metric: str, status: str) -> dict:
+    """Rebuild the reports, log them to the parent run, and end the parent run unless other workers still run
+    trials of the study."""
+    try:
+        result, files = write_reports(study, out_dir, metric)
+    except Exception as e:  # never hide the search's own outcome behind a report failure
+        log.warning("sweep reports not written (%s: %s)", type(e).__name__, e)
+        return {"study": study.study_name, "error": str(e)}
+    counts = result["trials"]
+    metrics = {f"trials_{state}": n for state, n in counts.items()}
+    if "best" in result:
+        metrics["best_value"] = result["best"]["value"]
+    sweep_tracking.log_study_outputs(parent, files, metrics, step=sum(counts.values()) - counts["running"])
+    if counts["running"] == 0:
+        parent.finish(status)
+    result["out_dir"] = str(out_dir)
+    return result
+
+
+@dataclass
+class BestTrialReport:
+    text: str  # the study's counts, the trial's value and parameters
+    command: str | None  # dvc exp run -S key=value ...: trains the trial's values with params.yaml's full budget
+    changes: list = field(default_factory=list)  # (key, old, new) written to params.yaml by apply
+
+
+def best_trial_report(options: SweepOptions, trial_number: int | None = None, apply: bool = False) -> BestTrialReport:
+    """The best (or the given) trial of the study, the command to train it for real, and with ``apply`` its values
+    written into params.yaml (comments kept)."""
+    import optuna
+
+    setup = prepare_setup(options, need_fingerprint=False)
+    storage_url = options.storage or default_storage_url()
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=setup.study_name, storage=storage)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        hint = f"studies there: {', '.join(names)}" if names else "it holds no study yet: run `ddim-denoise sweep run`"
+        raise SweepError(f"no study {setup.study_name!r} in {redact(storage_url)} ({hint}); "
+                         "pass --study NAME") from None
+    trial = chosen_trial(study, trial_number)
+    text = describe(study, trial, setup.space.objective.metric)
+    if trial is None:
+        return BestTrialReport(text, None)
+    changes = []
+    if apply:
+        from .params_file import set_values
+
+        changes = set_values(options.params_path, trial.params)
+    return BestTrialReport(text, dvc_exp_command(trial.params), changes)
+
+
+@contextlib.contextmanager
+def sigterm_as_keyboard_interrupt():
+    """Treat SIGTERM (``kill``, a scheduler's stop, ``timeout``) like Ctrl-C: the running trial is marked FAIL in
+    Optuna and KILLED in MLflow, and the reports are written, instead of the process vanishing mid-trial."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

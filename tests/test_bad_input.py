@@ -1,0 +1,208 @@
+"""Bad input at every entry point: one clear line on stderr, exit code 2, nothing written or half-written.
+
+The library-level checks live beside their modules (tests/test_data.py for datasets, tests/test_denoise_files.py for
+image files and ``denoise --sigma``); these tests drive the command line, as a user or `dvc repro` would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from cifar_fixtures import _RunsCode, malicious_batch_bytes, write_cifar_folder, write_cifar_npz, write_cifar_tar
+from cli_workspace import cli, make_workspace, one_error_line, process_env
+from denoise_fixtures import write_tiny_checkpoint
+from typer.testing import CliRunner
+
+from ddim_denoise.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
+from ddim_denoise.cli import app
+from ddim_denoise.config import ParamsError, set_dotted, validate_params
+from ddim_denoise.data import MANIFEST_NAME
+from ddim_denoise.denoiser import Denoiser, build_model
+
+QUICK_FAILURE_S = 30  # a params error must come before any data loading or training: seconds, even on a busy CI box
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path, make_workspace(tmp_path, tiny_params)
+
+
+# --- params.yaml -----------------------------------------------------------------------------------------------------
+def write_bad_params(root):
+    """params.yaml with two problems: a misspelt key and a value of the wrong type."""
+    text = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text.replace("  epochs: 2\n", "  epochs: two\n  epoch_count: 3\n"))
+
+
+def test_train_lists_every_params_problem_in_one_line_before_any_work(workspace):
+    root, _ = workspace
+    write_bad_params(root)
+    start = time.monotonic()
+    result = subprocess.run(cli("train"), cwd=root, env=process_env("sqlite:///unused.db"), capture_output=True,
+                            text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: params.yaml: 2 problem(s)"), result.stderr
+    assert "train.epochs:" in lines[0] and "train.epoch_count: Extra inputs are not permitted" in lines[0]
+    assert elapsed < QUICK_FAILURE_S
+    assert not (root / "models").exists() and not (root / "training").exists() and not (root / "unused.db").exists()
+
+
+@pytest.mark.parametrize("command", [["train"], ["train", "--nproc-per-node", "2"], ["prepare"], ["fetch-data"],
+                                     ["evaluate"], ["report"]])
+def test_every_command_reads_params_the_same_way(workspace, command):
+    root, _ = workspace
+    write_bad_params(root)
+    line = one_error_line(CliRunner().invoke(app, command))
+    assert "2 problem(s)" in line and "train.epochs" in line and "train.epoch_count" in line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=fast", "train.lr: Input should be a valid number"),
+    ("train.amp=fp8", "train.amp: Input should be 'auto', 'bf16', 'fp16' or 'off'"),
+    ("eval.sigmas=[0, 1.5]", "eval.sigmas: Value error, every sigma must lie in (0, 1]"),
+    ("train.lr", "expected KEY=VALUE"),
+])
+def test_bad_overrides_are_one_line(workspace, override, message):
+    assert message in one_error_line(CliRunner().invoke(app, ["train", "-S", override]))
+
+
+@pytest.mark.parametrize("override, where", [("train.lr=.inf", "train.lr"), ("diffusion.p_mean=.nan", "diffusion.p_mean"),
+                                             ("eval.sigmas=[0.1, .nan]", "eval.sigmas.1")])
+def test_non_finite_numbers_in_params_are_refused(workspace, override, where):
+    """Unbounded floats too: train.lr=inf used to 'train' to NaN weights and exit 0 with a best PSNR of -inf."""
+    assert f"{where}: Input should be a finite number" in one_error_line(CliRunner().invoke(app, ["train", "-S", override]))
+
+
+# --- datasets --------------------------------------------------------------------------------------------------------
+def truncated_archive(raw, marker):
+    archive = write_cifar_tar(raw)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+
+
+def wrong_shape_npz(raw, marker):
+    write_cifar_npz(raw, x_train=np.zeros((30, 32, 32), np.uint8))
+
+
+def pickle_that_runs_code(raw, marker):
+    folder = write_cifar_folder(raw)
+    (folder / "data_batch_2").write_bytes(malicious_batch_bytes(os.system, f"touch '{marker}'"))
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (truncated_archive, "truncated or corrupt"),
+    (wrong_shape_npz, "images must have shape (N, 32, 32, 3)"),
+    (pickle_that_runs_code, "refusing to unpickle"),
+])
+def test_bad_dataset_leaves_the_prepared_data_as_it_was(workspace, corrupt, message):
+    root, params = workspace
+    prepared = root / params.data.prepared_dir
+    before = {p.name: p.read_bytes() for p in prepared.iterdir()}
+    raw = root / params.data.raw_dir
+    for old in raw.iterdir():
+        old.unlink()
+    marker = root / "payload-ran"
+    corrupt(raw, marker)
+    assert message in one_error_line(CliRunner().invoke(app, ["prepare"]))
+    assert not marker.exists()
+    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
+    assert MANIFEST_NAME in before
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+def with_model(params, **changes):
+    raw = params.model_dump()
+    for key, value in changes.items():
+        set_dotted(raw, f"model.{key}", value)
+    return validate_params(raw)
+
+
+def other_architecture(path, params, marker):
+    """Weights of a wider U-Net under the tiny one's params."""
+    wider, _ = build_model(with_model(params, base_channels=2 * params.model.base_channels))
+    save_checkpoint(path, {"params": params.model_dump(), "model": wider.state_dict(), "ema": wider.state_dict()})
+
+
+def code_in_the_pickle(path, params, marker):
+    torch.save({"format": CHECKPOINT_FORMAT, "params": params.model_dump(),
+                "ema": _RunsCode(os.system, f"touch '{marker}'")}, path)
+
+
+def truncated(path, params, marker):
+    write_tiny_checkpoint(path, params)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def foreign_tensors(path, params, marker):
+    torch.save({"state_dict": {"weight": torch.zeros(3)}}, path)
+
+
+def not_a_checkpoint(path, params, marker):
+    path.write_text("these are not the weights you are looking for")
+
+
+def tampered_params(path, params, marker):
+    raw = params.model_dump()
+    raw["model"]["base_channels"] = "lots"
+    model, _ = build_model(params)
+    save_checkpoint(path, {"params": raw, "model": model.state_dict(), "ema": model.state_dict()})
+
+
+def missing(path, params, marker):
+    pass
+
+
+CHECKPOINTS = {
+    other_architecture: (CheckpointError, "does not match the architecture it declares"),
+    code_in_the_pickle: (CheckpointError, "cannot be read safely"),
+    truncated: (CheckpointError, "cannot be read safely"),
+    foreign_tensors: (CheckpointError, f"is not a {CHECKPOINT_FORMAT} checkpoint"),
+    not_a_checkpoint: (CheckpointError, "cannot be read safely"),
+    tampered_params: (ParamsError, "model.base_channels"),
+    missing: (CheckpointError, "not found"),
+}
+
+
+def test_the_code_in_the_pickle_is_real(tmp_path, tiny_params):
+    """Control for the refusals below: an unguarded torch.load does run the payload."""
+    marker = tmp_path / "ran"
+    code_in_the_pickle(tmp_path / "evil.pt", tiny_params, marker)
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("make", CHECKPOINTS, ids=lambda make: make.__name__)
+def test_bad_checkpoint_is_refused_by_the_library(tmp_path, tiny_params, make):
+    error, message = CHECKPOINTS[make]
+    marker = tmp_path / "payload-ran"
+    make(tmp_path / "model.pt", tiny_params, marker)
+    with pytest.raises(error, match=message):
+        Denoiser.from_checkpoint(tmp_path / "model.pt", device="cpu")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("make", CHECKPOINTS, ids=lambda make: make.__name__)
+def test_bad_checkpoint_is_one_line_from_evaluate_and_writes_nothing(workspace, make):
+    root, params = workspace
+    _, message = CHECKPOINTS[make]
+    marker = root / "payload-ran"
+    make(root / "model.pt", params, marker)
+    assert message in one_error_line(CliRunner().invoke(app, ["evaluate", "--checkpoint", "model.pt"]))
+    assert not marker.exists() and not (root / params.eval.out_dir).exists()
+
+
+# --- noise levels ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sigma", [0.0, -0.1, 1.5, float("nan"), float("inf")])
+def test_denoiser_refuses_a_sigma_outside_0_1(tmp_path, tiny_params, sigma):
+    denoiser = Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "model.pt", tiny_params), device="cpu")
+    noisy = np.full((1, 8, 8, 3), 0.5, np.float32)
+    with pytest.raises(ValueError, match=r"sigma must lie in \(0, 1\]"):
+        denoiser.denoise(noisy, sigma)

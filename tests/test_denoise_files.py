@@ -1,0 +1,257 @@
+"""Image files in and out (every format, bit depth and channel layout), tiling, and the ``denoise`` command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from denoise_fixtures import decode_with_reference, encode_with_reference, noisy_photo, quantize, write_tiny_checkpoint
+from typer.testing import CliRunner
+
+from ddim_denoise.cli import app
+from ddim_denoise.denoiser import Denoiser
+from ddim_denoise.errors import InputError
+from ddim_denoise.image_io import decode_image, read_image, sniff_format, write_image
+from ddim_denoise.tiling import TileOptions, blend_window, denoise_tiled, tile_boxes
+
+RNG = np.random.default_rng(0)
+H, W = 21, 27  # odd: not a multiple of the U-Net's downsampling factor
+PHOTO = np.clip(noisy_photo(H, W, sigma=0.05), 0, 1)  # a real picture: JPEG's losses stay small on it
+GRAY, ALPHA = PHOTO.mean(axis=2), RNG.random((H, W))
+
+# name -> (format, stored pixels, lossless?)
+KINDS = {
+    "png8_rgb": ("png", quantize(PHOTO, np.uint8), True),
+    "png16_rgb": ("png", quantize(PHOTO, np.uint16), True),
+    "png16_gray": ("png", quantize(GRAY, np.uint16), True),
+    "png8_rgba": ("png", quantize(np.dstack([PHOTO, ALPHA]), np.uint8), True),
+    "png8_gray_alpha": ("png", quantize(np.dstack([GRAY, ALPHA]), np.uint8), True),
+    "jpeg_rgb": ("jpeg", quantize(PHOTO, np.uint8), False),
+    "jpeg_gray": ("jpeg", quantize(GRAY, np.uint8), False),
+    "tiff16_rgb": ("tiff", quantize(PHOTO, np.uint16), True),
+    "tiff8_gray": ("tiff", quantize(GRAY, np.uint8), True),
+    "tiff_float32": ("tiff", PHOTO.astype(np.float32), True),
+    "webp_rgb": ("webp", quantize(PHOTO, np.uint8), True),
+    "webp_rgba": ("webp", quantize(np.dstack([PHOTO, ALPHA]), np.uint8), True),
+    "npy_float32_rgb": ("npy", PHOTO.astype(np.float32), True),
+    "npy_uint16_gray": ("npy", quantize(GRAY, np.uint16), True),
+    "npy_uint8_gray_axis": ("npy", quantize(GRAY[..., None], np.uint8), True),
+}
+SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "webp": ".webp", "npy": ".npy"}
+
+
+def write_kind(folder, name):
+    fmt, pixels, _ = KINDS[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}{SUFFIX[fmt]}"
+    path.write_bytes(encode_with_reference(fmt, pixels))
+    return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_params):
+    return write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params)
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+# --- image_io ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_every_kind_reads_as_rgb_and_writes_back_in_its_own_form(tmp_path, name):
+    fmt, pixels, lossless = KINDS[name]
+    image = read_image(write_kind(tmp_path, name))
+    assert image.rgb.shape == (H, W, 3) and image.rgb.dtype == np.float32
+    assert image.layout.format == fmt and image.layout.dtype == pixels.dtype and image.layout.shape == pixels.shape
+    if image.layout.gray:  # replicated for the model
+        assert np.array_equal(image.rgb[..., 0], image.rgb[..., 2])
+
+    write_image(tmp_path / "out" / f"copy{SUFFIX[fmt]}", image.rgb, image)
+    stored = decode_with_reference(tmp_path / "out" / f"copy{SUFFIX[fmt]}")
+    assert sniff_format((tmp_path / "out" / f"copy{SUFFIX[fmt]}").read_bytes()) == fmt
+    assert stored.dtype == pixels.dtype and stored.shape == pixels.shape
+    if lossless:
+        np.testing.assert_allclose(stored, pixels, atol=1e-6)  # floats: a round trip through float32 only
+    else:  # re-encoded at quality 95: close to what was decoded
+        decoded = image.rgb if not image.layout.gray else image.rgb[..., :1]
+        assert np.abs(stored.reshape(decoded.shape[:2] + (-1,)) / 255 - decoded).mean() < 0.01
+
+
+def test_alpha_is_reattached_untouched_while_colour_changes(tmp_path):
+    image = read_image(write_kind(tmp_path, "png8_rgba"))
+    write_image(tmp_path / "out.png", 1 - image.rgb, image)
+    stored = decode_with_reference(tmp_path / "out.png")
+    assert np.array_equal(stored[..., 3], KINDS["png8_rgba"][1][..., 3])
+    assert not np.array_equal(stored[..., :3], KINDS["png8_rgba"][1][..., :3])
+
+
+def test_gray_output_is_the_channel_mean(tmp_path):
+    image = read_image(write_kind(tmp_path, "png16_gray"))
+    rgb = np.stack([image.rgb[..., 0] * 0.5, image.rgb[..., 0], image.rgb[..., 0] * 0.9], axis=-1)
+    write_image(tmp_path / "g.png", rgb, image)
+    np.testing.assert_array_equal(decode_with_reference(tmp_path / "g.png"), quantize(rgb.mean(-1), np.uint16))
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"hello, I am text", "not a PNG, JPEG, TIFF, WebP or .npy image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "cannot decode the PNG"),
+    (b"\xff\xd8\xff\xe0 truncated", "JPEG"),
+    (b"RIFF\x10\x00\x00\x00WEBPVP8 ", "WEBP"),
+    (b"II*\x00\xff\xff\xff\x7f", "TIFF"),
+])
+def test_not_an_image_is_one_input_error(data, message):
+    with pytest.raises(InputError, match=message):
+        decode_image(data, source="f")
+
+
+def test_unsupported_arrays_and_modes_are_refused(tmp_path):
+    import io
+
+    from PIL import Image
+
+    for array, message in [(np.zeros((4, 5, 6), np.uint8), "C = 1"),
+                           (np.zeros((2, 4, 5, 3), np.uint8), "not one image"),
+                           (np.zeros((4, 5), np.int32), "pixel type int32"), (np.full((4, 5), np.nan), "NaN")]:
+        with pytest.raises(InputError, match=message):
+            decode_image(encode_with_reference("npy", array))
+    buffer = io.BytesIO()
+    Image.new("CMYK", (4, 4)).save(buffer, "JPEG")
+    with pytest.raises(InputError, match="mode CMYK"):
+        decode_image(buffer.getvalue())
+
+
+# --- tiling --------------------------------------------------------------------------------------------------------
+
+def identity(tiles, sigma):
+    return tiles.copy()
+
+
+def box_blur(tiles, sigma):
+    """A denoiser whose output is local: each pixel from its 3x3 neighbourhood (edges replicated)."""
+    padded = np.pad(tiles, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = tiles.shape[1:3]
+    return sum(padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+
+
+OPTIONS = TileOptions(tile=32, overlap=8, batch=5)
+
+
+def test_tiles_cover_the_image_and_batches_bound_memory():
+    image = noisy_photo(75, 101)
+    boxes = tile_boxes(75, 101, OPTIONS)
+    covered = np.zeros((75, 101), int)
+    for top, left, th, tw in boxes:
+        covered[top:top + th, left:left + tw] += 1
+    assert covered.min() >= 1 and len(boxes) > OPTIONS.batch
+    seen, done = [], []
+    denoise_tiled(lambda t, s: seen.append(len(t)) or identity(t, s), image, 0.1, OPTIONS, on_tiles=done.append)
+    assert max(seen) <= OPTIONS.batch and sum(done) == len(boxes)
+
+
+def test_blend_has_no_seams_an_identity_denoiser_returns_the_input_exactly():
+    image = noisy_photo(75, 101)
+    np.testing.assert_allclose(denoise_tiled(identity, image, 0.1, OPTIONS), image, atol=1e-6, rtol=0)
+    assert blend_window(32, 32, 8).min() > 0  # border pixels covered by one tile keep a weight
+
+
+def test_tiled_equals_whole_for_a_local_denoiser():
+    image = noisy_photo(75, 101)
+    whole = box_blur(image[None], None)[0]
+    tiled = denoise_tiled(box_blur, image, 0.1, OPTIONS)
+    pointwise = lambda t, s: t ** 2  # noqa: E731 - output depends on each pixel alone: tiling is exact
+    np.testing.assert_allclose(denoise_tiled(pointwise, image, 0.1, OPTIONS), image ** 2, atol=1e-6)
+    assert np.abs(tiled - whole).mean() < 1e-4 and np.abs(tiled - whole).max() < 5e-3  # only tile borders differ
+
+
+def test_small_images_go_whole_and_bad_tile_options_are_refused():
+    calls = []
+    denoise_tiled(lambda t, s: calls.append(t.shape) or t, noisy_photo(20, 32), 0.1, OPTIONS)
+    assert calls == [(1, 20, 32, 3)]
+    for bad in (TileOptions(tile=16, overlap=16), TileOptions(tile=0), TileOptions(batch=0)):
+        with pytest.raises(InputError):
+            bad.validate()
+
+
+def test_tiled_denoising_with_the_model_stays_close_to_whole(checkpoint):
+    denoiser = Denoiser.from_checkpoint(checkpoint, device="cpu")
+    image = noisy_photo(48, 56)
+    whole = denoiser.denoise(image[None], 0.1)[0]
+    tiled = denoise_tiled(denoiser.denoise, image, 0.1, TileOptions(tile=32, overlap=12, batch=4))
+    # GroupNorm and attention see the whole tile, so a real U-Net is not exactly local: close, not equal
+    assert np.abs(tiled - whole).mean() < 0.5 * np.abs(whole - np.clip(image, 0, 1)).mean()
+
+
+# --- the denoise command -------------------------------------------------------------------------------------------
+
+def test_denoise_command_handles_every_kind_and_keeps_its_form(tmp_path, checkpoint):
+    inputs = [write_kind(tmp_path / "in", name) for name in sorted(KINDS)]
+    big = tmp_path / "in" / "big_photo.png"  # several tiles
+    big.write_bytes(encode_with_reference("png", quantize(np.clip(noisy_photo(70, 90), 0, 1), np.uint8)))
+    result = CliRunner().invoke(app, ["denoise", *map(str, inputs + [big]), "--out", str(tmp_path / "out"),
+                                      "--sigma", "0.1", "--tile", "32", "--overlap", "8", "--checkpoint",
+                                      str(checkpoint), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    for source in inputs:
+        fmt, pixels, _ = KINDS[source.stem]
+        stored = decode_with_reference(tmp_path / "out" / source.name)
+        assert sniff_format((tmp_path / "out" / source.name).read_bytes()) == fmt
+        assert stored.dtype == pixels.dtype and stored.shape == pixels.shape, source.name
+        if pixels.ndim == 3 and pixels.shape[2] in (2, 4):
+            assert np.array_equal(stored[..., -1], pixels[..., -1]), f"{source.name}: alpha changed"
+    assert decode_with_reference(tmp_path / "out" / big.name).shape == (70, 90, 3)
+
+    # the written pixels are the model's output, quantised to the input's bit depth
+    denoiser = Denoiser.from_checkpoint(checkpoint, device="cpu")
+    expected = denoiser.denoise(read_image(inputs[0].parent / "png16_rgb.png").rgb[None], 0.1)[0]
+    np.testing.assert_array_equal(decode_with_reference(tmp_path / "out" / "png16_rgb.png"),
+                                  quantize(expected, np.uint16))
+
+
+def test_estimate_prints_a_sigma_near_the_true_one(tmp_path, checkpoint):
+    path = tmp_path / "photo.tif"
+    path.write_bytes(encode_with_reference("tiff", quantize(np.clip(noisy_photo(64, 64, sigma=0.1), 0, 1),
+                                                            np.uint16)))
+    result = CliRunner().invoke(app, ["denoise", str(path), "-o", str(tmp_path / "out"), "--estimate",
+                                      "-c", str(checkpoint), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if "estimated sigma" in line)
+    assert abs(float(line.split("estimated sigma ")[1].split()[0]) - 0.1) < 0.03
+    assert (tmp_path / "out" / "photo.tif").is_file()
+
+
+@pytest.mark.parametrize("sigma", ["nan", "0", "-0.1", "1.5", "inf", "abc"])
+def test_bad_sigma_is_one_line_and_exit_2(tmp_path, checkpoint, sigma):
+    path = write_kind(tmp_path, "png8_rgb")
+    result = CliRunner().invoke(app, ["denoise", str(path), "-o", str(tmp_path / "out"), "--sigma", sigma,
+                                      "-c", str(checkpoint)])
+    assert "sigma" in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "missing_file", "no_sigma", "sigma_and_estimate", "two_sources",
+                                  "bad_checkpoint", "same_names", "bad_tiles"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, case):
+    good = write_kind(tmp_path, "png8_rgb")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    (tmp_path / "other").mkdir()
+    twin = tmp_path / "other" / good.name
+    twin.write_bytes(good.read_bytes())
+    args = {
+        "not_an_image": [str(text), "--sigma", "0.1"],
+        "missing_file": [str(tmp_path / "nope.png"), "--sigma", "0.1"],
+        "no_sigma": [str(good)],
+        "sigma_and_estimate": [str(good), "--sigma", "0.1", "--estimate"],
+        "two_sources": [str(good), "--sigma", "0.1", "--run-id", "abc"],
+        "bad_checkpoint": [str(good), "--sigma", "0.1", "-c", str(text)],
+        "same_names": [str(good), str(twin), "--sigma", "0.1"],
+        "bad_tiles": [str(good), "--sigma", "0.1", "--tile", "16", "--overlap", "16"],
+    }[case]
+    if "-c" not in args:
+        args += ["-c", str(checkpoint)]
+    result = CliRunner().invoke(app, ["denoise", *args, "-o", str(tmp_path / "out"), "--no-progress"])
+    one_line_error(result)

@@ -1,0 +1,184 @@
+"""Evaluation, classical baselines, the report, and their CLI commands, on a tiny untrained model and 6 images."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ddim_denoise.baselines import bm3d_denoise, nlm_denoise
+from ddim_denoise.checkpoint import save_checkpoint
+from ddim_denoise.cli import app
+from ddim_denoise.config import validate_params
+from ddim_denoise.data import MANIFEST_FORMAT, MANIFEST_NAME
+from ddim_denoise.denoiser import build_model
+from ddim_denoise.evaluate import (GRID_FILE, METRICS_FILE, NOISY_INPUT, TABLE_COLUMNS, TABLE_FILE, Method, evaluate,
+                                   run_methods, write_evaluation)
+from ddim_denoise.metrics import make_noisy, psnr_ssim, to_float
+from ddim_denoise.report import ORIGIN_REPORT, write_report
+
+N_TEST = 6
+SIGMAS = [0.05, 0.1]  # low enough that mid-gray images almost never clip: noisy PSNR = -20 log10(sigma)
+EXPECTED_METHODS = {"noisy": N_TEST, "model_1step": N_TEST, "model_ddim3": N_TEST, "bm3d": 1, "nlm": 3}
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, tiny_params):
+    """A project folder with prepared test data, a tiny checkpoint, fake training files and params.yaml."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    raw = tiny_params.model_dump()
+    raw["eval"].update(n_images=N_TEST, sigmas=SIGMAS, bm3d_images=1, nlm_images=3, ddim_steps=3, grid_images=2)
+    params = validate_params(raw)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+
+    prepared = tmp_path / params.data.prepared_dir
+    prepared.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    np.save(prepared / "test_x.npy", rng.integers(110, 146, size=(N_TEST, 32, 32, 3), dtype=np.uint8))
+    np.save(prepared / "test_y.npy", np.arange(N_TEST, dtype=np.uint8))
+    (prepared / MANIFEST_NAME).write_text(json.dumps({"format": MANIFEST_FORMAT}))
+
+    model, _ = build_model(params)
+    state = model.state_dict()
+    save_checkpoint(tmp_path / "models" / "best.pt", {"params": raw, "model": state, "ema": state})
+    write_training_files(tmp_path / "training", run_id=None)
+    return params
+
+
+def write_training_files(training_dir, run_id):
+    training_dir.mkdir(exist_ok=True)
+    steps = pd.DataFrame({"step": range(1, 21), "epoch": [1] * 10 + [2] * 10,
+                          "loss": np.linspace(1.0, 0.2, 20), "lr": np.linspace(1e-4, 1e-6, 20)})
+    steps.to_csv(training_dir / "steps.csv", index=False)
+    pd.DataFrame({"epoch": [1, 1, 2, 2], "sigma": [0.1, 0.3] * 2, "psnr": [20.0, 15.0, 22.0, 17.0],
+                  "ssim": [0.6, 0.4, 0.7, 0.5]}).to_csv(training_dir / "val.csv", index=False)
+    summary = {"mlflow_run_id": run_id, "parameters": 12345, "epochs": 2, "steps": 20, "train_images_seen": 160,
+               "train_seconds": 3.5, "images_per_s": 45.7, "precision": "fp32", "device": "cpu",
+               "best_val_psnr": 22.0, "best_epoch": 2}
+    (training_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_evaluate_writes_metrics_table_and_grid_with_analytic_noisy_psnr(workspace):
+    table = evaluate(workspace, "models/best.pt")
+    out = workspace.eval.out_dir
+
+    csv = pd.read_csv(f"{out}/{TABLE_FILE}")
+    assert list(csv.columns) == TABLE_COLUMNS
+    assert len(csv) == len(SIGMAS) * len(EXPECTED_METHODS)
+    for sigma in SIGMAS:
+        rows = csv[np.isclose(csv.sigma, sigma)].set_index("method")
+        assert dict(rows.n_images) == EXPECTED_METHODS
+        # Unclipped Gaussian noise of std sigma on a [0, 1] scale: MSE = sigma^2, PSNR = -20 log10(sigma).
+        assert rows.psnr["noisy"] == pytest.approx(-20 * math.log10(sigma), abs=0.15)
+        assert math.isnan(rows.images_per_s["noisy"]) and rows.images_per_s["model_1step"] > 0
+        assert rows.psnr["bm3d"] > rows.psnr["noisy"]  # the baselines get the true sigma and do denoise
+        assert rows.psnr["nlm"] > rows.psnr["noisy"]
+    pd.testing.assert_frame_equal(table.reset_index(drop=True), csv, check_dtype=False, atol=1e-4)
+
+    metrics = json.loads(open(f"{out}/{METRICS_FILE}").read())
+    assert set(metrics) == {"sigma_0.05", "sigma_0.1", "mean_psnr_1step"}
+    assert metrics["sigma_0.1"]["bm3d"]["n_images"] == 1
+    assert metrics["sigma_0.1"]["model_1step"]["psnr"] == pytest.approx(
+        csv.psnr[(csv.method == "model_1step") & np.isclose(csv.sigma, 0.1)].item(), abs=1e-3)
+    assert metrics["mean_psnr_1step"] == pytest.approx(csv.psnr[csv.method == "model_1step"].mean(), abs=1e-3)
+    assert open(f"{out}/{GRID_FILE}", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_method_sees_the_same_noisy_input():
+    clean = to_float(np.random.default_rng(1).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8))
+    seen: dict[str, list[np.ndarray]] = {}
+
+    def recorder(name):
+        def fn(noisy, sigma):
+            seen.setdefault(name, []).append(noisy.copy())
+            return noisy
+        return fn
+
+    methods = {"a": Method(recorder("a")), "b": Method(recorder("b"), max_images=2), "c": Method(recorder("c"))}
+    evaluation = run_methods(clean, [0.2, 0.4], methods, noise_seed=7, keep_images=2)
+    for i, sigma in enumerate([0.2, 0.4]):
+        expected = make_noisy(clean, sigma, seed=7)
+        np.testing.assert_array_equal(seen["a"][i], expected)
+        np.testing.assert_array_equal(seen["c"][i], expected)
+        np.testing.assert_array_equal(seen["b"][i], expected[:2])  # a prefix of the same images, not fresh noise
+    table = evaluation.table
+    # Identical inputs and outputs give identical scores whatever the method.
+    a, c = (table[table.method == m].psnr.to_numpy() for m in "ac")
+    np.testing.assert_array_equal(a, c)
+    # A method on a prefix is scored on that prefix only.
+    b = table[(table.method == "b") & (table.sigma == 0.2)]
+    assert b.n_images.item() == 2
+    assert b.psnr.item() == pytest.approx(psnr_ssim(clean[:2], make_noisy(clean[:2], 0.2, 7))[0].mean())
+
+
+@pytest.mark.parametrize("denoise", [bm3d_denoise, nlm_denoise])
+def test_baselines_denoise_a_smooth_image(denoise):
+    ramp = np.linspace(0.2, 0.8, 32, dtype=np.float32)
+    clean = np.stack([np.broadcast_to(ramp, (32, 32)), np.broadcast_to(ramp[:, None], (32, 32)),
+                      np.full((32, 32), 0.5, np.float32)], axis=-1)[None]
+    noisy = make_noisy(clean, 0.1, seed=0)
+    out = denoise(noisy, 0.1)
+    assert out.shape == clean.shape and out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+    gain = psnr_ssim(clean, out)[0].item() - psnr_ssim(clean, noisy)[0].item()
+    assert gain > 5, f"{denoise.__name__} gained only {gain:.2f} dB on a smooth image"
+
+
+def test_cli_evaluate_and_report_log_into_the_training_run(workspace, tmp_path):
+    from mlflow import MlflowClient
+
+    from ddim_denoise.tracking import start_run
+
+    run = start_run(workspace.mlflow.experiment, run_name="train")
+    assert run.run_id is not None
+    write_training_files(tmp_path / "training", run_id=run.run_id)
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--params", "params.yaml"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", "--params", "params.yaml"])
+    assert result.exit_code == 0, result.output
+
+    report_dir = tmp_path / workspace.report.out_dir
+    text = (report_dir / "report.md").read_text()
+    for label in ("noisy input", "one-step", "DDIM-3", "BM3D", "NLM", "origin report"):
+        assert label in text
+    for psnr, ssim in ORIGIN_REPORT.values():
+        assert f"{psnr:.2f} / {ssim:.4f}" in text
+    assert "12,345" in text and "45.7 images/s" in text  # from training/summary.json
+    assert "DDIM-3 minus one-step" in text
+    for name in ("psnr_vs_sigma", "loss", "lr", "val_psnr", "grid"):
+        assert (report_dir / "figures" / f"{name}.png").is_file()
+        assert f"figures/{name}.png" in text
+
+    client = MlflowClient()
+    metrics = client.get_run(run.run_id).data.metrics
+    assert "test_psnr_model_1step_sigma0.1" in metrics and "test_ssim_bm3d_sigma0.05" in metrics
+    assert metrics["test_psnr_noisy_sigma0.1"] == pytest.approx(20.0, abs=0.15)
+    artifacts = {a.path for a in client.list_artifacts(run.run_id)}
+    assert {"evaluation", "reports"} <= artifacts
+    logged = {a.path for a in client.list_artifacts(run.run_id, "evaluation")}
+    assert {f"evaluation/{n}" for n in (METRICS_FILE, TABLE_FILE, GRID_FILE)} <= logged
+
+
+def test_report_without_run_id_warns_and_still_writes(workspace, tmp_path, caplog):
+    clean = to_float(np.full((3, 8, 8, 3), 128, np.uint8))
+    methods = {"noisy": NOISY_INPUT, "model_1step": Method(lambda x, s: np.full_like(x, 0.5))}
+    write_evaluation(run_methods(clean, [0.2, 0.5], methods, 0, keep_images=1), workspace.eval.out_dir,
+                     ["clean", "noisy", "model_1step"])
+    result = CliRunner().invoke(app, ["report", "--params", "params.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "no MLflow run id" in caplog.text
+    text = (tmp_path / "reports" / "report.md").read_text()
+    assert "9.56 / 0.4123" in text and "7.73 / 0.2872" in text
+    assert "above the input" in text  # a perfect mid-gray estimate beats its noisy input
+
+
+def test_report_needs_the_evaluation_first(workspace):
+    from ddim_denoise.errors import DataError
+
+    with pytest.raises(DataError, match="evaluate"):
+        write_report(workspace)

@@ -1,0 +1,246 @@
+"""Export (ONNX / TorchScript parity with PyTorch), the MLflow pyfunc model, model resolution and REST serving."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from denoise_fixtures import (decode_bytes_with_reference, decode_with_reference, encode_with_reference, noisy_photo,
+                              quantize, write_tiny_checkpoint)
+from typer.testing import CliRunner
+
+from ddim_denoise.cli import app
+from ddim_denoise.denoiser import Denoiser
+from ddim_denoise.image_io import decode_image
+from ddim_denoise.export import (check_parity, export_model, load_exported, one_step_module, parity_batches, run_eager,
+                                 verify_export)
+
+REGISTERED_NAME = "ddim-denoiser-test"
+SERVER_START_TIMEOUT_S = 180  # a cold `mlflow models serve` imports mlflow and torch on 2 shared cores
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_params):
+    return write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params)
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    """A private SQLite tracking store and registry with its artifacts under a temporary folder; the project's
+    mlruns/ is never touched, and MLflow's process-wide settings are restored afterwards."""
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        patch.setattr(utils, "_tracking_uri", None)
+        patch.setattr(fluent, "_active_experiment_id", None)
+        mlflow.set_tracking_uri(uri)
+        experiment_id = mlflow.create_experiment("export-serve", artifact_location=(root / "artifacts").as_uri())
+        yield {"uri": uri, "experiment_id": experiment_id}
+
+
+def rgb_png16(height=23, width=30, sigma=0.1, seed=0) -> bytes:
+    return encode_with_reference("png", quantize(np.clip(noisy_photo(height, width, sigma, seed), 0, 1), np.uint16))
+
+
+# --- export ----------------------------------------------------------------------------------------------------------
+
+def test_exported_onnx_and_torchscript_match_pytorch(tmp_path, checkpoint):
+    reference = run_eager(one_step_module(checkpoint))
+    for fmt, name in (("onnx", "denoiser.onnx"), ("torchscript", "denoiser.pt")):
+        path = export_model(checkpoint, fmt, tmp_path / name)
+        report = verify_export(path, checkpoint, fmt)  # noisy photos, three shapes, some not multiples of 2
+        assert report.passed, str(report)
+        assert {shape[2:] for shape in report.shapes} >= {(48, 48), (45, 53)}
+        # dynamic batch and size beyond the traced 2x3x32x32
+        runner = load_exported(path)
+        images = np.clip(noisy_photo(19, 33)[None], 0, 1).transpose(0, 3, 1, 2).repeat(5, axis=0)
+        out = runner(images, np.linspace(0.05, 0.3, 5, dtype=np.float32))
+        assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+        assert check_parity(runner, reference, [(images, np.full(5, 0.1, np.float32))]).passed
+
+
+def test_exported_module_is_the_denoisers_one_step_estimate(checkpoint):
+    denoiser = Denoiser.from_checkpoint(checkpoint, device="cpu")
+    images = noisy_photo(21, 26)[None].repeat(2, axis=0)
+    sigma = np.array([0.05, 0.2], dtype=np.float32)
+    expected = denoiser.denoise(images, sigma, steps=1)
+    got = run_eager(one_step_module(checkpoint))(images.transpose(0, 3, 1, 2), sigma).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert np.abs(expected - np.clip(images, 0, 1)).mean() > 1e-3  # the jittered model does change the image
+
+
+def test_export_command_writes_and_checks_the_file(tmp_path, checkpoint):
+    out = tmp_path / "exported" / "denoiser.pt"
+    result = CliRunner().invoke(app, ["export", "-c", str(checkpoint), "--format", "torchscript", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and "parity passed" in result.output
+    bad = CliRunner().invoke(app, ["export", "-c", str(checkpoint), "--format", "tflite", "--out", str(out)])
+    assert bad.exit_code == 2 and bad.output.strip().startswith("error: unknown export format")
+
+
+def test_parity_batches_are_noisy_photos():
+    batches = parity_batches()
+    assert all(images.dtype == np.float32 and images.shape[1] == 3 for images, _ in batches)
+    assert any(images.min() < 0 or images.max() > 1 for images, _ in batches)  # noisy and unclipped, as served
+
+
+# --- MLflow pyfunc model --------------------------------------------------------------------------------------------
+
+def log_model(mlflow_store, checkpoint, metrics=None):
+    import mlflow
+
+    from ddim_denoise.serving import log_pyfunc_model
+
+    with mlflow.start_run(experiment_id=mlflow_store["experiment_id"]) as run:
+        info = log_pyfunc_model(checkpoint, registered_model_name=REGISTERED_NAME, metrics=metrics)
+    return run, info
+
+
+def test_pyfunc_model_logs_registers_loads_and_denoises(mlflow_store, checkpoint):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run, info = log_model(mlflow_store, checkpoint, metrics={"test_psnr": 31.5})
+    assert mlflow.get_run(run.info.run_id).data.metrics["test_psnr"] == 31.5
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_NAME}/{info.registered_model_version}")
+    png16 = rgb_png16()
+    gray = encode_with_reference("png", quantize(np.clip(noisy_photo(20, 20).mean(-1), 0, 1), np.uint8))
+    frame = pd.DataFrame({"image": [base64.b64encode(png16).decode(), base64.b64encode(gray).decode()],
+                          "sigma": [0.1, None]})
+    out = model.predict(frame)
+    assert list(out.columns) == ["image", "sigma"] and out["sigma"][0] == pytest.approx(0.1)
+    assert 0 < out["sigma"][1] <= 1  # estimated
+
+    stored = decode_bytes_with_reference(base64.b64decode(out["image"][0]))
+    denoiser = Denoiser.from_checkpoint(checkpoint, device="cpu")
+    expected = denoiser.denoise(decode_image(png16).rgb[None], 0.1)[0]
+    np.testing.assert_array_equal(stored, quantize(expected, np.uint16))  # 16-bit in, 16-bit out
+    assert decode_bytes_with_reference(base64.b64decode(out["image"][1])).shape == (20, 20)  # gray stays gray
+
+    for bad_frame, message in [(pd.DataFrame({"image": ["aGVsbG8="], "sigma": [0.1]}), "not a PNG"),
+                               (pd.DataFrame({"image": [frame["image"][0]], "sigma": [1.5]}), "sigma must lie")]:
+        with pytest.raises(MlflowException, match=message):
+            model.predict(bad_frame)
+
+
+def test_denoise_command_takes_the_checkpoint_from_a_run_or_a_registered_model(mlflow_store, checkpoint, tmp_path):
+    import mlflow
+
+    image = tmp_path / "in" / "photo.png"
+    image.parent.mkdir()
+    image.write_bytes(rgb_png16())
+    best = tmp_path / "best.pt"
+    best.write_bytes(checkpoint.read_bytes())
+    with mlflow.start_run(experiment_id=mlflow_store["experiment_id"]) as run:
+        mlflow.log_artifact(str(best), "checkpoints")  # as training logs it
+    _, info = log_model(mlflow_store, checkpoint)
+    outputs = {}
+    model_uri = f"models:/{REGISTERED_NAME}/{info.registered_model_version}"
+    for source in (["--run-id", run.info.run_id], ["--model-uri", model_uri], ["-c", str(checkpoint)]):
+        out = tmp_path / source[0].strip("-")
+        result = CliRunner().invoke(app, ["denoise", str(image), "-o", str(out), "--sigma", "0.1", *source,
+                                          "--no-progress"])
+        assert result.exit_code == 0, result.output
+        outputs[source[0]] = decode_with_reference(out / "photo.png")
+    assert all(np.array_equal(o, outputs["-c"]) for o in outputs.values())  # the same weights each way
+
+    for source, message in [(["--run-id", "0123456789abcdef"], "--run-id"),
+                            (["--model-uri", f"models:/{REGISTERED_NAME}/999"], "--model-uri")]:
+        result = CliRunner().invoke(app, ["denoise", str(image), "-o", str(tmp_path / "x"), "--sigma", "0.1", *source])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+
+
+# --- REST serving ---------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow models serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"mlflow models serve did not answer /ping within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def post_json(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_mlflow_models_serve_denoises_over_rest(mlflow_store, checkpoint, tmp_path):
+    _, info = log_model(mlflow_store, checkpoint)
+    port, log = free_port(), tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve",
+               "-m", f"models:/{REGISTERED_NAME}/{info.registered_model_version}",
+               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store["uri"]}
+    with open(log, "wb") as log_file:
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_until_serving(url, server, log, SERVER_START_TIMEOUT_S)
+        png16 = rgb_png16()
+        status, body = post_json(url, {"dataframe_split": {"columns": ["image", "sigma"],
+                                                           "data": [[base64.b64encode(png16).decode(), 0.1]]},
+                                       "params": {"steps": 1}})
+        assert status == 200, body
+        row = body["predictions"][0]
+        expected = Denoiser.from_checkpoint(checkpoint, device="cpu").denoise(decode_image(png16).rgb[None], 0.1)[0]
+        np.testing.assert_array_equal(decode_bytes_with_reference(base64.b64decode(row["image"])),
+                                      quantize(expected, np.uint16))
+        assert row["sigma"] == pytest.approx(0.1)
+
+        status, body = post_json(url, {"dataframe_split": {"columns": ["image", "sigma"],
+                                                           "data": [[base64.b64encode(b"text").decode(), 0.1]]}})
+        assert status == 400 and "not a PNG" in body.get("message", ""), body
+    finally:
+        stop_process_group(server)
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """Stop the server and the workers it forked (started in their own session, so their group is theirs alone)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,0 +1,269 @@
+"""The Optuna sweep on tiny data: space file validation, trials nested in MLflow, failures, pruning, resume, and
+two worker processes sharing one study."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from cifar_fixtures import write_cifar_npz
+from ddim_denoise.cli import app
+from ddim_denoise.config import load_params
+from ddim_denoise.data import prepare
+from ddim_denoise.sweep import SweepOptions, run_sweep
+from ddim_denoise.sweep_space import SpaceError, load_space
+from ddim_denoise.sweep_storage import FAIL_REASON_ATTR, WORKER_ATTR, default_storage_url
+from ddim_denoise.sweep_tracking import PARENT_RUN_ATTR
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SPACE = {
+    "parameters": {
+        "train.lr": {"type": "float", "low": 1.0e-4, "high": 3.0e-3, "log": True},
+        "diffusion.prediction": {"type": "categorical", "choices": ["eps", "edm"]},
+    },
+    "budget": {"train.epochs": 2, "train.max_train_images": 16, "train.val_images": 4, "train.log_every": 100,
+               "train.checkpoint_every": 100},
+    "pruner": {"default": "median", "threshold": {"lower": 1000.0}},
+    "sampler": {"seed": 0, "n_startup_trials": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """One MLflow database for the module: creating its tables takes seconds, so it is done once."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments()
+    return uri
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, tiny_params, mlflow_uri, request):
+    """A project folder with tiny prepared data, params.yaml, space.yaml, and its own MLflow experiment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    mlflow.set_tracking_uri(mlflow_uri)
+    write_cifar_npz(tmp_path / "data" / "raw", n_train_per_batch=8, n_test=4)
+    params = tiny_params.model_copy(deep=True)
+    params.data.val_size = 8
+    params.mlflow.log_model = False
+    params.mlflow.experiment = f"sweep-{request.node.name}"
+    prepare(params)
+    (tmp_path / "params.yaml").write_text("# the tiny test params\n" + yaml.safe_dump(params.model_dump(),
+                                                                                     sort_keys=False))
+    write_space(tmp_path / "space.yaml")
+    return tmp_path
+
+
+def write_space(path: Path, **changes) -> Path:
+    space = {**TINY_SPACE, **changes}
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def options(**changes) -> SweepOptions:
+    return SweepOptions(params_path=Path("params.yaml"), space_path=Path("space.yaml"), **changes)
+
+
+def load_study(name: str, storage: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage or default_storage_url())
+
+
+def states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.get_trials(deepcopy=False)]
+
+
+def nested_runs(parent_run_id: str) -> list:
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+# ---- the space file ---------------------------------------------------------------------------------------------
+def test_shipped_space_file_is_valid_and_samples_valid_trials():
+    base = load_params(REPO / "params.yaml")
+    space = load_space(REPO / "pipelines" / "sweep" / "space.yaml", base)
+    assert {"diffusion.schedule", "diffusion.t_sampling", "diffusion.prediction", "train.lr", "train.ema_decay",
+            "train.warmup_epochs"} <= set(space.parameters)
+    study = optuna.create_study(direction="maximize", sampler=space.build_sampler())
+    for _ in range(6):
+        trial = study.ask()
+        sampled = space.sample(trial)
+        params = space.trial_params(base, sampled, "sweeps/x/models")
+        assert params.train.epochs == space.budget["train.epochs"] and params.train.resume == "never"
+        # conditional entries are sampled only on their branch
+        assert ("diffusion.beta_end" in sampled) == (sampled["diffusion.schedule"] == "linear")
+        assert ("diffusion.p_std" in sampled) == (sampled["diffusion.t_sampling"] == "log_normal")
+        study.tell(trial, 0.0)
+
+
+def test_space_errors_are_listed_together(workspace):
+    bad = {
+        "parameters": {
+            "train.lrr": {"type": "float", "low": 1.0e-5, "high": 1.0e-3, "log": True},
+            "train.ema_decay": {"type": "float", "low": 0.9, "high": 1.5},
+            "train.warmup_epochs": {"type": "float", "low": 2, "high": 1},
+            "train.min_lr": {"type": "float", "low": 0.0, "high": 1.0e-3, "log": True},
+            "diffusion.sigma_min": {"type": "float", "low": 0.001, "high": 0.01,
+                                    "condition": {"diffusion.t_samplin": "log_uniform"}},
+            "train.out_dir": {"type": "categorical", "choices": ["a", "b"]},
+            "diffusion.T": {"type": "integer", "low": 10, "high": 100},
+        },
+        "budget": {"train.epochz": 3},
+        "pruner": {"median": {"n_startup": 3}},
+    }
+    path = workspace / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(SpaceError) as err:
+        load_space(path, load_params("params.yaml"))
+    message = str(err.value)
+    for expected in ("unknown params.yaml key (did you mean 'train.lr'?)", "train.ema_decay: value 1.5 rejected",
+                     "low (2.0) must be below high (1.0)", "log: true needs low > 0", "'diffusion.t_samplin' must be "
+                     "a categorical parameter", "train.out_dir: set by the sweep", "diffusion.T: needs type",
+                     "budget.train.epochz: unknown params.yaml key (did you mean 'train.epochs'?)", "pruner.median"):
+        assert expected in message, expected
+    assert "9 problem(s)" in message
+
+
+# ---- a sweep, end to end ----------------------------------------------------------------------------------------
+def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace):
+    result = run_sweep(options(trials=2))
+    study = load_study(result["study"])
+    assert states(study) == ["COMPLETE", "COMPLETE"]
+    assert not (workspace / "training").exists() and not (workspace / "models").exists()  # trials kept apart
+    out = workspace / "sweeps" / result["study"]
+    assert (out / "trial_0001" / "training" / "val.csv").is_file()
+    for name in ("trials.csv", "best_params.yaml", "summary.json", "plots/optimization_history.png"):
+        assert (out / name).is_file(), name
+    best = study.best_trial
+    assert {"ddim_psnr_mean", "val_ssim_mean", "train_images_per_s"} <= set(best.user_attrs)
+    assert yaml.safe_load((out / "best_params.yaml").read_text())["params"] == best.params
+
+    parent_id = study.user_attrs[PARENT_RUN_ATTR]
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == f"sweep:{result['study']}" and parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent_id)} >= {"trials.csv", "best_params.yaml", "plots"}
+    runs = nested_runs(parent_id)
+    assert sorted(r.data.tags["sweep.trial"] for r in runs) == ["0", "1"]
+    for run in runs:
+        assert run.data.tags["state"] == "COMPLETE" and run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "val_psnr_mean")) == 2  # one point per epoch
+        assert "objective" in run.data.metrics
+
+    cli = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--apply"])
+    assert cli.exit_code == 0, cli.output
+    assert f"trial {best.number}:" in cli.output and "dvc exp run -S train.lr=" in cli.output
+    params_text = (workspace / "params.yaml").read_text()
+    assert params_text.startswith("# the tiny test params")  # comments kept
+    applied = load_params("params.yaml")
+    assert applied.train.lr == best.params["train.lr"]
+    assert applied.diffusion.prediction == best.params["diffusion.prediction"]
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(workspace):
+    # lr 1e30 drives the loss to NaN at once: the Trainer raises TrainingError after max_nonfinite_steps.
+    write_space(workspace / "space.yaml", parameters={"train.lr": {"type": "categorical", "choices": [1.0e30]}},
+                budget={**TINY_SPACE["budget"], "train.max_nonfinite_steps": 1})
+    result = run_sweep(options(trials=5, stop_after_failures=2))
+    study = load_study(result["study"])
+    assert states(study) == ["FAIL", "FAIL"]  # the first failure did not stop it; two in a row did
+    assert all("TrainingError: loss was non-finite" in t.user_attrs[FAIL_REASON_ATTR] for t in study.trials)
+    runs = nested_runs(study.user_attrs[PARENT_RUN_ATTR])
+    assert len(runs) == 2
+    assert all(r.info.status == "FAILED" and r.data.tags["state"] == "FAIL" and "non-finite" in r.data.tags["error"]
+               for r in runs)
+
+    # A combination the schema accepts but training rejects fails before any training run exists.
+    write_space(workspace / "space.yaml", parameters={"diffusion.sigma_min": {"type": "categorical",
+                                                                              "choices": [5.0]}})
+    result = run_sweep(options(trials=1))
+    trial = load_study(result["study"]).trials[0]
+    assert trial.state == TrialState.FAIL and "sigma_min" in trial.user_attrs[FAIL_REASON_ATTR]
+    (run,) = nested_runs(load_study(result["study"]).user_attrs[PARENT_RUN_ATTR])
+    assert run.info.status == "FAILED" and "sigma_min" in run.data.tags["error"]
+
+
+def test_pruned_trials_are_marked_in_optuna_and_mlflow(workspace):
+    result = run_sweep(options(trials=2, pruner="threshold"))  # threshold: lower 1000 dB prunes at the first epoch
+    study = load_study(result["study"])
+    assert states(study) == ["PRUNED", "PRUNED"]
+    assert all(t.user_attrs["pruned_at_epoch"] == 1 for t in study.trials)
+    runs = nested_runs(study.user_attrs[PARENT_RUN_ATTR])
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.tags["state"] == "PRUNED" and run.info.status == "KILLED"
+        assert run.data.metrics["pruned_value"] < 1000
+
+
+def test_interrupted_search_resumes_keeping_finished_trials(workspace, monkeypatch):
+    name = run_sweep(options(trials=1))["study"]
+    study = load_study(name)
+    # A worker killed mid-trial (kill -9): its trial stays RUNNING, owned by a process that no longer exists.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = study.ask()
+    orphan.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": dead.pid})
+    # Ctrl-C during a trial: the trial is marked FAIL and the interrupt propagates.
+    from ddim_denoise.train import Trainer
+
+    def interrupted(self, data):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_epoch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(options(trials=1))
+    parent = mlflow.MlflowClient().get_run(study.user_attrs[PARENT_RUN_ATTR])
+    assert parent.info.status == "KILLED"
+
+    result = run_sweep(options(total=2))  # the same study: only the missing finished trial runs
+    study = load_study(name)
+    assert result["study"] == name
+    assert states(study) == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+    assert "died" in study.trials[1].user_attrs[FAIL_REASON_ATTR]
+    assert study.trials[2].user_attrs[FAIL_REASON_ATTR] == "interrupted"
+    run_sweep(options(total=2))  # already there: nothing runs
+    assert len(load_study(name).trials) == 4
+
+
+def test_changed_settings_refuse_to_resume_a_named_study(workspace):
+    run_sweep(options(trials=1, study="fixed", pruner="none"))
+    write_space(workspace / "space.yaml", budget={**TINY_SPACE["budget"], "train.epochs": 1})
+    cli = CliRunner().invoke(app, ["sweep", "run", "--trials", "1", "--study", "fixed", "--space", "space.yaml"])
+    assert cli.exit_code == 2
+    assert "created with other settings" in cli.output and "train.epochs: 2 -> 1" in cli.output
+
+
+def test_two_worker_processes_share_one_study(workspace):
+    journal = workspace / "study.journal"
+    command = [sys.executable, "-c", "from ddim_denoise.cli import app; app()", "sweep", "run", "--trials", "1",
+               "--study", "shared", "--storage", f"journal:{journal}", "--space", "space.yaml"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    study = load_study("shared", optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    assert states(study) == ["COMPLETE", "COMPLETE"]
+    runs = nested_runs(study.user_attrs[PARENT_RUN_ATTR])  # both trials under the one parent run
+    assert sorted(r.data.tags["sweep.trial"] for r in runs) == ["0", "1"]
+
+
+def test_multi_objective_study_keeps_psnr_and_throughput(workspace):
+    result = run_sweep(options(trials=1, multi_objective=True))
+    (trial,) = load_study(result["study"]).trials
+    assert trial.state == TrialState.COMPLETE and len(trial.values) == 2 and trial.values[1] > 0
+    cli = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", result["study"]])
+    assert cli.exit_code == 0 and "Pareto front" in cli.output, cli.output
+    cli = CliRunner().invoke(app, ["sweep", "run", "--trials", "1", "--study", result["study"], "--space",
+                                   "space.yaml"])
+    assert cli.exit_code == 2 and "multi-objective" in cli.output
