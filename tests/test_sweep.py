@@ -104,6 +104,18 @@ def test_shipped_space_file_is_valid_and_samples_valid_trials():
         study.tell(trial, 0.0)
 
 
+def test_baseline_trial_is_params_yaml_values_or_none_outside_the_space():
+    base = load_params(REPO / "params.yaml")
+    space = load_space(REPO / "pipelines" / "sweep" / "space.yaml", base)
+    baseline = space.baseline(base)
+    assert space.objective.baseline and baseline["train.lr"] == base.train.lr
+    assert baseline["diffusion.schedule"] == base.diffusion.schedule
+    assert ("diffusion.beta_end" in baseline) == (base.diffusion.schedule == "linear")  # conditions hold
+    outside = base.model_copy(deep=True)
+    outside.train.lr = 10.0  # above the space's train.lr range
+    assert space.baseline(outside) is None
+
+
 def test_space_errors_are_listed_together(workspace):
     bad = {
         "parameters": {

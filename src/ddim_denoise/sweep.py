@@ -28,7 +28,7 @@ from pathlib import Path
 from .config import Params, flatten, load_params
 from .data import read_manifest
 from .sweep_objective import TrialObjective
-from .sweep_report import chosen_trial, describe, dvc_exp_command, write_reports
+from .sweep_report import BASELINE_ATTR, chosen_trial, describe, dvc_exp_command, write_reports
 from .sweep_space import DEFAULT_SPACE_FILE, SearchSpace, load_space
 from .sweep_storage import (SweepError, default_storage_url, fail_dead_local_trials, open_storage, open_study,
                             redact)
@@ -155,6 +155,9 @@ def run_sweep(options: SweepOptions) -> dict:
     directions = ["maximize", "maximize"] if options.multi_objective else ["maximize"]
     study, created = open_study(storage, setup.study_name, directions, setup.fingerprint, setup.settings,
                                 pruner=pruner)
+    baseline = space.baseline(base) if created and space.objective.baseline else None
+    if baseline is not None:  # the defaults as trial 0: the reference every sampled trial is judged against
+        study.enqueue_trial(baseline, user_attrs={BASELINE_ATTR: True})
     study.sampler = space.build_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
     parent = sweep_tracking.open_parent_run(study, base.mlflow.experiment, created, redact(storage_url))
     fail_dead_local_trials(study, on_failed=sweep_tracking.record_dead_trial)

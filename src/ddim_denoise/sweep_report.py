@@ -55,6 +55,9 @@ def chosen_trial(study, number: int | None = None):
     return max(study.best_trials, key=lambda t: t.values[0])
 
 
+BASELINE_ATTR = "baseline_params_yaml"  # marks the trial that ran params.yaml's own values
+
+
 def format_value(value) -> str:
     """A value as YAML reads it back unchanged (floats in full precision: the trial ran with exactly that)."""
     if isinstance(value, bool) or value is None:
@@ -75,6 +78,12 @@ def summary(study, metric: str) -> dict:
         out["best"] = {"trial": best.number, "value": best.values[0], **numbers}
         if len(best.values) > 1:
             out["best"][SECOND_OBJECTIVE] = best.values[1]
+    baseline = next((t for t in study.get_trials(deepcopy=False)
+                     if t.user_attrs.get(BASELINE_ATTR) and t.values), None)
+    if baseline is not None:  # params.yaml's own values at the same budget (trial 0 of every study)
+        out["baseline"] = {"trial": baseline.number, "value": baseline.values[0]}
+        if best is not None:
+            out["best_minus_baseline"] = best.values[0] - baseline.values[0]
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,16 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from .config import Params, ParamsError, set_dotted, validate_params
+from .config import Params, ParamsError, flatten, set_dotted, validate_params
 
 DEFAULT_SPACE_FILE = Path("pipelines/sweep/space.yaml")
 # Set by the sweep for every trial (its own output folder, never resuming another trial's checkpoint).
 RESERVED_KEYS = ("train.out_dir", "train.resume")
 PRUNERS = ("median", "hyperband", "threshold", "none")
 OPTUNA_CATEGORICAL_TYPES = (type(None), bool, int, float, str)
+
+
+log = logging.getLogger(__name__)
 
 
 class SpaceError(ParamsError):
@@ -47,6 +51,13 @@ class _ParamSpec(_Strict):
 
     def suggest(self, trial, name: str) -> Any:
         raise NotImplementedError
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` lies in this parameter's range (or among its choices)."""
+        bounds = self.candidates()
+        if isinstance(self, CategoricalSpec):
+            return value in bounds
+        return isinstance(value, (int, float)) and bounds[0] <= value <= bounds[-1]
 
     def is_active(self, sampled: dict[str, Any]) -> bool:
         for key, wanted in (self.condition or {}).items():
@@ -131,6 +142,7 @@ class ObjectiveSettings(_Strict):
     metric: str = "val_psnr_mean"  # a validation metric the Trainer reports each epoch; never a test-set figure
     ddim_steps: int | None = Field(None, ge=1)  # steps of the end-of-trial DDIM score; null: eval.ddim_steps
     ddim_images: int | None = Field(None, ge=1)  # first N validation images for it (steps x one-step cost); null: all
+    baseline: bool = False  # run params.yaml's own values first (at the same budget), as the reference
 
     @field_validator("metric")
     @classmethod
@@ -182,6 +194,18 @@ class SearchSpace:
             if spec.is_active(sampled):
                 sampled[key] = spec.suggest(trial, key)
         return sampled
+
+    def baseline(self, base: Params) -> dict[str, Any] | None:
+        """params.yaml's own values of the active parameters, to enqueue as a study's first trial so the search is
+        compared with the defaults at the same budget; None (with a warning) when a value lies outside the space."""
+        flat, chosen = flatten(base), {}
+        for key, spec in self.parameters.items():
+            if spec.is_active(chosen):
+                if not spec.contains(flat[key]):
+                    log.warning("no baseline trial: params.yaml's %s=%r lies outside the space", key, flat[key])
+                    return None
+                chosen[key] = flat[key]
+        return chosen
 
     def trial_params(self, base: Params, sampled: dict[str, Any], out_dir: str | Path) -> Params:
         """params.yaml + budget + sampled values, writing checkpoints to ``out_dir`` and never resuming."""
