@@ -47,6 +47,9 @@ def configure(experiment: str) -> str:
     """Point MLflow at the project's store (or $MLFLOW_TRACKING_URI) and select the experiment; return the URI."""
     import mlflow
 
+    # MLflow's HTTP client retries a dead server 7 times with backoff (minutes); training only needs to know fast.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:

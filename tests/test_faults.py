@@ -1,0 +1,279 @@
+"""Faults during training: kill -9, half-written or truncated checkpoints, unwritable or full disks, a tracking
+server that is down or goes down, and an interrupted `dvc repro`. Each must end in a resumable state or one clear
+line (exit code 2), never in a lost epoch or a corrupt checkpoint."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from cli_workspace import TRAIN_IMAGES, cli, free_port, make_workspace, one_error_line, process_env, run, summary
+from typer.testing import CliRunner
+
+from ddim_denoise.checkpoint import load_checkpoint
+from ddim_denoise.cli import app
+from ddim_denoise.config import set_dotted, validate_params
+from ddim_denoise.errors import TrainingError
+from ddim_denoise.train import Trainer
+
+BATCH, EPOCHS = 8, 12
+STEPS = EPOCHS * (TRAIN_IMAGES // BATCH)
+FIRST_CHECKPOINT_TIMEOUT_S = 120
+POLL_S = 0.01
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_params, monkeypatch):
+    """A project folder (this test's working folder) with a local MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = make_workspace(tmp_path, tiny_params, {"train.epochs": EPOCHS, "train.batch_size": BATCH})
+    return tmp_path, params
+
+
+def with_train(params, **changes):
+    raw = params.model_dump()
+    for key, value in changes.items():
+        set_dotted(raw, f"train.{key}", value)
+    return validate_params(raw)
+
+
+# --- kill -9 ---------------------------------------------------------------------------------------------------------
+def start_and_kill_after_first_checkpoint(root: Path, env: dict) -> int:
+    """Start `ddim-denoise train`, SIGKILL it the moment models/last.pt appears; return the epoch that file holds."""
+    last = root / "models" / "last.pt"
+    process = subprocess.Popen(cli("train"), cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + FIRST_CHECKPOINT_TIMEOUT_S
+        while not last.exists():
+            assert process.poll() is None, "training ended before writing a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within the time limit"
+            time.sleep(POLL_S)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    return load_checkpoint(last)["epoch"]
+
+
+def test_kill_9_then_rerun_resumes_and_ends_like_an_uninterrupted_run(workspace):
+    root, params = workspace
+    env = process_env(os.environ["MLFLOW_TRACKING_URI"])
+    straight = run(cli("train", "-S", "train.out_dir=straight"), root, env)
+    assert straight.returncode == 0, straight.stderr
+
+    killed_at_epoch = start_and_kill_after_first_checkpoint(root, env)
+    assert 1 <= killed_at_epoch < EPOCHS, "the kill came too late to interrupt anything"
+    killed_run_id = load_checkpoint(root / "models" / "last.pt")["mlflow_run_id"]
+    # As if the kill had also hit a checkpoint write: its temporary file is left beside the real ones.
+    stray = root / "models" / ".last.pt.k1ll3d.pt.tmp"
+    stray.write_bytes(b"PK\x03\x04 half a zip")
+
+    rerun = run(cli("train"), root, env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed from models/last.pt at epoch {killed_at_epoch}" in rerun.stderr
+    assert not stray.exists()
+    resumed, reference = load_checkpoint(root / "models" / "last.pt"), load_checkpoint(root / "straight" / "last.pt")
+    assert resumed["step"] == reference["step"] == summary(root)["steps"] == STEPS
+    logged = [int(step) for step, *_ in resumed["history"]["steps"]]
+    assert logged == list(range(1, STEPS + 1))  # the finished epochs kept, the rest redone once
+    for key in reference["model"]:  # per-epoch seeding: the resumed run is the uninterrupted one, bit for bit
+        assert torch.equal(resumed["model"][key], reference["model"][key]), key
+    assert resumed["mlflow_run_id"] == killed_run_id  # and it went on logging into the same MLflow run
+    run_info = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(killed_run_id).info
+    assert run_info.status == "FINISHED"
+
+
+def test_truncated_last_checkpoint_is_one_clear_line(workspace):
+    root, params = workspace
+    assert CliRunner().invoke(app, ["train", "-S", "train.epochs=1"]).exit_code == 0
+    last = root / "models" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    line = one_error_line(CliRunner().invoke(app, ["train", "-S", "train.epochs=1"]))
+    assert "models/last.pt" in line and "delete it or set train.resume=never" in line
+    restarted = CliRunner().invoke(app, ["train", "-S", "train.epochs=1", "-S", "train.resume=never"])
+    assert restarted.exit_code == 0, restarted.output
+    assert load_checkpoint(last)["epoch"] == 1
+
+
+# --- unwritable and full disks ---------------------------------------------------------------------------------------
+def test_output_under_a_file_is_refused_before_any_work(workspace):
+    root, params = workspace
+    (root / "blocker").write_text("a file where a folder should be")
+    line = one_error_line(CliRunner().invoke(app, ["train", "-S", "train.out_dir=blocker/models"]))
+    assert "cannot write to blocker/models/" in line and "train.out_dir" in line
+    assert not (root / "training").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; covered by the test above")
+def test_read_only_output_folder_is_refused_before_any_work(workspace):
+    root, params = workspace
+    (root / "models").mkdir(mode=0o555)
+    line = one_error_line(CliRunner().invoke(app, ["train"]))
+    assert "cannot write to models/" in line and "Permission denied" in line
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(workspace, monkeypatch):
+    root, params = workspace
+    save = torch.save
+
+    def full_after_epoch_1(obj, path, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch", 0) >= 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_after_epoch_1)
+    line = one_error_line(CliRunner().invoke(app, ["train"]), logs_allowed=True)
+    assert "No space left on device" in line and "epoch 2" in line and "intact" in line
+    assert load_checkpoint(root / "models" / "last.pt")["epoch"] == 1
+    assert not list((root / "models").glob(".*.tmp"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs mounted for the test (root only), so the disk can really fill up."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'}); the monkeypatched disk-full "
+                    "test covers the error path")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint(workspace, small_disk):
+    root, params = workspace
+
+    def fill_the_disk(epoch, metrics):
+        if epoch == 1:
+            with open(small_disk / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+
+    trainer = Trainer(with_train(params, out_dir=str(small_disk / "models")), on_epoch_end=fill_the_disk)
+    with pytest.raises(TrainingError, match="could not write the epoch 2 checkpoint.*intact"):
+        trainer.fit()
+    assert load_checkpoint(small_disk / "models" / "last.pt")["epoch"] == 1
+    assert not list((small_disk / "models").glob(".*.tmp"))
+
+
+# --- the tracking server ---------------------------------------------------------------------------------------------
+def test_tracking_server_down_at_start_training_completes_untracked(workspace, monkeypatch, caplog):
+    root, params = workspace
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    # MLflow's client retries a refused connection 7 times with backoff (~4 minutes) by default; one try is enough
+    # to show what training does about it.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with caplog.at_level(logging.WARNING):
+        result = Trainer(with_train(params, epochs=2)).fit()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("MLflow tracking unavailable" in w for w in warnings) == 1, warnings
+    assert result["epochs"] == 2 and result["mlflow_run_id"] is None
+    assert summary(root)["mlflow_run_id"] is None and load_checkpoint(root / "models" / "last.pt")["epoch"] == 2
+    assert len((root / "training" / "steps.csv").read_text().splitlines()) == 1 + 2 * (TRAIN_IMAGES // BATCH)
+
+
+@pytest.mark.parametrize("comes_back", [True, False], ids=["outage", "gone_for_good"])
+def test_tracking_server_down_mid_run_buffers_and_replays(workspace, monkeypatch, caplog, comes_back):
+    root, params = workspace
+    log_batch = mlflow.MlflowClient.log_batch
+    outage = {"on": False}
+
+    def flaky_log_batch(self, *args, **kwargs):
+        if outage["on"]:
+            raise mlflow.exceptions.MlflowException("connection refused (simulated outage)")
+        return log_batch(self, *args, **kwargs)
+
+    def outage_during_epochs_2_and_3(epoch, metrics):
+        if epoch == 1:
+            outage["on"] = True
+        elif epoch == 3 and comes_back:
+            outage["on"] = False
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", flaky_log_batch)
+    with caplog.at_level(logging.WARNING):
+        result = Trainer(with_train(params, epochs=4), on_epoch_end=outage_during_epochs_2_and_3).fit()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("MLflow tracking failed" in w for w in warnings) == 1, warnings  # warned once, not per call
+    assert result["epochs"] == 4 and summary(root)["steps"] == result["steps"]
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    losses = client.get_metric_history(result["mlflow_run_id"], "train_loss")
+    if comes_back:  # the buffered points were replayed: nothing lost, the run closed normally
+        assert any("buffered entries were sent" in w for w in warnings)
+        assert sorted(m.step for m in losses) == list(range(1, result["steps"] + 1))
+        assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+    else:  # MLflow holds what came before the outage; training/ still holds every point
+        assert sorted(m.step for m in losses) == list(range(1, TRAIN_IMAGES // BATCH + 1))
+        assert len((root / "training" / "steps.csv").read_text().splitlines()) == 1 + result["steps"]
+
+
+# --- an interrupted dvc repro ----------------------------------------------------------------------------------------
+DVC_PIPELINE = """\
+stages:
+  first:
+    cmd: python -c "open('first.runs', 'a').write('ran\\n'); open('first.out', 'w').write('done')"
+    outs:
+      - first.out
+  second:
+    cmd: python second.py
+    deps:
+      - first.out
+    outs:
+      - progress:
+          persist: true
+"""
+# The second stage records progress in its persisted output (as training does in models/), then fails once.
+SECOND_STAGE = """\
+from pathlib import Path
+
+attempt = "attempt 2" if Path("crashed_once").exists() else "attempt 1"
+progress = Path("progress")
+progress.mkdir(exist_ok=True)
+for part in ("part1", "part2"):
+    if not (progress / part).exists():
+        (progress / part).write_text(attempt)
+        if attempt == "attempt 1":
+            Path("crashed_once").write_text("")
+            raise SystemExit("simulated crash")
+"""
+
+
+def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([shutil.which("dvc") or "dvc", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_interrupted_dvc_repro_continues_from_the_stage_that_failed(tmp_path):
+    assert dvc("init", "--no-scm", cwd=tmp_path).returncode == 0
+    (tmp_path / "dvc.yaml").write_text(DVC_PIPELINE)
+    (tmp_path / "second.py").write_text(SECOND_STAGE)
+
+    failed = dvc("repro", cwd=tmp_path)
+    assert failed.returncode != 0 and "simulated crash" in failed.stdout + failed.stderr
+    status = dvc("status", cwd=tmp_path).stdout
+    assert "second:" in status and "first:" not in status  # the finished stage is recorded as up to date
+
+    rerun = dvc("repro", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "'first' didn't change, skipping" in rerun.stdout
+    assert (tmp_path / "first.runs").read_text() == "ran\n"  # the first stage ran once in all
+    progress = {p.name: p.read_text() for p in (tmp_path / "progress").iterdir()}
+    assert progress == {"part1": "attempt 1", "part2": "attempt 2"}  # the failed attempt's work kept, not redone
+    assert "up to date" in dvc("status", cwd=tmp_path).stdout
