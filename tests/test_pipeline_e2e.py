@@ -95,6 +95,8 @@ def test_dvc_repro_runs_the_whole_chain_and_tracks_it(project):
     assert len(client.get_metric_history(runs[0].info.run_id, "lr")) >= 2  # the LR curve, per step
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"checkpoints", "evaluation", "reports", "training"} <= artifacts
+    versions = client.search_model_versions("name='ddim-denoiser'")  # evaluate registered the model
+    assert len(versions) == 1 and versions[0].run_id == summary["mlflow_run_id"]
 
     # Nothing changed: nothing reruns.
     assert "didn't change, skipping" in run("dvc", "repro").stdout

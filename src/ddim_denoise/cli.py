@@ -108,20 +108,22 @@ def fetch_data_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET
 
 def log_to_training_run(params, metrics: dict[str, float] | None = None,
                         artifacts: tuple[tuple[Path, str], ...] = ()):
-    """Add metrics and (path, artifact folder) pairs to the training's MLflow run, if training recorded one."""
+    """Add metrics and (path, artifact folder) pairs to the training's MLflow run, if training recorded one;
+    return that run's id."""
     from .report import training_run_id
     from .tracking import start_run
 
     run_id = training_run_id()
     if run_id is None:
         logging.getLogger(__name__).warning("no MLflow run id in training/summary.json: results not logged to MLflow")
-        return
+        return None
     run = start_run(params.mlflow.experiment, run_id=run_id)
     if metrics:
         run.log_metrics(metrics)
     for path, artifact_path in artifacts:
         (run.log_artifacts if Path(path).is_dir() else run.log_artifact)(path, artifact_path)
     run.finish()
+    return run.run_id
 
 
 @app.command("evaluate")
@@ -139,7 +141,12 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
     table = evaluate(cfg, checkpoint, device=device, workers=workers or cfg.eval.workers)
     out = Path(cfg.eval.out_dir)
     files = [out / name for name in (METRICS_FILE, TABLE_FILE, GRID_FILE) if (out / name).is_file()]
-    log_to_training_run(cfg, mlflow_metrics(table), tuple((f, "evaluation") for f in files))
+    metrics = mlflow_metrics(table)
+    run_id = log_to_training_run(cfg, metrics, tuple((f, "evaluation") for f in files))
+    if run_id and cfg.mlflow.registered_model:
+        from .serving import register_evaluated_model
+
+        register_evaluated_model(checkpoint, run_id, cfg.mlflow.registered_model, metrics)
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 

@@ -103,6 +103,7 @@ class MlflowConfig(_Section):
     experiment: str = "ddim-denoise"
     log_model: bool = True
     log_checkpoints: bool = True  # periodic checkpoints as they are written, the best one at the end
+    registered_model: str = "ddim-denoiser"  # evaluate registers the model under this name; "" = do not register
 
 
 class Params(_Section):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +40,8 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEFAULT_MODEL_NAME = "denoiser"  # the model's name inside the run
@@ -160,3 +163,28 @@ def log_pyfunc_model(checkpoint_path: str | Path, registered_model_name: str | N
     if metrics:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
     return info
+
+
+def register_evaluated_model(checkpoint_path: str | Path, run_id: str, registered_model_name: str,
+                             metrics: dict[str, float] | None = None):
+    """Log the evaluated checkpoint's EMA weights as a pyfunc model into the training's run and register it as a
+    new version of ``registered_model_name`` with its test metrics. Never raises: a registry failure is a warning
+    (the evaluation's own files and metrics already stand)."""
+    import tempfile
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .tracking import SafeRun, active_run
+
+    try:
+        state = load_checkpoint(checkpoint_path)
+        with tempfile.TemporaryDirectory() as tmp, active_run(SafeRun(run_id)) as active:
+            if active is None:
+                return None
+            weights = Path(tmp) / "best.pt"  # EMA weights and params only: no optimizer state to ship
+            save_checkpoint(weights, {"params": state["params"], "epoch": state.get("epoch"), "ema": state["ema"]})
+            info = log_pyfunc_model(weights, registered_model_name=registered_model_name, metrics=metrics)
+            log.info("registered %s version %s", registered_model_name, info.registered_model_version)
+            return info
+    except Exception as e:
+        log.warning("model not registered in MLflow (%s: %s)", type(e).__name__, e)
+        return None
