@@ -54,6 +54,14 @@ def make_workspace(root: Path, params: Params, overrides: dict[str, object] | No
     return written
 
 
+def with_train(params: Params, **changes) -> Params:
+    """params with train.KEY=VALUE changes, validated."""
+    raw = params.model_dump()
+    for key, value in changes.items():
+        set_dotted(raw, f"train.{key}", value)
+    return validate_params(raw)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

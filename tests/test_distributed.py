@@ -16,12 +16,11 @@ import mlflow
 import pytest
 import torch
 import torch.multiprocessing as mp
-from cli_workspace import TRAIN_IMAGES, cli, free_port, make_workspace, process_env, run, summary
+from cli_workspace import TRAIN_IMAGES, cli, free_port, make_workspace, process_env, run, summary, with_train
 
 from ddim_denoise import distributed
 from ddim_denoise import train as train_module
 from ddim_denoise.checkpoint import load_checkpoint
-from ddim_denoise.config import set_dotted, validate_params
 from ddim_denoise.distributed import Launch, LaunchError, launch_from_env, rank_device
 from ddim_denoise.precond import DenoisingLoss
 from ddim_denoise.train import Trainer
@@ -82,13 +81,6 @@ def workspace(tmp_path, tiny_params, monkeypatch):
     params = make_workspace(tmp_path, tiny_params, {"train.epochs": EPOCHS, "train.val_every": EPOCHS,
                                                     "train.lr": 3e-3}, learnable=True)
     return tmp_path, params
-
-
-def with_train(params, **changes):
-    raw = params.model_dump()
-    for key, value in changes.items():
-        set_dotted(raw, f"train.{key}", value)
-    return validate_params(raw)
 
 
 def fixed_noise_loss(params, model_state: dict | None) -> float:

@@ -16,12 +16,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from cli_workspace import TRAIN_IMAGES, cli, free_port, make_workspace, one_error_line, process_env, run, summary
+from cli_workspace import (TRAIN_IMAGES, cli, free_port, make_workspace, one_error_line, process_env, run, summary,
+                           with_train)
 from typer.testing import CliRunner
 
 from ddim_denoise.checkpoint import load_checkpoint
 from ddim_denoise.cli import app
-from ddim_denoise.config import set_dotted, validate_params
 from ddim_denoise.errors import TrainingError
 from ddim_denoise.train import Trainer
 
@@ -38,13 +38,6 @@ def workspace(tmp_path, tiny_params, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = make_workspace(tmp_path, tiny_params, {"train.epochs": EPOCHS, "train.batch_size": BATCH})
     return tmp_path, params
-
-
-def with_train(params, **changes):
-    raw = params.model_dump()
-    for key, value in changes.items():
-        set_dotted(raw, f"train.{key}", value)
-    return validate_params(raw)
 
 
 # --- kill -9 ---------------------------------------------------------------------------------------------------------

@@ -121,16 +121,23 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message lists every problem."""
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, object] | None = None) -> Params:
+def read_yaml_mapping(path: str | Path, error: type[ValueError], missing_hint: str, expected: str) -> dict:
+    """A YAML file that must hold a mapping; every way it can fail is one ``error`` line naming the file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ParamsError(f"{path}: not found; run from the project root or pass --params PATH") from None
+        raise error(f"{path}: not found; {missing_hint}") from None
     except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML ({e})") from None
+        raise error(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
+        raise error(f"{path}: must be {expected}, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, object] | None = None) -> Params:
+    raw = read_yaml_mapping(path, ParamsError, "run from the project root or pass --params PATH",
+                            "a mapping of sections")
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     return validate_params(raw, source=str(path))

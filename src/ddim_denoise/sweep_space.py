@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from .config import Params, ParamsError, flatten, set_dotted, validate_params
+from .config import Params, ParamsError, flatten, read_yaml_mapping, set_dotted, validate_params
 
 DEFAULT_SPACE_FILE = Path("pipelines/sweep/space.yaml")
 # Set by the sweep for every trial (its own output folder, never resuming another trial's checkpoint).
@@ -277,14 +276,7 @@ def params_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
 def load_space(path: str | Path, base: Params) -> SearchSpace:
     """Read and validate a space file against ``base`` (params.yaml); SpaceError lists every problem at once."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpaceError(f"{path}: space file not found (pass --space PATH)") from None
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{path}: must be a mapping with a 'parameters' section, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, SpaceError, "pass --space PATH", "a mapping with a 'parameters' section")
     spec, problems = _parse(raw)
     space = SearchSpace(path, spec)
     problems += _semantic_problems(space, base)
