@@ -111,3 +111,22 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(worksp
         trainer.fit()
     assert load_checkpoint("models/last.pt")["epoch"] == 1
     assert trainer.nonfinite_steps == 2
+
+
+def test_final_ema_model_is_logged_to_mlflow_and_loads_back(workspace):
+    import mlflow
+    import mlflow.pytorch
+
+    params = workspace.model_copy(deep=True)
+    params.train.epochs = 1
+    params.mlflow.log_model = True
+    trainer = Trainer(params)
+    summary = trainer.fit()
+    models = mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name("ddim-denoise").experiment_id],
+                                         output_format="list")
+    logged = [m for m in models if m.source_run_id == summary["mlflow_run_id"] and m.name == "model"]
+    assert len(logged) == 1 and str(logged[0].status).endswith("READY")
+    loaded = mlflow.pytorch.load_model(logged[0].model_uri)
+    x, sigma = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([0.2, 0.6])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, sigma), trainer.ema.model(x, sigma), atol=1e-5)

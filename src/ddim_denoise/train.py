@@ -450,7 +450,11 @@ class Trainer:
             with tracking.active_run(self.run) as active:
                 if active is not None:
                     mlflow.pytorch.log_model(copy.deepcopy(self.ema.model).cpu().float(), name="model",
-                                             pip_requirements=["torch", "ddim-denoise"])
+                                             pip_requirements=["torch", "ddim-denoise"],
+                                             # pt2 (torch.export) needs single-tensor signatures; forward takes
+                                             # (y, sigma). The pickle-free, servable model is the pyfunc that
+                                             # evaluate registers.
+                                             serialization_format="pickle")
         except Exception as e:  # the run's other records stand; a model upload failure is not fatal
             log.warning("could not log the model to MLflow (%s: %s)", type(e).__name__, e)
 
