@@ -53,6 +53,9 @@ def default_storage_url(root: Path | None = None) -> str:
     return f"sqlite:///{folder / STORAGE_FILE}"
 
 
+STORAGE_OPEN_ATTEMPTS = 3  # see open_storage: concurrent first starts on an empty database
+
+
 def open_storage(url: str | None, on_stale_trial: StaleTrialCallback | None = None):
     """The Optuna storage behind ``url`` (see the module docstring for the forms)."""
     import optuna
@@ -63,14 +66,20 @@ def open_storage(url: str | None, on_stale_trial: StaleTrialCallback | None = No
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite:") else None
-    try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                              heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
-                                              heartbeat_stale_trial_callback=on_stale_trial)
-    except Exception as e:  # bad URL, missing driver, unreachable server
-        raise SweepError(f"cannot open Optuna storage {redact(url)}: {type(e).__name__}: {e}") from None
+    for attempt in range(1, STORAGE_OPEN_ATTEMPTS + 1):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+                                                  heartbeat_stale_trial_callback=on_stale_trial)
+        except Exception as e:  # bad URL, missing driver, unreachable server
+            # Workers started together on an empty database race to create Optuna's tables; PostgreSQL then
+            # refuses the loser's CREATE TABLE (IntegrityError). The tables exist by the next attempt.
+            if type(e).__name__ == "IntegrityError" and attempt < STORAGE_OPEN_ATTEMPTS:
+                time.sleep(attempt)
+                continue
+            raise SweepError(f"cannot open Optuna storage {redact(url)}: {type(e).__name__}: {e}") from None
 
 
 def redact(url: str) -> str:
