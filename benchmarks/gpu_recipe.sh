@@ -4,6 +4,11 @@
 #
 #   bash benchmarks/gpu_recipe.sh             # on the GPU machine, with .gpu/ and .whl/ carried along
 #   SMOKE=1 bash benchmarks/gpu_recipe.sh     # a tiny CPU rehearsal of the same steps
+#
+# .gpu/ (git-ignored via .git/info/exclude, 49 MB) holds train_jpeg.npz (train_jpeg, train_offsets, y_train from
+# ../shared/data/cifar10-jpeg.npz) and lossless_test.npz (x_test, y_test from cifar10-lossless-subset.npz); .whl/
+# holds cp312 wheels the GPU image lacks (pydantic, pydantic-core, annotated-types, typing-inspection, bm3d, bm4d,
+# PyWavelets). The device command installs .whl/ into /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-recipe-out}
 mkdir -p "$OUT"
