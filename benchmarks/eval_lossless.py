@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sigmas", type=parse_list, default=None,
                         help="e.g. 0.1,0.2 (default: the checkpoint's eval.sigmas)")
     parser.add_argument("--ddim-steps", type=lambda t: parse_list(t, int), default=[10, 50])
+    parser.add_argument("--ddim-images", type=int, default=None,
+                        help="multi-step DDIM on the first this many images only (default: all; K calls per image)")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the checkpoint's eval.noise_seed)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's eval.batch_size")
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     methods = {NOISY: NOISY_INPUT}
     if args.bm3d_images > 0:
         methods["bm3d"] = Method(cached_bm3d(args.cache_dir, seed, args.workers), max_images=args.bm3d_images)
-    methods |= model_methods(denoiser, [1, *args.ddim_steps], batch_size)
+    methods |= model_methods(denoiser, [1, *args.ddim_steps], batch_size, args.ddim_images)
 
     table = run_methods(clean, sigmas, methods, seed).table
     print(f"\n### {args.checkpoint} on {len(clean)} lossless CIFAR-10 test images ({args.data.name}), "

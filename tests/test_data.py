@@ -109,6 +109,46 @@ def test_prepare_writes_uint8_splits_and_a_manifest(tmp_path):
     assert not [p.name for p in (tmp_path / "prepared").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def write_originals(tmp_path, k: int, shift: int = 3) -> tuple:
+    """An .npz whose x_train = the first k training images, each value moved by ``shift`` (a "lossless" twin)."""
+    x = make_cifar_arrays(N_PER_BATCH, N_TEST)["x_train"][:k].astype(np.int16)
+    originals = np.clip(x + shift, 0, 255).astype(np.uint8)
+    path = tmp_path / "originals.npz"
+    np.savez(path, x_train=originals, x_test=originals[:2])
+    return path, originals
+
+
+def test_originals_replace_their_jpeg_twins_and_can_form_the_training_set_alone(tmp_path):
+    write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
+    plain = data.prepare(params_for(tmp_path))
+    path, originals = write_originals(tmp_path, k=12)
+    idx_train, idx_val = data.split_indices(N_TRAIN, VAL_SIZE, 0)
+    expected = make_cifar_arrays(N_PER_BATCH, N_TEST)["x_train"]
+    expected[:12] = originals
+
+    params = params_for(tmp_path)
+    params.data.originals = str(path)
+    manifest = data.prepare(params)
+    assert np.array_equal(data.load_split(tmp_path / "prepared", "train")[0], expected[idx_train])
+    assert np.array_equal(data.load_split(tmp_path / "prepared", "val")[0], expected[idx_val])
+    assert manifest["originals"]["count"] == 12 and manifest["dataset_sha256"] != plain["dataset_sha256"]
+
+    params.data.originals_only = True
+    manifest = data.prepare(params)
+    only = idx_train[idx_train < 12]
+    assert 0 < len(only) < len(idx_train)
+    assert np.array_equal(data.load_split(tmp_path / "prepared", "train")[0], expected[only])
+    assert manifest["counts"]["train"] == len(only) and manifest["counts"]["val"] == VAL_SIZE
+
+
+def test_originals_of_other_images_are_refused(tmp_path):
+    write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
+    params = params_for(tmp_path)
+    params.data.originals = str(write_originals(tmp_path, k=12, shift=128)[0])
+    with pytest.raises(DataError, match="is not the first 12 training images"):
+        data.prepare(params)
+
+
 def test_prepare_is_reproducible_per_seed(tmp_path):
     write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
     val = {}

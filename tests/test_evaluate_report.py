@@ -16,7 +16,7 @@ from ddim_denoise.config import validate_params
 from ddim_denoise.data import MANIFEST_FORMAT, MANIFEST_NAME
 from ddim_denoise.denoiser import build_model
 from ddim_denoise.evaluate import (GRID_FILE, METRICS_FILE, NOISY_INPUT, TABLE_COLUMNS, TABLE_FILE, Method, evaluate,
-                                   run_methods, write_evaluation)
+                                   model_methods, run_methods, write_evaluation)
 from ddim_denoise.metrics import make_noisy, psnr_ssim, to_float
 from ddim_denoise.report import ORIGIN_REPORT, write_report
 
@@ -113,6 +113,23 @@ def test_every_method_sees_the_same_noisy_input():
     b = table[(table.method == "b") & (table.sigma == 0.2)]
     assert b.n_images.item() == 2
     assert b.psnr.item() == pytest.approx(psnr_ssim(clean[:2], make_noisy(clean[:2], 0.2, 7))[0].mean())
+
+
+def test_multistep_methods_run_on_a_prefix_when_asked():
+    class CountingDenoiser:
+        calls: list[tuple[int, int]] = []
+
+        def denoise(self, noisy, sigma, steps, eta, batch_size):
+            self.calls.append((steps, len(noisy)))
+            return noisy
+
+    denoiser = CountingDenoiser()
+    methods = model_methods(denoiser, [1, 10, 50], batch_size=4, multistep_images=3)
+    assert list(methods) == ["model_1step", "model_ddim10", "model_ddim50"]
+    clean = np.zeros((7, 8, 8, 3), np.float32)
+    table = run_methods(clean, [0.1], {name: Method(m.fn, m.max_images) for name, m in methods.items()}, 0).table
+    assert denoiser.calls == [(1, 7), (10, 3), (50, 3)]
+    assert table.set_index("method").n_images.to_dict() == {"model_1step": 7, "model_ddim10": 3, "model_ddim50": 3}
 
 
 @pytest.mark.parametrize("denoise", [bm3d_denoise, nlm_denoise])

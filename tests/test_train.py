@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cifar_fixtures import write_cifar_npz
-from ddim_denoise.checkpoint import load_checkpoint
+from ddim_denoise.checkpoint import CheckpointError, load_checkpoint
 from ddim_denoise.config import validate_params
 from ddim_denoise.data import prepare
 from ddim_denoise.errors import TrainingError
@@ -84,6 +84,24 @@ def test_changed_params_start_a_new_run(workspace):
     assert other.try_resume() is None
     same = Trainer(with_train(workspace, epochs=1, log_every=7))  # operational keys do not matter
     assert same.try_resume() is not None
+
+
+def test_init_from_starts_from_the_checkpoints_ema_weights(workspace):
+    Trainer(with_train(workspace, epochs=1, out_dir="first")).fit()
+    ema = load_checkpoint("first/best.pt")["ema"]
+    tuned = Trainer(with_train(workspace, epochs=1, init_from="first/best.pt", lr=1e-4))
+    for name, tensor in tuned.model.state_dict().items():
+        assert torch.equal(tensor, ema[name]) and torch.equal(tuned.ema.model.state_dict()[name], ema[name]), name
+    assert tuned.try_resume() is None  # another run (its params differ), not a resume of the first
+    assert tuned.fit()["epochs"] == 1
+
+
+def test_init_from_a_checkpoint_of_another_architecture_is_one_clear_error(workspace):
+    Trainer(with_train(workspace, epochs=1, out_dir="first")).fit()
+    raw = with_train(workspace, init_from="first/best.pt").model_dump()
+    raw["model"]["base_channels"] = 16
+    with pytest.raises(CheckpointError, match="train.init_from needs a checkpoint trained with the same model"):
+        Trainer(validate_params(raw))
 
 
 def test_outputs_and_summary(workspace):

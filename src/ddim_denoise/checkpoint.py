@@ -62,3 +62,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint")
     return state
+
+
+def load_model_weights(model, state: dict, path: str | Path, fix: str) -> None:
+    """Load a checkpoint's EMA weights (its raw weights if it has none) into ``model``: one line naming ``path`` and
+    ``fix`` when the architectures differ."""
+    try:
+        model.load_state_dict(state.get("ema") or state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0]}): {fix}") from None

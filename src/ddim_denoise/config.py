@@ -22,6 +22,8 @@ class DataConfig(_Section):
     prepared_dir: str = "data/prepared"
     val_size: int = Field(5000, ge=1)
     download: bool = True  # fall back to torchvision's download when data/raw holds no archive
+    originals: str | None = None  # .npz whose x_train = original pixels of the first training images (JPEG copies)
+    originals_only: bool = False  # train split = those original-pixel images alone (a fine-tuning set)
 
 
 class ModelConfig(_Section):
@@ -72,6 +74,7 @@ class TrainConfig(_Section):
     log_every: int = Field(50, ge=1)  # steps between loss/LR points logged to MLflow
     max_nonfinite_steps: int = Field(20, ge=1)
     resume: Literal["auto", "never"] = "auto"
+    init_from: str | None = None  # start from this checkpoint's EMA weights (fine-tuning); optimizer starts fresh
 
 
 class EvalConfig(_Section):

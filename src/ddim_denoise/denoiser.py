@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import load_checkpoint, load_model_weights
 from .config import Params, validate_params
 from .diffusion import denoise_ddim
 from .precond import Preconditioner
@@ -62,10 +62,7 @@ class Denoiser:
         state = load_checkpoint(path)
         params = validate_params(state["params"], source=f"checkpoint {path}")
         model, schedule = build_model(params)
-        try:
-            model.load_state_dict(state.get("ema") or state["model"])
-        except (RuntimeError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {path} does not match the architecture it declares: {str(e).splitlines()[0]}") from None
+        load_model_weights(model, state, path, "it does not match the architecture it declares; retrain or restore it")
         return cls(model, schedule, params, device)
 
     def denoise(self, noisy: np.ndarray, sigma: float | np.ndarray | None = None, steps: int = 1, eta: float = 0.0,

@@ -27,7 +27,7 @@ import pandas as pd
 
 from .checkpoint import atomic_path, atomic_write_text
 from .config import EvalConfig, Params
-from .data import load_split
+from .data import load_images_npz, load_split  # noqa: F401  (load_images_npz: re-exported for benchmarks)
 from .errors import DataError
 from .metrics import make_noisy, mean_ci95, psnr_ssim, to_float
 
@@ -86,13 +86,18 @@ def noisy_input(noisy: np.ndarray, sigma: float) -> np.ndarray:
 NOISY_INPUT = Method(noisy_input, timed=False)
 
 
-def model_methods(denoiser, steps: Iterable[int], batch_size: int) -> dict[str, Method]:
-    """``model_1step`` for steps=1 and ``model_ddim{K}`` for steps=K (deterministic DDIM, eta=0)."""
+def model_methods(denoiser, steps: Iterable[int], batch_size: int,
+                  multistep_images: int | None = None) -> dict[str, Method]:
+    """``model_1step`` for steps=1 and ``model_ddim{K}`` for steps=K (deterministic DDIM, eta=0).
+
+    ``multistep_images`` limits the K-step methods to the first images (K model calls per image; None: all).
+    """
 
     def run(k: int) -> DenoiseFn:
         return lambda noisy, sigma: denoiser.denoise(noisy, sigma, steps=k, eta=0.0, batch_size=batch_size)
 
-    return {model_method_name(k): Method(run(k), warm_up=True) for k in dict.fromkeys(steps)}
+    return {model_method_name(k): Method(run(k), max_images=None if k == 1 else multistep_images, warm_up=True)
+            for k in dict.fromkeys(steps)}
 
 
 def baseline_methods(bm3d_images: int, nlm_images: int, workers: int = 1) -> dict[str, Method]:
@@ -222,19 +227,6 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path, grid_columns: 
         save_png(plot_grid(evaluation, grid_columns), paths[GRID_FILE])
     return paths
 
-
-def load_images_npz(path: str | Path, key: str = "x_test", n: int | None = None) -> np.ndarray:
-    """uint8 (N, H, W, 3) images stored under ``key`` in an .npz (e.g. the lossless CIFAR-10 test subset)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} not found")
-    with np.load(path, allow_pickle=False) as archive:
-        if key not in archive:
-            raise DataError(f"{path} has no array {key!r} (it has {', '.join(archive.files)})")
-        images = archive[key][:n]
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise DataError(f"{path}[{key}]: expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
-    return images
 
 
 def evaluate(params: Params, checkpoint_path: str | Path, device: str | None = None, workers: int = 1) -> pd.DataFrame:

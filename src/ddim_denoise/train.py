@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import tracking
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model_weights, save_checkpoint
 from .config import Params, flatten
 from .data import load_split, read_manifest
 from .denoiser import Denoiser, build_model
@@ -144,6 +144,10 @@ class Trainer:
         self.model.to(self.device)
         if self.cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.cfg.init_from:  # before the EMA copy, so both start from the given weights
+            load_model_weights(self.model, load_checkpoint(self.cfg.init_from), self.cfg.init_from,
+                               "train.init_from needs a checkpoint trained with the same model.* and "
+                               "diffusion.prediction params")
         self.ema = EMA(self.model, self.cfg.ema_decay)
         self.train_model = self._wrap_for_training(self.model)
         d = params.diffusion
