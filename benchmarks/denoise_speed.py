@@ -12,11 +12,11 @@ import argparse
 import logging
 from pathlib import Path
 
+from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this file runs as a script
+
 from ddim_denoise.denoiser import Denoiser
 from ddim_denoise.evaluate import baseline_methods, load_images_npz, method_label, model_methods, run_methods
 from ddim_denoise.metrics import to_float
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-lossless-subset.npz"
 
 
 def main(argv: list[str] | None = None) -> None:
