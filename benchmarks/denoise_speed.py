@@ -15,7 +15,8 @@ from pathlib import Path
 from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this file runs as a script
 
 from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.evaluate import baseline_methods, load_images_npz, method_label, model_methods, run_methods
+from ddim_denoise.data import load_images_npz
+from ddim_denoise.evaluate import baseline_methods, method_label, model_methods, run_methods
 from ddim_denoise.metrics import to_float
 
 

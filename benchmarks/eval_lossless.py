@@ -22,7 +22,8 @@ import numpy as np
 from ddim_denoise.baselines import BM3D_PROFILE, bm3d_denoise
 from ddim_denoise.checkpoint import atomic_path
 from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.evaluate import NOISY, NOISY_INPUT, Method, load_images_npz, model_methods, run_methods
+from ddim_denoise.data import load_images_npz
+from ddim_denoise.evaluate import NOISY, NOISY_INPUT, Method, model_methods, run_methods
 from ddim_denoise.metrics import to_float
 from ddim_denoise.report import results_table
 

@@ -22,7 +22,8 @@ from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this f
 
 from ddim_denoise.config import ParamsError, load_params, read_yaml_mapping
 from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.evaluate import load_images_npz, model_methods, run_methods
+from ddim_denoise.data import load_images_npz
+from ddim_denoise.evaluate import model_methods, run_methods
 from ddim_denoise.metrics import to_float
 
 

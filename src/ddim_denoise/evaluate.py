@@ -27,8 +27,7 @@ import pandas as pd
 
 from .checkpoint import atomic_path, atomic_write_text
 from .config import EvalConfig, Params
-from .data import load_images_npz, load_split  # noqa: F401  (load_images_npz: re-exported for benchmarks)
-from .errors import DataError
+from .data import load_split
 from .metrics import make_noisy, mean_ci95, psnr_ssim, to_float
 
 log = logging.getLogger(__name__)
@@ -226,7 +225,6 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path, grid_columns: 
     if len(evaluation.clean_samples):
         save_png(plot_grid(evaluation, grid_columns), paths[GRID_FILE])
     return paths
-
 
 
 def evaluate(params: Params, checkpoint_path: str | Path, device: str | None = None, workers: int = 1) -> pd.DataFrame:

@@ -146,8 +146,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         if self.cfg.init_from:  # before the EMA copy, so both start from the given weights
             load_model_weights(self.model, load_checkpoint(self.cfg.init_from), self.cfg.init_from,
-                               "train.init_from needs a checkpoint trained with the same model.* and "
-                               "diffusion.prediction params")
+                               "train.init_from needs a checkpoint trained with the same model.* params")
         self.ema = EMA(self.model, self.cfg.ema_decay)
         self.train_model = self._wrap_for_training(self.model)
         d = params.diffusion
