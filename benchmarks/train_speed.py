@@ -26,6 +26,7 @@ from ddim_denoise.unet import count_parameters
 MODES = {  # name: (autocast dtype, channels_last, torch.compile)
     "fp32": (None, False, False),
     "fp32_cl": (None, True, False),
+    "fp32_compile": (None, False, True),
     "bf16": (torch.bfloat16, False, False),
     "bf16_cl": (torch.bfloat16, True, False),
     "bf16_compile": (torch.bfloat16, False, True),
