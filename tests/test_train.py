@@ -131,6 +131,28 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(worksp
     assert trainer.nonfinite_steps == 2
 
 
+def test_a_nonfinite_step_is_skipped_on_the_device_and_training_goes_on(workspace):
+    # The skip happens inside the fused optimizer (found_inf), not in Python: weights and Adam moments stay as they
+    # were, the counters live on the device, and the next finite step updates as usual.
+    trainer = Trainer(with_train(workspace, epochs=1))
+    x0 = torch.rand(8, 3, 16, 16) * 2 - 1
+    trainer.train_step(x0)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.model.parameters()]
+    real_loss = trainer.loss_fn
+    trainer.loss_fn = lambda model, x, gen: real_loss(model, x, gen) * float("nan")
+    loss = trainer.train_step(x0)
+    assert isinstance(loss, torch.Tensor) and torch.isnan(loss)
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(trainer.optimizer.state[p]["exp_avg"], m) for p, m in zip(trainer.model.parameters(), moments))
+    assert trainer.nonfinite_steps == 1 and int(trainer.consecutive_nonfinite) == 1
+    assert all(torch.isfinite(p).all() for p in trainer.ema.model.parameters())
+    trainer.loss_fn = real_loss
+    assert torch.isfinite(trainer.train_step(x0))
+    assert int(trainer.consecutive_nonfinite) == 0 and trainer.step == 3
+    assert not all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+
+
 def test_final_ema_model_is_logged_to_mlflow_and_loads_back(workspace):
     import mlflow
     import mlflow.pytorch

@@ -80,8 +80,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1 - decay)
+        # One multi-tensor kernel for all parameters, not one launch each (hundreds per step on a GPU).
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 def git_commit() -> str:
@@ -152,9 +152,10 @@ class Trainer:
         d = params.diffusion
         sampler = SigmaSampler(d.t_sampling, self.schedule, d.sigma_min, d.sigma_max, d.p_mean, d.p_std)
         self.loss_fn = DenoisingLoss(sampler, d.prediction, d.sigma_data)
-        fused = self.device.type == "cuda"
+        # Fused: one kernel per step, and it skips a step on the device when told to (found_inf), so a non-finite
+        # loss never makes the host wait for the GPU (train_step).
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
-                                           fused=fused)
+                                           fused=True)
         self.batches_per_epoch = len(epoch_batches(len(self.train_x), self.cfg.batch_size, 0, params.seed, rank, world))
         if self.batches_per_epoch == 0:
             raise TrainingError(f"train.batch_size {self.cfg.batch_size} exceeds the {len(self.train_x)} training images per "
@@ -168,7 +169,10 @@ class Trainer:
         self.fingerprint = run_fingerprint(params, self.dataset_hash)
         self.history, self.epoch, self.step = History(), 0, 0
         self.best_psnr, self.best_epoch = -math.inf, 0
-        self.train_seconds, self.images_seen, self.nonfinite_steps, self.consecutive_nonfinite = 0.0, 0, 0, 0
+        self.train_seconds, self.images_seen = 0.0, 0
+        # Device-side counters: train_step updates them without reading anything back (see _check_nonfinite).
+        self.nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
+        self.consecutive_nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
         self.run: tracking.SafeRun | None = None
 
     # ---- setup helpers -------------------------------------------------------------------------------------------
@@ -196,6 +200,10 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def nonfinite_steps(self) -> int:
+        return int(self.nonfinite_total)
 
     def _prepare_output_folders(self) -> None:
         """Fail before any work when a checkpoint or training record could not be written, not after the first
@@ -250,7 +258,7 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_psnr, self.best_epoch = state["best_psnr"], state["best_epoch"]
         self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
-        self.nonfinite_steps = state["nonfinite_steps"]
+        self.nonfinite_total.fill_(state["nonfinite_steps"])
         self.history = History(state["history"]["steps"], state["history"]["val"])
         log.info("resumed from %s at epoch %d (step %d)", last, self.epoch, self.step)
         return state.get("mlflow_run_id")
@@ -297,56 +305,71 @@ class Trainer:
         n_batches, batches = self._batches(data)
         bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.is_main,
                    leave=False, mininterval=2.0)
-        losses, start = [], time.perf_counter()
+        # The epoch's loss sums stay on the device; the host reads a value back only every log_every steps (and
+        # every max_nonfinite_steps steps), so it can queue steps ahead of a GPU instead of waiting on each one.
+        loss_sum = torch.zeros((), device=self.device)
+        finite_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        start = time.perf_counter()
         for i, batch in enumerate(bar):
             loss = self.train_step(self._batch_to_model_scale(batch))
-            if loss is not None:
-                losses.append(loss)
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss, 0.0)
+            finite_steps += finite
             self.images_seen += len(batch) * self.world
-            if self.step % self.cfg.log_every == 0 and loss is not None:
-                lr = self.scheduler.get_last_lr()[0]
-                self.history.steps.append([self.step, self.epoch + 1, loss, lr])
-                if self.run:
-                    self.run.log_metrics({"train_loss": loss, "lr": lr}, step=self.step)
-                rate = (i + 1) * len(batch) * self.world / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            if self.step % self.cfg.log_every == 0:
+                self._check_nonfinite()
+                value = loss.item()
+                if math.isfinite(value):
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.history.steps.append([self.step, self.epoch + 1, value, lr])
+                    if self.run:
+                        self.run.log_metrics({"train_loss": value, "lr": lr}, step=self.step)
+                    rate = (i + 1) * len(batch) * self.world / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            elif self.step % self.cfg.max_nonfinite_steps == 0:
+                self._check_nonfinite()
+        self._check_nonfinite()
+        n_finite = int(finite_steps)  # waits for the last step: the epoch's time below is the device's, too
         self.train_seconds += time.perf_counter() - start
-        return float(np.mean(losses)) if losses else float("nan")
+        return float(loss_sum) / n_finite if n_finite else float("nan")
 
-    def train_step(self, x0: torch.Tensor) -> float | None:
-        """One optimizer step; returns the loss, or None when it was non-finite and the step was skipped."""
+    def train_step(self, x0: torch.Tensor) -> torch.Tensor:
+        """One optimizer step, queued without reading anything back from the device; returns the detached loss.
+
+        A non-finite loss skips the update on the device: fused AdamW leaves weights and moments alone when
+        ``found_inf`` is set (under fp16 the GradScaler sets it from the gradients, which a non-finite loss makes
+        non-finite too). ``_check_nonfinite`` stops the run on the host when that goes on too long.
+        """
         with self.precision.autocast(self.device):
             loss = self.loss_fn(self.train_model, x0, self.noise_gen)
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = loss.detach().float()
         if self.world > 1:
             # One all-reduce: every rank gets the mean loss over the global batch (what is logged), and a rank's
-            # non-finite loss makes the sum non-finite everywhere, so all ranks skip together (a rank that went on
-            # alone would deadlock DDP's gradient exchange).
+            # non-finite loss makes the sum non-finite everywhere, so all ranks skip the update together.
             step_loss = step_loss.reshape(1).clone()
             torch.distributed.all_reduce(step_loss)
-            step_loss /= self.world
-        finite = bool(torch.isfinite(step_loss))
-        if not finite:
-            self.nonfinite_steps += 1
-            self.consecutive_nonfinite += 1
-            if self.consecutive_nonfinite >= self.cfg.max_nonfinite_steps:
-                raise TrainingError(f"loss was non-finite for {self.consecutive_nonfinite} steps in a row (step "
-                                    f"{self.step}): lower train.lr or set train.amp=off; the last good checkpoint is "
-                                    f"{self.out_dir / 'last.pt'}")
-            self.scheduler.step()
-            self.step += 1
-            return None
-        self.consecutive_nonfinite = 0
+            step_loss = step_loss[0] / self.world
+        nonfinite = ~torch.isfinite(step_loss)
+        self.nonfinite_total += nonfinite
+        self.consecutive_nonfinite = (self.consecutive_nonfinite + 1) * nonfinite
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.found_inf = nonfinite.float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.ema.update(self.model, self.step)
+        self.ema.update(self.model, self.step)  # after a skipped step it averages in the unchanged weights
         self.step += 1
-        return step_loss.item()
+        return step_loss
+
+    def _check_nonfinite(self) -> None:
+        """Read the device's count of non-finite steps in a row (a sync) and stop once it reaches the limit."""
+        consecutive = int(self.consecutive_nonfinite)
+        if consecutive >= self.cfg.max_nonfinite_steps:
+            raise TrainingError(f"loss was non-finite for {consecutive} steps in a row (step {self.step}): lower "
+                                f"train.lr or set train.amp=off; the last good checkpoint is {self.out_dir / 'last.pt'}")
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
