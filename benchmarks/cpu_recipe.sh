@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU recipe (at most 2 hours on 2 cores), then its figures on the lossless test subset beside BM3D.
 #
-#   bash benchmarks/cpu_recipe.sh              # ~1 h 40 min of training, ~15 min of evaluation (BM3D cached)
+#   bash benchmarks/cpu_recipe.sh              # ~1 h 55 min of training, ~15 min of evaluation (BM3D cached)
 #   SMOKE=1 bash benchmarks/cpu_recipe.sh      # a one-minute rehearsal of the same steps on a tiny budget
 #
 # Phase 1 trains on the full CIFAR-10 copy (JPEG pixels); phase 2 fine-tunes the phase-1 EMA weights on the
