@@ -1,9 +1,10 @@
 """Denoising speed: images/s of the model (one step and DDIM) and of BM3D and NLM on the same test images.
 
 Wall time of each method's call alone, after one warm-up call for the model (CUDA context, cuDNN autotuning). The
-model runs on ``--device`` in the checkpoint's precision policy; BM3D and NLM on the CPU in ``--workers`` processes.
+model runs on ``--device`` in each precision of ``--amp`` (``eval.amp`` values; ``off,auto`` compares fp32 with what
+``auto`` picks on this machine); BM3D and NLM on the CPU in ``--workers`` processes.
 
-    python benchmarks/denoise_speed.py --checkpoint models/best.pt --n-images 1000 --device cuda
+    python benchmarks/denoise_speed.py --checkpoint models/best.pt --n-images 1000 --amp off,auto --device cuda
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
+import pandas as pd
 from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this file runs as a script
 
 from ddim_denoise.denoiser import Denoiser
@@ -29,24 +31,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sigma", type=float, default=0.2)
     parser.add_argument("--ddim-steps", type=int, default=10)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
+    parser.add_argument("--amp", type=lambda t: t.split(","), default=["off", "auto"],
+                        help="model precisions to time, comma-separated eval.amp values (auto, bf16, fp16, off)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's eval.batch_size")
     parser.add_argument("--workers", type=int, default=1, help="processes for BM3D and NLM")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     clean = to_float(load_images_npz(args.data, "x_test", args.n_images))
-    denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device)
-    batch_size = args.batch_size or denoiser.params.eval.batch_size
-    methods = {**model_methods(denoiser, [1, args.ddim_steps], batch_size),
-               **baseline_methods(args.bm3d_images, len(clean), args.workers)}
-    table = run_methods(clean, [args.sigma], methods, noise_seed=denoiser.params.eval.noise_seed).table
+    tables, batch_size = [], args.batch_size
+    for amp in dict.fromkeys(args.amp):
+        denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device, amp=amp)
+        batch_size = batch_size or denoiser.params.eval.batch_size
+        seed = denoiser.params.eval.noise_seed
+        methods = model_methods(denoiser, [1, args.ddim_steps], batch_size)
+        table = run_methods(clean, [args.sigma], methods, noise_seed=seed).table
+        tables.append(table.assign(runs_on=f"{denoiser.device} {denoiser.precision.name}"))
+    baselines = baseline_methods(args.bm3d_images, len(clean), args.workers)
+    if baselines:
+        table = run_methods(clean, [args.sigma], baselines, noise_seed=seed).table
+        tables.append(table.assign(runs_on=f"cpu, {args.workers} process(es)"))
+    table = pd.concat(tables, ignore_index=True)
 
-    print(f"\n### Denoising speed at σ={args.sigma:g}: model on {denoiser.device} ({denoiser.precision.name}, "
-          f"batch {batch_size}), baselines on the CPU ({args.workers} process(es))\n")
-    print("| method | images | images/s | ms/image | PSNR (dB) |\n|---|---|---|---|---|")
+    print(f"\n### Denoising speed at σ={args.sigma:g}, {args.checkpoint}, model batch {batch_size}\n")
+    print("| method | runs on | images | images/s | ms/image | PSNR (dB) |\n|---|---|---|---|---|---|")
     for r in table.itertuples(index=False):
-        print(f"| {method_label(r.method)} | {r.n_images} | {r.images_per_s:.1f} | {1000 / r.images_per_s:.2f} "
-              f"| {r.psnr:.2f} |")
+        print(f"| {method_label(r.method)} | {r.runs_on} | {r.n_images} | {r.images_per_s:.1f} "
+              f"| {1000 / r.images_per_s:.2f} | {r.psnr:.2f} |")
 
 
 if __name__ == "__main__":

@@ -67,13 +67,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the checkpoint's eval.noise_seed)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's eval.batch_size")
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema",
+                        help="the checkpoint's EMA weights or its raw ones ('model': what the EMA is worth)")
+    parser.add_argument("--amp", default=None, help="auto, bf16, fp16, off (default: the checkpoint's eval.amp)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for BM3D")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     clean = to_float(load_images_npz(args.data, "x_test", args.n_images))
-    denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device)
+    denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device, amp=args.amp, weights=args.weights)
     defaults = denoiser.params.eval  # the params.yaml the checkpoint was trained under
     batch_size, sigmas = args.batch_size or defaults.batch_size, args.sigmas or defaults.sigmas
     seed = defaults.noise_seed if args.seed is None else args.seed
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
 
     table = run_methods(clean, sigmas, methods, seed).table
     print(f"\n### {args.checkpoint} on {len(clean)} lossless CIFAR-10 test images ({args.data.name}), "
-          f"PSNR (dB) / SSIM, noise seed {seed}\n")
+          f"PSNR (dB) / SSIM, noise seed {seed}, model in {denoiser.precision.name}, {args.weights} weights\n")
     print(results_table(table, origin=None))
     n_bm3d = min(args.bm3d_images, len(clean))
     if 0 < n_bm3d < len(clean):  # a paired comparison: every method on BM3D's images (BM3D comes from the cache)

@@ -64,10 +64,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
-def load_model_weights(model, state: dict, path: str | Path, fix: str) -> None:
-    """Load a checkpoint's EMA weights (its raw weights if it has none) into ``model``: one line naming ``path`` and
-    ``fix`` when the architectures differ."""
+def load_model_weights(model, state: dict, path: str | Path, fix: str, weights: str = "ema") -> None:
+    """Load a checkpoint's EMA weights (its raw weights if it has none, or ``weights="model"``) into ``model``: one
+    line naming ``path`` and ``fix`` when the architectures differ."""
     try:
-        model.load_state_dict(state.get("ema") or state["model"])
+        model.load_state_dict(state["model"] if weights == "model" else state.get("ema") or state["model"])
     except (RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0]}): {fix}") from None

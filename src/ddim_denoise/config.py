@@ -85,6 +85,7 @@ class EvalConfig(_Section):
     bm3d_images: int = Field(200, ge=0)
     nlm_images: int = Field(1000, ge=0)
     batch_size: int = Field(250, ge=1)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # denoising precision; see runtime.resolve_inference_precision
     noise_seed: int = 1234
     grid_images: int = Field(6, ge=1)
     workers: int = Field(2, ge=1)  # processes for the classical baselines (BM3D is ~1 s per image per core)

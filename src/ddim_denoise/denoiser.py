@@ -13,7 +13,7 @@ from .checkpoint import load_checkpoint, load_model_weights
 from .config import Params, validate_params
 from .diffusion import denoise_ddim
 from .precond import Preconditioner
-from .runtime import resolve_device, resolve_precision
+from .runtime import resolve_device, resolve_inference_precision
 from .schedule import NoiseSchedule, pixel_to_model_sigma
 from .unet import build_unet
 
@@ -44,26 +44,30 @@ class Denoiser:
 
     ``denoise`` takes float32 images (N, H, W, 3) on the [0, 1] scale, noisy and unclipped, and returns the same shape
     clipped to [0, 1]. H and W of any size work: images are reflect-padded up to a multiple of the U-Net's
-    downsampling factor and cropped back.
+    downsampling factor and cropped back. ``amp`` (auto | bf16 | fp16 | off) overrides ``params.eval.amp``.
     """
 
-    def __init__(self, model: Preconditioner, schedule: NoiseSchedule, params: Params, device=None):
+    def __init__(self, model: Preconditioner, schedule: NoiseSchedule, params: Params, device=None,
+                 amp: str | None = None):
         self.device = resolve_device("auto" if device is None else str(device))
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu" or params.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.schedule, self.params = schedule, params
-        self.precision = resolve_precision(params.train.amp, self.device)
+        self.precision = resolve_inference_precision(amp or params.eval.amp, self.device)
         self.factor = self.model.net.downsampling_factor
         self.last_sigma: np.ndarray | None = None  # the estimate, when denoise() was called with sigma=None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device=None) -> "Denoiser":
+    def from_checkpoint(cls, path: str | Path, device=None, amp: str | None = None,
+                        weights: str = "ema") -> "Denoiser":
+        """``weights="model"`` loads the raw (non-averaged) weights, to measure what the EMA is worth."""
         state = load_checkpoint(path)
         params = validate_params(state["params"], source=f"checkpoint {path}")
         model, schedule = build_model(params)
-        load_model_weights(model, state, path, "it does not match the architecture it declares; retrain or restore it")
-        return cls(model, schedule, params, device)
+        fix = "it does not match the architecture it declares; retrain or restore it"
+        load_model_weights(model, state, path, fix, weights)
+        return cls(model, schedule, params, device, amp)
 
     def denoise(self, noisy: np.ndarray, sigma: float | np.ndarray | None = None, steps: int = 1, eta: float = 0.0,
                 batch_size: int = 64, seed: int = 0) -> np.ndarray:

@@ -240,7 +240,7 @@ def evaluate(params: Params, checkpoint_path: str | Path, device: str | None = N
         log.warning("eval.n_images=%d but the test split holds %d images: evaluating all of them",
                     cfg.n_images, len(test))
     clean = to_float(test[: cfg.n_images])
-    denoiser = Denoiser.from_checkpoint(checkpoint_path, device=device or params.train.device)
+    denoiser = Denoiser.from_checkpoint(checkpoint_path, device=device or params.train.device, amp=cfg.amp)
     methods = build_methods(denoiser, cfg, workers)
     evaluation = run_methods(clean, cfg.sigmas, methods, cfg.noise_seed, keep_images=cfg.grid_images)
     grid_columns = [CLEAN, NOISY, ONE_STEP, model_method_name(cfg.ddim_steps)]

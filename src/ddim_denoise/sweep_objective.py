@@ -65,7 +65,7 @@ def ddim_scores(checkpoint: Path, clean: np.ndarray, params: Params, steps: int)
     from .denoiser import Denoiser
     from .metrics import make_noisy, psnr_ssim
 
-    denoiser = Denoiser.from_checkpoint(checkpoint, params.train.device)
+    denoiser = Denoiser.from_checkpoint(checkpoint, params.train.device, amp=params.eval.amp)
     psnrs, ssims = [], []
     for sigma in params.eval.sigmas:
         noisy = make_noisy(clean, sigma, params.eval.noise_seed)

@@ -1,0 +1,53 @@
+"""What the Denoiser runs: the precision policies (``train.amp``, ``eval.amp``) and which of a checkpoint's weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from denoise_fixtures import write_tiny_checkpoint
+
+from ddim_denoise import runtime
+from ddim_denoise.checkpoint import load_checkpoint, save_checkpoint
+from ddim_denoise.denoiser import Denoiser
+from ddim_denoise.runtime import resolve_inference_precision, resolve_precision
+
+CPU = torch.device("cpu")
+EPYC_FLAGS = "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n"  # AVX512-BF16, no AMX
+XEON_FLAGS = "flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
+OLD_FLAGS = "flags\t\t: fpu avx2 fma\n"
+
+
+@pytest.mark.parametrize("flags, train, inference", [(EPYC_FLAGS, "fp32", "bf16"), (XEON_FLAGS, "bf16", "bf16"),
+                                                      (OLD_FLAGS, "fp32", "fp32")])
+def test_auto_picks_bf16_for_inference_wherever_the_cpu_has_bf16_dot_products(monkeypatch, flags, train, inference):
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
+    assert resolve_precision("auto", CPU).name == train
+    assert resolve_inference_precision("auto", CPU).name == inference
+    assert resolve_inference_precision("off", CPU).name == "fp32"
+    assert resolve_inference_precision("bf16", CPU).name == "bf16"
+
+
+def test_inference_precision_never_scales_gradients_and_names_its_key():
+    assert not resolve_inference_precision("bf16", CPU).use_grad_scaler
+    with pytest.raises(ValueError, match="eval.amp=fp16 needs a CUDA device"):
+        resolve_inference_precision("fp16", CPU)
+
+
+def test_bf16_denoising_stays_close_to_fp32(tmp_path, tiny_params):
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params)
+    noisy = np.random.default_rng(0).random((4, 16, 16, 3), dtype=np.float32)
+    fp32 = Denoiser.from_checkpoint(checkpoint, device="cpu", amp="off")
+    bf16 = Denoiser.from_checkpoint(checkpoint, device="cpu", amp="bf16")
+    assert (fp32.precision.name, bf16.precision.name) == ("fp32", "bf16")
+    a, b = fp32.denoise(noisy, 0.2), bf16.denoise(noisy, 0.2)
+    assert 0 < np.abs(a - b).max() < 0.02  # bf16 really ran (outputs differ) and kept ~2-3 significant digits
+
+
+def test_denoiser_runs_the_ema_weights_unless_asked_for_the_raw_ones(tmp_path, tiny_params):
+    state = load_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params))
+    state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["ema"].items()}
+    save_checkpoint(tmp_path / "two.pt", state)
+    for weights in ("ema", "model"):
+        loaded = Denoiser.from_checkpoint(tmp_path / "two.pt", device="cpu", weights=weights).model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state[weights].items())
