@@ -308,13 +308,11 @@ class Trainer:
         # The epoch's loss sums stay on the device; the host reads a value back only every log_every steps (and
         # every max_nonfinite_steps steps), so it can queue steps ahead of a GPU instead of waiting on each one.
         loss_sum = torch.zeros((), device=self.device)
-        finite_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        first_step, nonfinite_before = self.step, self.nonfinite_total.clone()
         start = time.perf_counter()
         for i, batch in enumerate(bar):
             loss = self.train_step(self._batch_to_model_scale(batch))
-            finite = torch.isfinite(loss)
-            loss_sum += torch.where(finite, loss, 0.0)
-            finite_steps += finite
+            loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)  # a skipped step adds nothing
             self.images_seen += len(batch) * self.world
             if self.step % self.cfg.log_every == 0:
                 self._check_nonfinite()
@@ -329,7 +327,8 @@ class Trainer:
             elif self.step % self.cfg.max_nonfinite_steps == 0:
                 self._check_nonfinite()
         self._check_nonfinite()
-        n_finite = int(finite_steps)  # waits for the last step: the epoch's time below is the device's, too
+        # Reading the count waits for the last step: the epoch's time below is the device's, too.
+        n_finite = self.step - first_step - int(self.nonfinite_total - nonfinite_before)
         self.train_seconds += time.perf_counter() - start
         return float(loss_sum) / n_finite if n_finite else float("nan")
 
