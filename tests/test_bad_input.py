@@ -82,6 +82,13 @@ def test_non_finite_numbers_in_params_are_refused(workspace, override, where):
     assert f"{where}: Input should be a finite number" in one_error_line(CliRunner().invoke(app, ["train", "-S", override]))
 
 
+def test_a_batch_larger_than_the_training_set_is_one_line_before_any_step(workspace):
+    root, _ = workspace
+    message = one_error_line(CliRunner().invoke(app, ["train", "-S", "train.max_train_images=3"]))
+    assert "train.batch_size=8 is more than the 3 training images" in message
+    assert not (root / "models").exists()
+
+
 # --- datasets --------------------------------------------------------------------------------------------------------
 def truncated_archive(raw, marker):
     archive = write_cifar_tar(raw)

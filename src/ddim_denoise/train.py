@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import tracking
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model_weights, save_checkpoint
-from .config import Params, flatten
+from .config import Params, ParamsError, flatten
 from .data import load_split, read_manifest
 from .denoiser import Denoiser, build_model
 from .errors import TrainingError
@@ -134,6 +134,10 @@ class Trainer:
         self.train_x, _ = load_split(params.data.prepared_dir, "train")
         if self.cfg.max_train_images:
             self.train_x = self.train_x[: self.cfg.max_train_images]
+        if len(self.train_x) // world < self.cfg.batch_size:  # full batches only: no step would ever run
+            raise ParamsError(f"train.batch_size={self.cfg.batch_size} is more than the {len(self.train_x) // world} "
+                              f"training images each of {world} process(es) gets per epoch: lower train.batch_size "
+                              "or raise train.max_train_images")
         val_x, _ = load_split(params.data.prepared_dir, "val")
         self.val_clean = to_float(val_x[: self.cfg.val_images])
         self.dataset_hash = read_manifest(params.data.prepared_dir)["dataset_sha256"]
