@@ -35,7 +35,7 @@ if [ -n "${SMOKE:-}" ]; then
   RECIPE=(-S model.base_channels=8 -S model.channel_mult=[1,2] -S model.groups=4 -S model.num_heads=2
           -S train.epochs=1 -S train.max_train_images=64 -S train.batch_size=16 -S train.val_images=8
           -S train.device=cpu -S mlflow.log_model=false -S data.val_size=8)
-  PHASE2+=(-S train.epochs=1 -S train.val_every=1 -S train.max_train_images=32)
+  PHASE2+=(-S train.epochs=1 -S train.val_every=1 -S train.max_train_images=32 -S train.batch_size=16)
   SPEED=(-S model.base_channels=8 --batch 4 --steps 1 --warmup 1)
   EVAL=(--n-images 8 --bm3d-images 0 --ddim-steps 2 --workers 2 --device cpu)
   TRAIN_LIMIT=120
