@@ -51,3 +51,25 @@ def test_denoiser_runs_the_ema_weights_unless_asked_for_the_raw_ones(tmp_path, t
     for weights in ("ema", "model"):
         loaded = Denoiser.from_checkpoint(tmp_path / "two.pt", device="cpu", weights=weights).model.state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in state[weights].items())
+
+
+def test_denoising_outside_the_trained_noise_range_warns_once(tmp_path, tiny_params, caplog):
+    params = tiny_params.model_copy(update={"diffusion": tiny_params.diffusion.model_copy(
+        update={"t_sampling": "log_uniform", "sigma_min": 0.05, "sigma_max": 0.6})})
+    denoiser = Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.pt", params), device="cpu")
+    assert denoiser.trained_sigma_range == (0.05, 0.6)
+    noisy = np.full((2, 8, 8, 3), 0.5, np.float32)
+    denoiser.denoise(noisy, 0.2)
+    assert "outside" not in caplog.text
+    denoiser.denoise(noisy, np.array([0.2, 0.01]))
+    denoiser.denoise(noisy, 0.9)
+    assert caplog.text.count("sigma 0.01 lies outside the 0.05-0.6 this model was trained on") == 1
+    assert caplog.text.count("outside") == 1
+
+
+def test_a_model_trained_on_every_noise_level_never_warns(tmp_path, tiny_params, caplog):
+    params = tiny_params.model_copy(update={"diffusion": tiny_params.diffusion.model_copy(
+        update={"t_sampling": "uniform"})})
+    denoiser = Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.pt", params), device="cpu")
+    denoiser.denoise(np.full((1, 8, 8, 3), 0.5, np.float32), 0.001)
+    assert denoiser.trained_sigma_range is None and "outside" not in caplog.text
