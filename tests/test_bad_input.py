@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 
 from ddim_denoise.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
 from ddim_denoise.cli import app
-from ddim_denoise.config import ParamsError, set_dotted, validate_params
+from ddim_denoise.config import ParamsError, flatten, load_params, set_dotted, validate_params
 from ddim_denoise.data import MANIFEST_NAME
 from ddim_denoise.denoiser import Denoiser, build_model
 
@@ -35,6 +36,13 @@ def workspace(tmp_path, tiny_params, monkeypatch):
 
 
 # --- params.yaml -----------------------------------------------------------------------------------------------------
+def test_the_shipped_params_yaml_and_the_code_defaults_agree():
+    """A key left out of someone's params file gets the value the project measured best, not an older one."""
+    shipped = flatten(load_params(Path(__file__).resolve().parents[1] / "params.yaml"))
+    defaults = flatten(validate_params({}))
+    assert {key: (value, defaults[key]) for key, value in shipped.items() if defaults[key] != value} == {}
+
+
 def write_bad_params(root):
     """params.yaml with two problems: a misspelt key and a value of the wrong type."""
     text = (root / "params.yaml").read_text()

@@ -41,11 +41,11 @@ class DiffusionConfig(_Section):
     T: int = Field(1000, ge=2)
     beta_start: float = Field(1e-4, gt=0, lt=1)
     beta_end: float = Field(0.02, gt=0, lt=1)
-    prediction: Literal["eps", "x0", "v", "edm"] = "edm"
+    prediction: Literal["eps", "x0", "v", "edm"] = "eps"
     sigma_data: float = Field(0.5, gt=0)
     t_sampling: Literal["uniform", "log_uniform", "log_normal"] = "log_uniform"
-    sigma_min: float = Field(0.002, gt=0)  # pixel scale, for log_uniform
-    sigma_max: float = Field(1.0, gt=0)  # pixel scale, for log_uniform
+    sigma_min: float = Field(0.05, gt=0)  # pixel scale, for log_uniform (as params.yaml)
+    sigma_max: float = Field(0.6, gt=0)  # pixel scale, for log_uniform
     p_mean: float = -1.2  # model-scale log-sigma mean, for log_normal
     p_std: float = Field(1.2, gt=0)
 
@@ -56,7 +56,7 @@ class TrainConfig(_Section):
     epochs: int = Field(60, ge=1)
     max_train_images: int | None = Field(None, ge=1)  # a subset per epoch, for quick runs and sweeps
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(2e-4, gt=0)
     min_lr: float = Field(1e-6, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
