@@ -98,7 +98,7 @@ class Denoiser:
 
     def _warn_untrained_sigma(self, sigma: np.ndarray) -> None:
         """Once per Denoiser: outside its training range the model extrapolates (still better than the input, but
-        the CPU recipe's model fell 0.2-1 dB behind BM3D at sigma 0.01-0.02: README, *CPU recipe*)."""
+        the CPU recipe's model fell 0.2-1 dB behind BM3D at sigma 0.01-0.02: README, *Design notes*)."""
         trained = self.trained_sigma_range
         if trained is None or self._warned_untrained_sigma:
             return

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+@functools.cache  # a Denoiser is built per validation; the CPU does not change
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -38,8 +40,8 @@ def cpu_has_bf16_matmul() -> bool:
 def cpu_has_bf16_dot() -> bool:
     """True on CPUs with AVX512-BF16 (or AMX) bf16 dot products, where bf16 autocast speeds up inference.
 
-    Forward passes gain even without AMX: on the 2-core AMD EPYC the default U-Net denoised 105 img/s in bf16
-    against 60 in fp32, and the CPU recipe's model 222 against 176 (benchmarks/denoise_speed.py).
+    Forward passes gain even without AMX: on the 2-core AMD EPYC the default U-Net denoised 109 img/s in bf16
+    against 62 in fp32, and the CPU recipe's model 217 against 153 (benchmarks/denoise_speed.py --amp off,auto).
     """
     flags = _cpu_flags()
     return " avx512_bf16" in flags or " amx_bf16" in flags

@@ -109,7 +109,7 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     per_rank = perm[rank : len(perm) - (len(perm) % world) : world] if world > 1 else perm
     usable = len(per_rank) - len(per_rank) % batch_size
-    return list(per_rank[:usable].split(batch_size))
+    return list(per_rank[:usable].split(batch_size)) if usable else []  # split() of nothing is one empty batch
 
 
 class Trainer:
@@ -134,7 +134,8 @@ class Trainer:
         self.train_x, _ = load_split(params.data.prepared_dir, "train")
         if self.cfg.max_train_images:
             self.train_x = self.train_x[: self.cfg.max_train_images]
-        if len(self.train_x) // world < self.cfg.batch_size:  # full batches only: no step would ever run
+        self.batches_per_epoch = len(epoch_batches(len(self.train_x), self.cfg.batch_size, 0, params.seed, rank, world))
+        if self.batches_per_epoch == 0:  # full batches only: no step would ever run
             raise ParamsError(f"train.batch_size={self.cfg.batch_size} is more than the {len(self.train_x) // world} "
                               f"training images each of {world} process(es) gets per epoch: lower train.batch_size "
                               "or raise train.max_train_images")
@@ -160,10 +161,6 @@ class Trainer:
         # loss never makes the host wait for the GPU (train_step).
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
                                            fused=True)
-        self.batches_per_epoch = len(epoch_batches(len(self.train_x), self.cfg.batch_size, 0, params.seed, rank, world))
-        if self.batches_per_epoch == 0:
-            raise TrainingError(f"train.batch_size {self.cfg.batch_size} exceeds the {len(self.train_x)} training images per "
-                                "rank: lower train.batch_size")
         total = self.batches_per_epoch * self.cfg.epochs
         warmup = max(1, round(self.cfg.warmup_epochs * self.batches_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
