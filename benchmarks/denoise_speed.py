@@ -2,7 +2,9 @@
 
 Wall time of each method's call alone, after one warm-up call for the model (CUDA context, cuDNN autotuning). The
 model runs on ``--device`` in each precision of ``--amp`` (``eval.amp`` values; ``off,auto`` compares fp32 with what
-``auto`` picks on this machine); BM3D and NLM on the CPU in ``--workers`` processes.
+``auto`` picks on this machine); BM3D and NLM on the CPU in ``--workers`` processes. For the model also the FLOPs
+per image (torch.utils.flop_counter), the achieved TFLOP/s and their share of the matrix-product peak measured on the
+same device in the same precision: how much faster denoising could get at all on this machine.
 
     python benchmarks/denoise_speed.py --checkpoint models/best.pt --n-images 1000 --amp off,auto --device cuda
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this file runs as a script
+from throughput import PeakTable, count_flops
 
 from ddim_denoise.denoiser import Denoiser
 from ddim_denoise.data import load_images_npz
@@ -39,13 +42,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     clean = to_float(load_images_npz(args.data, "x_test", args.n_images))
-    tables, batch_size = [], args.batch_size
+    tables, batch_size, peaks = [], args.batch_size, None
     for amp in dict.fromkeys(args.amp):
         denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device, amp=amp)
         batch_size = batch_size or denoiser.params.eval.batch_size
         seed = denoiser.params.eval.noise_seed
-        methods = model_methods(denoiser, [1, args.ddim_steps], batch_size)
+        peaks = peaks or PeakTable(denoiser.device)
+        steps = [1, args.ddim_steps]
+        methods = model_methods(denoiser, steps, batch_size)
         table = run_methods(clean, [args.sigma], methods, noise_seed=seed).table
+        flops = {name: count_flops(lambda: denoiser.denoise(clean[:1], args.sigma, steps=k, batch_size=1))
+                 for name, k in zip(methods, steps)}
+        table["gflop"] = table.method.map(flops) / 1e9
+        tflops = table.images_per_s * table.gflop / 1e3
+        table["tflops"], table["peak_share"] = tflops, [peaks.share(t, denoiser.precision.dtype) for t in tflops]
         tables.append(table.assign(runs_on=f"{denoiser.device} {denoiser.precision.name}"))
     baselines = baseline_methods(args.bm3d_images, len(clean), args.workers)
     if baselines:
@@ -54,10 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     table = pd.concat(tables, ignore_index=True)
 
     print(f"\n### Denoising speed at σ={args.sigma:g}, {args.checkpoint}, model batch {batch_size}\n")
-    print("| method | runs on | images | images/s | ms/image | PSNR (dB) |\n|---|---|---|---|---|---|")
+    print("| method | runs on | images | images/s | ms/image | GFLOP/image | TFLOP/s | % of matmul peak | PSNR (dB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in table.itertuples(index=False):
+        model_figures = (f"{r.gflop:.3g} | {r.tflops:.3f} | {r.peak_share:.0f}%" if r.gflop == r.gflop  # NaN: baseline
+                         else "– | – | –")
         print(f"| {method_label(r.method)} | {r.runs_on} | {r.n_images} | {r.images_per_s:.1f} "
-              f"| {1000 / r.images_per_s:.2f} | {r.psnr:.2f} |")
+              f"| {1000 / r.images_per_s:.2f} | {model_figures} | {r.psnr:.2f} |")
+    print(f"\nMeasured matrix-product peaks on {peaks.device}: {peaks.describe()}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
     python benchmarks/train_speed.py -S model.base_channels=32 --steps 20 --modes fp32,bf16_cl,bf16_cl_compile
 
 Prints one row per mode and the speed-up over eager fp32, plus the model's training FLOPs per image (forward +
-backward, counted by torch.utils.flop_counter) and the achieved TFLOP/s; on a GPU also the share of the measured
-bf16 matmul peak. Speed targets live here, not in timed tests.
+backward, counted by torch.utils.flop_counter), the achieved TFLOP/s and its share of the matrix-product peak measured
+on the same device in the mode's precision (``throughput.py``). Speed targets live here, not in timed tests.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import time
 
 import torch
 import yaml
+
+from throughput import PeakTable, count_flops, synchronize  # benchmarks/ is on sys.path when this file runs as a script
 
 from ddim_denoise.config import load_params
 from ddim_denoise.denoiser import build_model
@@ -62,45 +64,25 @@ def measure(params, mode: str, batch: int, steps: int, warmup: int, device) -> f
 
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return steps * batch / (time.perf_counter() - start)
 
 
 def flops_per_image(params, device) -> float:
     """Training FLOPs (forward + backward) per 32x32 image, as torch.utils.flop_counter counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model, schedule = build_model(params)
     model.to(device)
     d = params.diffusion
     loss_fn = DenoisingLoss(SigmaSampler(d.t_sampling, schedule, d.sigma_min, d.sigma_max), d.prediction, d.sigma_data)
     x = torch.rand(2, 3, 32, 32, device=device) * 2 - 1
-    with FlopCounterMode(display=False) as counter:
-        loss_fn(model, x).backward()
-    return counter.get_total_flops() / 2
+    return count_flops(lambda: loss_fn(model, x).backward()) / 2
 
 
-def matmul_peak_tflops(device, n: int = 8192, reps: int = 10) -> float:
-    """Measured bf16 matrix-product throughput: the denominator of 'share of peak'."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("-S", "--set", action="append", default=[], help="param override KEY=VALUE")
@@ -109,16 +91,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", default="fp32,bf16_cl,bf16_cl_compile")
     ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
     params = load_params(args.params, overrides)
     device = resolve_device(args.device)
     model, _ = build_model(params)
     print(f"device {device}, threads {torch.get_num_threads()}, {count_parameters(model):,} parameters, batch {args.batch}")
     flops = flops_per_image(params, device)
-    peak = matmul_peak_tflops(device) if device.type == "cuda" else None
-    print(f"training FLOPs per image (fwd+bwd): {flops / 1e9:.3f} GFLOP"
-          + (f"; measured bf16 matmul peak {peak:.0f} TFLOP/s" if peak else ""))
+    peaks = PeakTable(device)
+    print(f"training FLOPs per image (fwd+bwd): {flops / 1e9:.3f} GFLOP")
     baseline = None
     for mode in args.modes.split(","):
         try:
@@ -127,10 +108,11 @@ def main() -> None:
             print(f"{mode:>18}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
             continue
         baseline = baseline or rate
-        tflops = rate * flops / 1e12
-        share = f", {100 * tflops / peak:.1f}% of peak" if peak else ""
+        tflops, dtype = rate * flops / 1e12, MODES[mode][0]
         print(f"{mode:>18}: {rate:9.1f} img/s  ({rate / baseline:.2f}x {args.modes.split(',')[0]}), "
-              f"{tflops:.2f} TFLOP/s{share}", flush=True)
+              f"{tflops:.3f} TFLOP/s, {peaks.share(tflops, dtype):.1f}% of the "
+              f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')} matmul peak", flush=True)
+    print(f"measured matmul peaks: {peaks.describe()}")
 
 
 if __name__ == "__main__":

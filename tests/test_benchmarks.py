@@ -1,0 +1,94 @@
+"""The speed benchmarks run end to end on a tiny model and print what their docstrings promise (so they do not rot
+between the rare runs on real data). Timings themselves are not asserted: speed targets live in the benchmarks."""
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from denoise_fixtures import write_tiny_checkpoint
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def benchmarks_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr("throughput.PEAK_SIZE", {"cpu": (128, 2)}, raising=False)
+    yield
+    for name in ("throughput", "train_speed", "denoise_speed", "eval_lossless"):
+        sys.modules.pop(name, None)
+
+
+def test_count_flops_counts_a_matrix_product():
+    from throughput import count_flops
+
+    a, b = torch.ones(4, 5), torch.ones(5, 6)
+    assert count_flops(lambda: a @ b) == 2 * 4 * 5 * 6
+
+
+def test_peak_table_measures_each_precision_once(monkeypatch):
+    import throughput
+
+    monkeypatch.setattr(throughput, "PEAK_SIZE", {"cpu": (64, 1)})
+    calls = []
+    real = throughput.matmul_peak_tflops
+    monkeypatch.setattr(throughput, "matmul_peak_tflops", lambda d, t: calls.append(t) or real(d, t))
+    peaks = throughput.PeakTable(torch.device("cpu"))
+    share = peaks.share(peaks.peak(None) / 2, None)
+    peaks.share(1.0, torch.float32)
+    peaks.share(1.0, torch.bfloat16)
+    assert calls == [torch.float32, torch.bfloat16]
+    assert share == pytest.approx(50)
+    assert "float32" in peaks.describe() and "bfloat16" in peaks.describe()
+
+
+def test_denoise_speed_prints_flops_and_the_share_of_peak(tmp_path, tiny_params, capsys):
+    import denoise_speed
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params)
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "test.npz", x_test=images)
+    denoise_speed.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "test.npz"), "--n-images", "6",
+                        "--bm3d-images", "0", "--ddim-steps", "3", "--amp", "off", "--device", "cpu",
+                        "--batch-size", "3"])
+    out = capsys.readouterr().out
+    one_step = next(line for line in out.splitlines() if line.startswith("| one-step"))
+    ddim = next(line for line in out.splitlines() if line.startswith("| DDIM-3"))
+    gflop_one, gflop_ddim = (float(row.split("|")[6]) for row in (one_step, ddim))
+    assert gflop_one > 0 and gflop_ddim == pytest.approx(3 * gflop_one, rel=0.01)  # three model calls
+    assert re.search(r"\| \d+% \|", one_step)
+    assert "Measured matrix-product peaks on cpu: float32" in out
+
+
+def test_train_speed_prints_each_mode_against_its_precision_peak(tmp_path, tiny_params, capsys):
+    import train_speed
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
+    train_speed.main(["--params", str(params_file), "--batch", "4", "--steps", "1", "--warmup", "1",
+                      "--modes", "fp32,bf16", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"fp32: +[\d.]+ img/s .*% of the fp32 matmul peak", out)
+    assert re.search(r"bf16: +[\d.]+ img/s .*% of the bfloat16 matmul peak", out)
+    assert re.search(r"training FLOPs per image \(fwd\+bwd\): [\d.]+ GFLOP", out)
+
+
+def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
+    """channels_last selects a fused CPU attention kernel that torch's flop counter has no formula for."""
+    from throughput import count_flops
+
+    from ddim_denoise.denoiser import build_model
+
+    model, _ = build_model(tiny_params)
+    model.eval()
+    y, sigma = torch.randn(2, 3, 8, 8), torch.full((2,), 0.3)
+    with torch.no_grad():
+        contiguous = count_flops(lambda: model(y, sigma))
+        model.to(memory_format=torch.channels_last)
+        channels_last = count_flops(lambda: model(y.contiguous(memory_format=torch.channels_last), sigma))
+    assert channels_last == contiguous
