@@ -10,7 +10,7 @@ from denoise_fixtures import write_tiny_checkpoint
 from ddim_denoise import runtime
 from ddim_denoise.checkpoint import load_checkpoint, save_checkpoint
 from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.runtime import resolve_inference_precision, resolve_precision
+from ddim_denoise.runtime import resolve_channels_last, resolve_inference_precision, resolve_precision
 
 CPU = torch.device("cpu")
 EPYC_FLAGS = "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n"  # AVX512-BF16, no AMX
@@ -18,14 +18,18 @@ XEON_FLAGS = "flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
 OLD_FLAGS = "flags\t\t: fpu avx2 fma\n"
 
 
-@pytest.mark.parametrize("flags, train, inference", [(EPYC_FLAGS, "fp32", "bf16"), (XEON_FLAGS, "bf16", "bf16"),
-                                                      (OLD_FLAGS, "fp32", "fp32")])
-def test_auto_picks_bf16_for_inference_wherever_the_cpu_has_bf16_dot_products(monkeypatch, flags, train, inference):
+@pytest.mark.parametrize("flags, expected", [(EPYC_FLAGS, "bf16"), (XEON_FLAGS, "bf16"), (OLD_FLAGS, "fp32")])
+def test_auto_picks_bf16_wherever_the_cpu_has_bf16_dot_products(monkeypatch, flags, expected):
     monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
-    assert resolve_precision("auto", CPU).name == train
-    assert resolve_inference_precision("auto", CPU).name == inference
+    assert resolve_precision("auto", CPU).name == expected
+    assert resolve_inference_precision("auto", CPU).name == expected
     assert resolve_inference_precision("off", CPU).name == "fp32"
     assert resolve_inference_precision("bf16", CPU).name == "bf16"
+
+
+def test_channels_last_auto_is_on_for_gpus_only_and_an_explicit_setting_wins():
+    assert resolve_channels_last("auto", torch.device("cuda")) and not resolve_channels_last("auto", CPU)
+    assert resolve_channels_last(True, CPU) and not resolve_channels_last(False, torch.device("cuda"))
 
 
 def test_inference_precision_never_scales_gradients_and_names_its_key():

@@ -64,7 +64,7 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     hflip: bool = True
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    channels_last: bool = True
+    channels_last: Literal["auto"] | bool = "auto"  # see runtime.resolve_channels_last
     compile: bool = False
     num_workers: int = Field(0, ge=0)
     pin_memory: bool = True

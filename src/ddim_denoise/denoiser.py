@@ -13,7 +13,7 @@ from .checkpoint import load_checkpoint, load_model_weights
 from .config import Params, validate_params
 from .diffusion import denoise_ddim
 from .precond import Preconditioner
-from .runtime import resolve_device, resolve_inference_precision
+from .runtime import resolve_channels_last, resolve_device, resolve_inference_precision
 from .schedule import NoiseSchedule, pixel_to_model_sigma
 from .unet import build_unet
 
@@ -51,7 +51,7 @@ class Denoiser:
                  amp: str | None = None):
         self.device = resolve_device("auto" if device is None else str(device))
         self.model = model.to(self.device).eval()
-        if self.device.type == "cpu" or params.train.channels_last:
+        if self.device.type == "cpu" or resolve_channels_last(params.train.channels_last, self.device):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.schedule, self.params = schedule, params
         self.precision = resolve_inference_precision(amp or params.eval.amp, self.device)

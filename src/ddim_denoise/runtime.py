@@ -28,20 +28,12 @@ def _cpu_flags() -> str:
         return ""
 
 
-def cpu_has_bf16_matmul() -> bool:
-    """True on CPUs with AMX-BF16 matrix units, where bf16 autocast pays off for training.
-
-    AVX512-BF16 alone is not enough: on such an AMD EPYC (2 cores) bf16 autocast trained the default U-Net at 0.84x
-    the fp32 speed (benchmarks/train_speed.py), so ``train.amp: auto`` stays in fp32 there.
-    """
-    return " amx_bf16" in _cpu_flags()
-
-
 def cpu_has_bf16_dot() -> bool:
-    """True on CPUs with AVX512-BF16 (or AMX) bf16 dot products, where bf16 autocast speeds up inference.
+    """True on CPUs with AVX512-BF16 (or AMX) bf16 dot products, where bf16 autocast speeds up training and denoising.
 
-    Forward passes gain even without AMX: on the 2-core AMD EPYC the default U-Net denoised 109 img/s in bf16
-    against 62 in fp32, and the CPU recipe's model 217 against 153 (benchmarks/denoise_speed.py --amp off,auto).
+    AMX is not needed: on the 2-core AMD EPYC (AVX512-BF16, no AMX) bf16 trained the CPU recipe's U-Net 1.64x as
+    fast as fp32 (benchmarks/train_speed.py, batch 16) with the same test PSNR (benchmarks/levers-amp.yaml), and the
+    default U-Net denoised 109 img/s in bf16 against 62 in fp32 (benchmarks/denoise_speed.py --amp off,auto).
     """
     flags = _cpu_flags()
     return " avx512_bf16" in flags or " amx_bf16" in flags
@@ -63,7 +55,7 @@ class Precision:
 
 
 def resolve_precision(amp: str, device: torch.device, key: str = "train.amp") -> Precision:
-    """``auto``: bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, bf16 on CPUs with bf16 matrix units."""
+    """``auto``: bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, bf16 on CPUs with bf16 dot products."""
     if amp == "off":
         return Precision(None, False)
     if amp == "fp16":
@@ -76,12 +68,16 @@ def resolve_precision(amp: str, device: torch.device, key: str = "train.amp") ->
         if torch.cuda.is_bf16_supported():
             return Precision(torch.bfloat16, False)
         return Precision(torch.float16, True)
-    return Precision(torch.bfloat16, False) if cpu_has_bf16_matmul() else Precision(None, False)
+    return Precision(torch.bfloat16, False) if cpu_has_bf16_dot() else Precision(None, False)
+
+
+def resolve_channels_last(setting: str | bool, device: torch.device) -> bool:
+    """``train.channels_last``: ``auto`` is on for GPUs (tensor-core convolutions want NHWC) and off on CPUs, where
+    channels_last cost bf16 training 40% of its speed (benchmarks/train_speed.py, bf16 against bf16_cl)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 def resolve_inference_precision(amp: str, device: torch.device) -> Precision:
-    """``eval.amp`` for denoising: as ``train.amp``, but ``auto`` also picks bf16 on CPUs with AVX512-BF16, and no
-    GradScaler. bf16 moved the CPU recipe's one-step PSNR by at most 0.002 dB on 300 lossless test images."""
-    if amp == "auto" and device.type == "cpu":
-        return Precision(torch.bfloat16 if cpu_has_bf16_dot() else None, False)
+    """``eval.amp`` for denoising: as ``train.amp``, without a GradScaler. bf16 moved the CPU recipe's one-step PSNR
+    by at most 0.002 dB on 300 lossless test images."""
     return Precision(resolve_precision(amp, device, key="eval.amp").dtype, False)

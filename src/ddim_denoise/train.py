@@ -33,7 +33,7 @@ from .errors import TrainingError
 from .diffusion import SigmaSampler
 from .metrics import make_noisy, psnr_ssim, to_float
 from .precond import DenoisingLoss, Preconditioner
-from .runtime import resolve_device, resolve_precision
+from .runtime import resolve_channels_last, resolve_device, resolve_precision
 from .unet import count_parameters
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class Trainer:
         self.rank, self.world = rank, world
         self.device = resolve_device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.amp, self.device)
+        self.channels_last = resolve_channels_last(self.cfg.channels_last, self.device)
         self.out_dir = Path(self.cfg.out_dir)
         torch.manual_seed(params.seed + rank)
 
@@ -147,7 +148,7 @@ class Trainer:
 
         self.model, self.schedule = build_model(params)
         self.model.to(self.device)
-        if self.cfg.channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.cfg.init_from:  # before the EMA copy, so both start from the given weights
             load_model_weights(self.model, load_checkpoint(self.cfg.init_from), self.cfg.init_from,
@@ -298,7 +299,10 @@ class Trainer:
         if self.cfg.hflip:
             flip = torch.rand(x.shape[0], device=self.device, generator=self.noise_gen) < 0.5
             x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(3), x)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        # Either way explicitly: the permuted uint8 batch has channels_last strides, and a channels_last input makes
+        # the convolutions run channels_last even where train.channels_last resolves to off (bf16 training on a CPU
+        # then ran at 0.6x its speed: benchmarks/train_speed.py, bf16 against bf16_cl).
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def train_epoch(self, data: torch.Tensor) -> float:
         self.model.train()
