@@ -131,6 +131,25 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(worksp
     assert trainer.nonfinite_steps == 2
 
 
+def test_a_loss_that_rises_and_stays_up_stops_training_with_a_clear_error(workspace):
+    # A finite collapse (the output stuck at zero after too high an lr) which max_nonfinite_steps cannot see.
+    trainer = Trainer(with_train(workspace, epochs=4, divergence_factor=3.0, max_diverged_steps=3))
+    real_loss = trainer.loss_fn
+    trainer.loss_fn = lambda model, x0, gen: real_loss(model, x0, gen) * (100.0 if trainer.epoch >= 1 else 1.0)
+    with pytest.raises(TrainingError, match=r"training diverged: .* above 3x its lowest .* for 3 steps .* lower "
+                                            r"train\.lr"):
+        trainer.fit()
+    assert load_checkpoint("models/last.pt")["epoch"] == 1
+    assert trainer.step == trainer.batches_per_epoch + 3  # stopped after exactly max_diverged_steps bad steps
+
+
+def test_the_divergence_guard_can_be_switched_off(workspace):
+    trainer = Trainer(with_train(workspace, epochs=2, divergence_factor=None, max_diverged_steps=1))
+    real_loss = trainer.loss_fn
+    trainer.loss_fn = lambda model, x0, gen: real_loss(model, x0, gen) * (100.0 if trainer.epoch >= 1 else 1.0)
+    assert trainer.fit()["epochs"] == 2
+
+
 def test_a_nonfinite_step_is_skipped_on_the_device_and_training_goes_on(workspace):
     # The skip happens inside the fused optimizer (found_inf), not in Python: weights and Adam moments stay as they
     # were, the counters live on the device, and the next finite step updates as usual.

@@ -73,6 +73,10 @@ class TrainConfig(_Section):
     val_images: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)  # steps between loss/LR points logged to MLflow
     max_nonfinite_steps: int = Field(20, ge=1)
+    # Divergence guard: stop once the mean loss over log_every steps has stayed above divergence_factor x its lowest
+    # value for max_diverged_steps steps (a too-high lr can collapse the output to zero with a finite loss).
+    divergence_factor: float | None = Field(3.0, gt=1)  # null: never stop on a rising loss
+    max_diverged_steps: int = Field(500, ge=1)
     resume: Literal["auto", "never"] = "auto"
     init_from: str | None = None  # start from this checkpoint's EMA weights (fine-tuning); optimizer starts fresh
 

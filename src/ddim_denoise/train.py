@@ -3,8 +3,8 @@
 Outputs (paths from ``train.out_dir`` and the fixed ``training/`` folder that DVC reads as metrics and plots):
 - ``models/last.pt`` every epoch, ``models/epoch_NNNN.pt`` every ``checkpoint_every`` epochs, ``models/best.pt`` on a
   new best validation PSNR (EMA weights). Each holds everything needed to resume bit-for-bit.
-- ``training/steps.csv`` (step, epoch, loss, lr), ``training/val.csv`` (epoch, sigma, psnr, ssim),
-  ``training/summary.json`` (run id, parameter count, time, throughput, best validation PSNR).
+- ``training/steps.csv`` (step, epoch, loss: the mean since the previous row, lr), ``training/val.csv`` (epoch,
+  sigma, psnr, ssim), ``training/summary.json`` (run id, parameter count, time, throughput, best validation PSNR).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ STALE_WRITE_SUFFIX = ".pt.tmp"  # how checkpoint.save_checkpoint names a checkpo
 # Keys that change how a run executes or reports, not what it learns: a resume ignores them.
 OPERATIONAL_KEYS = ("train.out_dir", "train.device", "train.resume", "train.num_workers", "train.pin_memory",
                     "train.log_every", "train.val_every", "train.checkpoint_every", "train.compile",
-                    "train.max_nonfinite_steps")
+                    "train.max_nonfinite_steps", "train.divergence_factor", "train.max_diverged_steps")
 
 
 def run_fingerprint(params: Params, dataset_hash: str) -> str:
@@ -175,6 +175,7 @@ class Trainer:
         # Device-side counters: train_step updates them without reading anything back (see _check_nonfinite).
         self.nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
         self.consecutive_nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
+        self.lowest_interval_loss, self.diverged_steps = math.inf, 0  # the divergence guard (_check_divergence)
         self.run: tracking.SafeRun | None = None
 
     # ---- setup helpers -------------------------------------------------------------------------------------------
@@ -239,6 +240,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
             "best_psnr": self.best_psnr, "best_epoch": self.best_epoch, "train_seconds": self.train_seconds,
             "images_seen": self.images_seen, "nonfinite_steps": self.nonfinite_steps,
+            "lowest_interval_loss": self.lowest_interval_loss, "diverged_steps": self.diverged_steps,
             "history": {"steps": self.history.steps, "val": self.history.val},
             "mlflow_run_id": self.run.run_id if self.run else None,
         }
@@ -261,6 +263,8 @@ class Trainer:
         self.best_psnr, self.best_epoch = state["best_psnr"], state["best_epoch"]
         self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
         self.nonfinite_total.fill_(state["nonfinite_steps"])
+        self.lowest_interval_loss = state.get("lowest_interval_loss", math.inf)  # absent before the guard existed
+        self.diverged_steps = state.get("diverged_steps", 0)
         self.history = History(state["history"]["steps"], state["history"]["val"])
         log.info("resumed from %s at epoch %d (step %d)", last, self.epoch, self.step)
         return state.get("mlflow_run_id")
@@ -310,25 +314,36 @@ class Trainer:
         n_batches, batches = self._batches(data)
         bar = tqdm(batches, total=n_batches, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.is_main,
                    leave=False, mininterval=2.0)
-        # The epoch's loss sums stay on the device; the host reads a value back only every log_every steps (and
-        # every max_nonfinite_steps steps), so it can queue steps ahead of a GPU instead of waiting on each one.
+        # The loss sums stay on the device; the host reads them back only every log_every steps (and checks the
+        # non-finite count every max_nonfinite_steps steps), so it can queue steps ahead of a GPU instead of waiting
+        # on each one. What is logged is the mean over the steps since the last log point (this epoch's only, so a
+        # run resumed at an epoch boundary logs exactly what an uninterrupted one does).
         loss_sum = torch.zeros((), device=self.device)
+        interval_sum, interval_steps = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         first_step, nonfinite_before = self.step, self.nonfinite_total.clone()
+        interval_start = first_step
         start = time.perf_counter()
         for i, batch in enumerate(bar):
             loss = self.train_step(self._batch_to_model_scale(batch))
-            loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)  # a skipped step adds nothing
+            finite = torch.isfinite(loss)
+            loss = torch.where(finite, loss, 0.0)  # a skipped step adds nothing
+            loss_sum += loss
+            interval_sum += loss
+            interval_steps += finite
             self.images_seen += len(batch) * self.world
             if self.step % self.cfg.log_every == 0:
                 self._check_nonfinite()
-                value = loss.item()
-                if math.isfinite(value):
+                if int(interval_steps):
+                    value = float(interval_sum) / int(interval_steps)
+                    self._check_divergence(value, n_steps=self.step - interval_start)
                     lr = self.scheduler.get_last_lr()[0]
                     self.history.steps.append([self.step, self.epoch + 1, value, lr])
                     if self.run:
                         self.run.log_metrics({"train_loss": value, "lr": lr}, step=self.step)
                     rate = (i + 1) * len(batch) * self.world / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                interval_sum.zero_(), interval_steps.zero_()
+                interval_start = self.step
             elif self.step % self.cfg.max_nonfinite_steps == 0:
                 self._check_nonfinite()
         self._check_nonfinite()
@@ -374,6 +389,28 @@ class Trainer:
         if consecutive >= self.cfg.max_nonfinite_steps:
             raise TrainingError(f"loss was non-finite for {consecutive} steps in a row (step {self.step}): lower "
                                 f"train.lr or set train.amp=off; the last good checkpoint is {self.out_dir / 'last.pt'}")
+
+    def _check_divergence(self, interval_loss: float, n_steps: int) -> None:
+        """Stop a run whose loss has risen far above its lowest and stays there: it will not come back down. A too
+        high learning rate can send eps-prediction to an output of zero (loss 1.0 against ~0.09 before) with every
+        loss finite, and the run would spend its remaining hours there."""
+        self.lowest_interval_loss = min(self.lowest_interval_loss, interval_loss)
+        factor = self.cfg.divergence_factor
+        if factor is None or interval_loss <= factor * self.lowest_interval_loss:
+            self.diverged_steps = 0
+            return
+        self.diverged_steps += n_steps
+        if self.diverged_steps >= self.cfg.max_diverged_steps:
+            raise TrainingError(f"training diverged: the mean loss has stayed above {factor:g}x its lowest "
+                                f"({interval_loss:.4g} against {self.lowest_interval_loss:.4g}) for "
+                                f"{self.diverged_steps} steps (step {self.step}): lower train.lr (or raise "
+                                f"train.divergence_factor); {self._checkpoints_kept()}")
+
+    def _checkpoints_kept(self) -> str:
+        if self.epoch == 0:
+            return "no checkpoint was written yet"
+        return (f"{self.out_dir / 'last.pt'} is from epoch {self.epoch}, {self.out_dir / 'best.pt'} holds the best "
+                f"validated weights")
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
