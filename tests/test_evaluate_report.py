@@ -18,7 +18,7 @@ from ddim_denoise.denoiser import build_model
 from ddim_denoise.evaluate import (GRID_FILE, METRICS_FILE, NOISY_INPUT, TABLE_COLUMNS, TABLE_FILE, Method, evaluate,
                                    model_methods, run_methods, write_evaluation)
 from ddim_denoise.metrics import make_noisy, psnr_ssim, to_float
-from ddim_denoise.report import ORIGIN_REPORT, write_report
+from ddim_denoise.report import ORIGIN_REPORT, findings, write_report
 
 N_TEST = 6
 SIGMAS = [0.05, 0.1]  # low enough that mid-gray images almost never clip: noisy PSNR = -20 log10(sigma)
@@ -113,6 +113,21 @@ def test_every_method_sees_the_same_noisy_input():
     b = table[(table.method == "b") & (table.sigma == 0.2)]
     assert b.n_images.item() == 2
     assert b.psnr.item() == pytest.approx(psnr_ssim(clean[:2], make_noisy(clean[:2], 0.2, 7))[0].mean())
+
+
+def test_a_baseline_on_a_prefix_is_paired_with_the_model_on_the_same_images():
+    # The one-step "model" gets worse image by image, so its mean over a prefix differs from its mean over all.
+    clean = to_float(np.random.default_rng(2).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8))
+    error = np.linspace(0.01, 0.2, len(clean), dtype=np.float32).reshape(-1, 1, 1, 1)
+    model = lambda noisy, sigma: clean[: len(noisy)] + error[: len(noisy)]
+    methods = {"model_1step": Method(model), "bm3d": Method(lambda noisy, sigma: noisy, max_images=2)}
+    table = run_methods(clean, [0.1], methods, noise_seed=0).table.set_index("method")
+    model_psnr = psnr_ssim(clean, clean + error)[0]
+    assert table.psnr_1step_same_images["bm3d"] == pytest.approx(model_psnr[:2].mean())
+    assert table.psnr_1step_same_images["model_1step"] == pytest.approx(table.psnr["model_1step"])
+    assert table.psnr_1step_same_images["bm3d"] > table.psnr["model_1step"] + 1  # the first images are the easy ones
+    assert "on the same 2 images: " + f"{model_psnr[:2].mean() - table.psnr['bm3d']:+.2f} dB" in " ".join(
+        findings(table.reset_index()))
 
 
 def test_multistep_methods_run_on_a_prefix_when_asked():
