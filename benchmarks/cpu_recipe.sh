@@ -4,6 +4,8 @@
 #   bash benchmarks/cpu_recipe.sh              # ~1 h 35 min of training in bf16, ~15 min of evaluation (BM3D cached)
 #   SMOKE=1 bash benchmarks/cpu_recipe.sh      # a one-minute rehearsal of the same steps on a tiny budget
 #   PHASE1_LR=1e-3 bash benchmarks/cpu_recipe.sh -S "model.channel_mult=[1,2,3,4]"   # overrides: -S for both phases
+#   PHASE1_FROM=benchmarks/results/cpu-recipe-bf16/phase1/best.pt OUT=... bash benchmarks/cpu_recipe.sh -S ...
+#                                            # phase 2 (and the evaluation) only, from an existing phase-1 model
 #
 # Phase 1 trains on the full CIFAR-10 copy (JPEG pixels); phase 2 fine-tunes the phase-1 EMA weights on the
 # training images whose original pixels ../shared/data/cifar10-lossless-subset.npz holds (official train 0-3999, the
@@ -26,33 +28,38 @@ COMMON=(-S model.base_channels=32 -S model.num_res_blocks=2 -S "model.attention_
         -S train.checkpoint_every=1)
 PHASE1=(-S train.epochs=${PHASE1_EPOCHS:-10} -S train.lr=${PHASE1_LR:-2e-3} -S train.warmup_epochs=0.2
         -S train.ema_decay=0.999 -S "train.out_dir=$OUT/phase1")
+PHASE1_BEST=${PHASE1_FROM:-$OUT/phase1/best.pt}
 PHASE2=(-S "data.originals=$ORIGINALS" -S data.originals_only=true -S data.prepared_dir=data/prepared-originals
-        -S "train.init_from=$OUT/phase1/best.pt" -S train.epochs=12 -S train.lr=2e-4 -S train.warmup_epochs=0
+        -S "train.init_from=$PHASE1_BEST" -S train.epochs=12 -S train.lr=2e-4 -S train.warmup_epochs=0
         -S train.ema_decay=0.999 -S "train.out_dir=$OUT/phase2")
 EVAL=(--n-images 1000 --bm3d-images 300 --ddim-steps 10,50 --ddim-images 300 --workers 2)
 PHASE1+=("$@")  # the caller's -S overrides come last, so they win in both phases
 PHASE2+=("$@")
 if [ -n "${SMOKE:-}" ]; then
   OUT=/tmp/cpu-recipe-smoke
+  PHASE1_FROM=""  # the rehearsal trains its own tiny phase 1
+  PHASE1_BEST=$OUT/phase1/best.pt
   COMMON+=(-S model.base_channels=8 -S "model.channel_mult=[1,2]" -S model.groups=4 -S train.max_train_images=256
            -S train.val_images=16)
   PHASE1+=(-S train.epochs=1 -S "train.out_dir=$OUT/phase1")
-  PHASE2+=(-S train.epochs=1 -S "train.init_from=$OUT/phase1/best.pt" -S "train.out_dir=$OUT/phase2")
+  PHASE2+=(-S train.epochs=1 -S "train.init_from=$PHASE1_BEST" -S "train.out_dir=$OUT/phase2")
   EVAL=(--n-images 8 --bm3d-images 2 --ddim-steps 2 --ddim-images 4 --workers 1 --cache-dir "$OUT/cache")
 fi
 mkdir -p "$OUT"
 
 stage() { echo "=== $1 ($(date +%T))"; }
-stage "phase 1: full training set"
-ddim-denoise prepare "${COMMON[@]}" "${PHASE1[@]}"
-time ddim-denoise train "${COMMON[@]}" "${PHASE1[@]}"
-cp -r training "$OUT/phase1/training"
+if [ -z "${PHASE1_FROM:-}" ]; then
+  stage "phase 1: full training set"
+  ddim-denoise prepare "${COMMON[@]}" "${PHASE1[@]}"
+  time ddim-denoise train "${COMMON[@]}" "${PHASE1[@]}"
+  cp -r training "$OUT/phase1/training"
+fi
 stage "phase 2: fine-tune on the original-pixel training images"
 ddim-denoise prepare "${COMMON[@]}" "${PHASE2[@]}"
 time ddim-denoise train "${COMMON[@]}" "${PHASE2[@]}"
 cp -r training "$OUT/phase2/training"
 stage "evaluation on the lossless test subset"
-python benchmarks/eval_lossless.py --checkpoint "$OUT/phase1/best.pt" --n-images "${EVAL[1]}" --bm3d-images 0 \
+python benchmarks/eval_lossless.py --checkpoint "$PHASE1_BEST" --n-images "${EVAL[1]}" --bm3d-images 0 \
   --ddim-steps "" --device cpu | tee "$OUT/phase1_table.md"
 python benchmarks/eval_lossless.py --checkpoint "$OUT/phase2/best.pt" "${EVAL[@]}" --device cpu \
   | tee "$OUT/phase2_table.md"

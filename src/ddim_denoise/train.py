@@ -333,8 +333,9 @@ class Trainer:
             self.images_seen += len(batch) * self.world
             if self.step % self.cfg.log_every == 0:
                 self._check_nonfinite()
-                if int(interval_steps):
-                    value = float(interval_sum) / int(interval_steps)
+                total, n_finite_steps = torch.stack([interval_sum, interval_steps]).tolist()  # one read-back
+                if n_finite_steps:
+                    value = total / n_finite_steps
                     self._check_divergence(value, n_steps=self.step - interval_start)
                     lr = self.scheduler.get_last_lr()[0]
                     self.history.steps.append([self.step, self.epoch + 1, value, lr])
