@@ -19,6 +19,7 @@ from ddim_denoise.cli import app
 from ddim_denoise.config import load_params
 from ddim_denoise.data import prepare
 from ddim_denoise.sweep import SweepOptions, run_sweep
+from ddim_denoise.sweep_objective import DIVERGED_ATTR
 from ddim_denoise.sweep_space import SpaceError, load_space
 from ddim_denoise.sweep_storage import FAIL_REASON_ATTR, WORKER_ATTR, default_storage_url
 from ddim_denoise.sweep_tracking import PARENT_RUN_ATTR
@@ -181,26 +182,33 @@ def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace)
 
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(workspace):
-    # lr 1e30 drives the loss to NaN at once: the Trainer raises TrainingError after max_nonfinite_steps.
-    write_space(workspace / "space.yaml", parameters={"train.lr": {"type": "categorical", "choices": [1.0e30]}},
-                budget={**TINY_SPACE["budget"], "train.max_nonfinite_steps": 1})
-    result = run_sweep(options(trials=5, stop_after_failures=2))
-    study = load_study(result["study"])
-    assert states(study) == ["FAIL", "FAIL"]  # the first failure did not stop it; two in a row did
-    assert all("TrainingError: loss was non-finite" in t.user_attrs[FAIL_REASON_ATTR] for t in study.trials)
-    runs = nested_runs(study.user_attrs[PARENT_RUN_ATTR])
-    assert len(runs) == 2
-    assert all(r.info.status == "FAILED" and r.data.tags["state"] == "FAIL" and "non-finite" in r.data.tags["error"]
-               for r in runs)
-
     # A combination the schema accepts but training rejects fails before any training run exists.
     write_space(workspace / "space.yaml", parameters={"diffusion.sigma_min": {"type": "categorical",
                                                                               "choices": [5.0]}})
-    result = run_sweep(options(trials=1))
-    trial = load_study(result["study"]).trials[0]
-    assert trial.state == TrialState.FAIL and "sigma_min" in trial.user_attrs[FAIL_REASON_ATTR]
-    (run,) = nested_runs(load_study(result["study"]).user_attrs[PARENT_RUN_ATTR])
-    assert run.info.status == "FAILED" and "sigma_min" in run.data.tags["error"]
+    result = run_sweep(options(trials=5, stop_after_failures=2))
+    study = load_study(result["study"])
+    assert states(study) == ["FAIL", "FAIL"]  # the first failure did not stop it; two in a row did
+    assert all("sigma_min" in t.user_attrs[FAIL_REASON_ATTR] for t in study.trials)
+    runs = nested_runs(study.user_attrs[PARENT_RUN_ATTR])
+    assert len(runs) == 2
+    assert all(r.info.status == "FAILED" and r.data.tags["state"] == "FAIL" and "sigma_min" in r.data.tags["error"]
+               for r in runs)
+
+
+def test_diverged_trials_are_pruned_so_the_sampler_learns_from_them(workspace):
+    # lr 1e30 drives the loss to NaN at once: the Trainer raises DivergedError after max_nonfinite_steps. A failed
+    # trial would be invisible to TPE (and three in a row would stop the worker); a pruned one ranks last.
+    write_space(workspace / "space.yaml", parameters={"train.lr": {"type": "categorical", "choices": [1.0e30]}},
+                budget={**TINY_SPACE["budget"], "train.max_nonfinite_steps": 1})
+    result = run_sweep(options(trials=3, stop_after_failures=2))
+    study = load_study(result["study"])
+    assert states(study) == ["PRUNED", "PRUNED", "PRUNED"]
+    assert all("DivergedError: loss was non-finite" in t.user_attrs[DIVERGED_ATTR] for t in study.trials)
+    assert all(t.user_attrs["pruned_at_epoch"] == 0 and t.value is None for t in study.trials)
+    runs = nested_runs(study.user_attrs[PARENT_RUN_ATTR])
+    assert len(runs) == 3
+    assert all(r.info.status == "KILLED" and r.data.tags["state"] == "PRUNED" and "non-finite" in r.data.tags[
+        DIVERGED_ATTR] for r in runs)
 
 
 def test_pruned_trials_are_marked_in_optuna_and_mlflow(workspace):

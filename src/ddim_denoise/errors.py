@@ -16,4 +16,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is kept."""
 
 
+class DivergedError(TrainingError):
+    """The loss stayed non-finite or rose far above its lowest: these settings (mostly the lr) do not train. A sweep
+    prunes such a trial instead of failing it, so the sampler learns to avoid its region."""
+
+
 EXPECTED_ERRORS = (ParamsError, CheckpointError, DataError, InputError, TrainingError)

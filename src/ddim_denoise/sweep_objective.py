@@ -8,7 +8,10 @@ trial's value is its best epoch. The test split is never touched. Each trial tra
 Outcomes, recorded both as Optuna state/user attributes and as MLflow tags on the trial's nested run:
 - complete: value, best-epoch SSIM, a DDIM-steps PSNR/SSIM of the best checkpoint, throughput;
 - pruned (``optuna.TrialPruned`` raised from the Trainer's epoch hook): the epoch and value reached;
-- failed (non-finite loss, out of memory, an invalid combination, ...): the reason; the search goes on.
+- pruned as diverged (the loss went non-finite or rose and stayed up: ``DivergedError``): the reason too. Settings
+  that do not train are an answer about the space, not a broken trial: TPE ranks pruned trials (below every complete
+  one) but ignores failed ones, so it learns to avoid a learning rate that diverges instead of sampling it again;
+- failed (out of memory, a full disk, an invalid combination, ...): the reason; the search goes on.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import Params
-from .errors import TrainingError
+from .errors import DivergedError
 from .sweep_space import SearchSpace
 from .sweep_storage import FAIL_REASON_ATTR, WORKER_ATTR, worker_identity
 from . import sweep_tracking
 
+DIVERGED_ATTR = "diverged"  # the user attribute (and MLflow tag) holding a diverged trial's reason
 MAX_REASON_CHARS = 2000  # Optuna user attributes and MLflow tags hold the failure reason, not a full traceback
 
 
@@ -114,17 +118,19 @@ class TrialObjective:
                               training_dir=folder / "training")
             summary = trainer.fit()
             if not math.isfinite(reporter.best_value):
-                raise TrainingError(f"no finite {reporter.metric} in any epoch: the model diverged")
+                raise DivergedError(f"no finite {reporter.metric} in any epoch: the model diverged")
             objective = self.space.objective
             scores = ddim_scores(folder / "models" / "best.pt", trainer.val_clean[: objective.ddim_images], params,
                                  objective.ddim_steps or params.eval.ddim_steps)
         except optuna.TrialPruned:
-            run_id = self._run_id(trial, trainer)
-            trial.set_user_attr("pruned_at_epoch", reporter.last_epoch)
-            sweep_tracking.record_outcome(run_id, "PRUNED", status="KILLED",
-                                          tags={"pruned_at_epoch": str(reporter.last_epoch)},
-                                          metrics={"pruned_value": reporter.last_value})
+            self._record_pruned(trial, trainer, reporter)
             raise
+        except DivergedError as e:
+            reason = failure_reason(e)
+            trial.set_user_attr(DIVERGED_ATTR, reason)
+            self._record_pruned(trial, trainer, reporter, {DIVERGED_ATTR: reason})
+            _free_accelerator_memory()
+            raise optuna.TrialPruned(reason) from None
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL and the search stops
             trial.set_user_attr(FAIL_REASON_ATTR, "interrupted")
             sweep_tracking.record_outcome(self._run_id(trial, trainer), "FAIL", tags={"error": "interrupted"})
@@ -157,6 +163,12 @@ class TrialObjective:
         if self.multi_objective:
             return reporter.best_value, float(summary["images_per_s"])
         return reporter.best_value
+
+    def _record_pruned(self, trial, trainer, reporter: EpochReporter, tags: dict[str, str] | None = None) -> None:
+        trial.set_user_attr("pruned_at_epoch", reporter.last_epoch)
+        metrics = {"pruned_value": reporter.last_value} if reporter.last_value is not None else None
+        sweep_tracking.record_outcome(self._run_id(trial, trainer), "PRUNED", status="KILLED", metrics=metrics,
+                                      tags={"pruned_at_epoch": str(reporter.last_epoch), **(tags or {})})
 
     @staticmethod
     def _run_id(trial, trainer) -> str | None:

@@ -29,7 +29,7 @@ from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, loa
 from .config import Params, ParamsError, flatten
 from .data import load_split, read_manifest
 from .denoiser import Denoiser, build_model
-from .errors import TrainingError
+from .errors import DivergedError, TrainingError
 from .diffusion import SigmaSampler
 from .metrics import make_noisy, psnr_ssim, to_float
 from .precond import DenoisingLoss, Preconditioner
@@ -388,7 +388,7 @@ class Trainer:
         """Read the device's count of non-finite steps in a row (a sync) and stop once it reaches the limit."""
         consecutive = int(self.consecutive_nonfinite)
         if consecutive >= self.cfg.max_nonfinite_steps:
-            raise TrainingError(f"loss was non-finite for {consecutive} steps in a row (step {self.step}): lower "
+            raise DivergedError(f"loss was non-finite for {consecutive} steps in a row (step {self.step}): lower "
                                 f"train.lr or set train.amp=off; the last good checkpoint is {self.out_dir / 'last.pt'}")
 
     def _check_divergence(self, interval_loss: float, n_steps: int) -> None:
@@ -402,7 +402,7 @@ class Trainer:
             return
         self.diverged_steps += n_steps
         if self.diverged_steps >= self.cfg.max_diverged_steps:
-            raise TrainingError(f"training diverged: the mean loss has stayed above {factor:g}x its lowest "
+            raise DivergedError(f"training diverged: the mean loss has stayed above {factor:g}x its lowest "
                                 f"({interval_loss:.4g} against {self.lowest_interval_loss:.4g}) for "
                                 f"{self.diverged_steps} steps (step {self.step}): lower train.lr (or raise "
                                 f"train.divergence_factor); {self._checkpoints_kept()}")
