@@ -9,7 +9,7 @@ from ddim_denoise.checkpoint import CheckpointError, load_checkpoint
 from ddim_denoise.config import validate_params
 from ddim_denoise.data import prepare
 from ddim_denoise.errors import TrainingError
-from ddim_denoise.train import Trainer, lr_factor
+from ddim_denoise.train import Trainer, format_duration, lr_factor
 
 
 @pytest.fixture
@@ -35,6 +35,19 @@ def test_lr_warms_up_then_decays_to_min_lr():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert lr_factor(100, 10, 100, 1e-3, 1e-5) == pytest.approx(1e-2)
+
+
+def test_durations_read_as_a_person_would_say_them():
+    assert [format_duration(s) for s in (-1, 40.4, 59.6, 90, 3599, 3600, 7500, 86400 * 1.5)] == [
+        "0 s", "40 s", "1 min", "2 min", "1 h 00 min", "1 h 00 min", "2 h 05 min", "36 h 00 min"]
+
+
+def test_each_epoch_logs_the_time_left(workspace, caplog):
+    caplog.set_level("INFO", logger="ddim_denoise.train")
+    Trainer(with_train(workspace, epochs=2)).fit()
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epoch_lines) == 2
+    assert " left" in epoch_lines[0] and " left" not in epoch_lines[1]  # nothing is left after the last epoch
 
 
 def test_short_training_lowers_the_loss(workspace):

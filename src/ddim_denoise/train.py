@@ -54,6 +54,15 @@ def run_fingerprint(params: Params, dataset_hash: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def format_duration(seconds: float) -> str:
+    """'2 h 05 min', '12 min', '40 s': how long the rest of a run will take, for the epoch log line."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
+
+
 def stream_seed(seed: int, rank: int, epoch: int, stream: str) -> int:
     """A 64-bit seed for one random stream of one rank in one epoch, unrelated to every other (seed, rank, epoch)."""
     digest = hashlib.sha256(f"{seed}/{rank}/{epoch}/{stream}".encode()).digest()
@@ -176,6 +185,7 @@ class Trainer:
         self.nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
         self.consecutive_nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
         self.lowest_interval_loss, self.diverged_steps = math.inf, 0  # the divergence guard (_check_divergence)
+        self._fit_start, self._fit_first_epoch = time.perf_counter(), 0  # for the time left (reset by fit)
         self.run: tracking.SafeRun | None = None
 
     # ---- setup helpers -------------------------------------------------------------------------------------------
@@ -437,6 +447,9 @@ class Trainer:
         n_params = count_parameters(self.model)
         log.info("training %s parameters on %s (%s), %d images/epoch, %d epochs", f"{n_params:,}", self.device,
                  self.precision.name, len(data), self.cfg.epochs)
+        # Wall time per epoch of this process, validation and checkpoints included: the epoch log's time left
+        # (a CPU given the GPU-sized params.yaml learns in the first epoch that it faces a day, not an hour).
+        self._fit_start, self._fit_first_epoch = time.perf_counter(), self.epoch
         try:
             while self.epoch < self.cfg.epochs:
                 mean_loss = self.train_epoch(data)
@@ -475,8 +488,11 @@ class Trainer:
                         self.run.log_artifact(self.out_dir / name, "checkpoints")
         rate = self.images_seen / max(self.train_seconds, 1e-9)
         val = f", val PSNR {metrics['val_psnr_mean']:.2f} dB" if "val_psnr_mean" in metrics else ""
-        log.info("epoch %d/%d: loss %.4f%s, %.0f img/s%s", self.epoch, self.cfg.epochs, metrics["epoch_loss"], val, rate,
-                 " (best)" if new_best else "")
+        per_epoch = (time.perf_counter() - self._fit_start) / max(self.epoch - self._fit_first_epoch, 1)
+        left = f", {format_duration(per_epoch * (self.cfg.epochs - self.epoch))} left" if self.epoch < self.cfg.epochs \
+            else ""
+        log.info("epoch %d/%d: loss %.4f%s, %.0f img/s%s%s", self.epoch, self.cfg.epochs, metrics["epoch_loss"], val,
+                 rate, left, " (best)" if new_best else "")
 
     def _summary(self, n_params: int) -> dict:
         return {"mlflow_run_id": self.run.run_id if self.run else None, "parameters": n_params,
