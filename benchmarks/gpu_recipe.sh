@@ -15,9 +15,16 @@
 # pairs the returned weights with the cached BM3D estimates here.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-recipe-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+ROOT=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT/src:${PYTHONPATH:-}"
 exec > >(tee "$OUT/log.txt") 2>&1
+# Everything the steps write (data/, models*/, training/, mlruns/) goes to a scratch folder, not the checkout: a
+# rehearsal at home must not replace the pipeline's data, models and MLflow store. What matters is copied to $OUT.
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-recipe-work.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+ln -s "$ROOT/.gpu" "$WORK/.gpu" && ln -s "$ROOT/benchmarks" "$WORK/benchmarks" && cp "$ROOT/params.yaml" "$WORK/"
+cd "$WORK" || exit 1
 
 # The GPU recipe: batch 512 with the LR scaled to it, validation every 5 epochs (SSIM runs on the CPU).
 RECIPE=(-S train.compile=true -S train.batch_size=512 -S train.lr=8e-4 -S train.warmup_epochs=2 -S train.val_every=5
