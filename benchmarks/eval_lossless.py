@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     if 0 < n_bm3d < len(clean):  # a paired comparison: every method on BM3D's images
         # Only methods that ran on more images than BM3D run again (on its images); the rest (BM3D itself, DDIM
         # on --ddim-images <= --bm3d-images) already saw exactly those images, and DDIM-50 is slow.
-        covered = {name: len(clean) if m.max_images is None else min(m.max_images, len(clean))
-                   for name, m in methods.items()}
+        covered = table.groupby("method").n_images.max()
         rerun = {name: m for name, m in methods.items() if covered[name] > n_bm3d}
         order = {name: i for i, name in enumerate(methods)}
         paired = pd.concat([run_methods(clean[:n_bm3d], sigmas, rerun, seed).table,

@@ -131,7 +131,7 @@ def run_methods(clean: np.ndarray, sigmas: Iterable[float], methods: dict[str, M
     warmed: set[str] = set()
     for sigma in sigmas:
         noisy = make_noisy(clean, sigma, noise_seed)
-        samples[sigma], per_image_psnr = {}, {}
+        samples[sigma], sigma_rows, per_image_psnr = {}, [], {}
         for name, method in methods.items():
             n = len(clean) if method.max_images is None else min(method.max_images, len(clean))
             if n == 0:
@@ -145,15 +145,16 @@ def run_methods(clean: np.ndarray, sigmas: Iterable[float], methods: dict[str, M
             psnr, ssim = psnr_ssim(clean[:n], estimate)
             (psnr_mean, psnr_ci), (ssim_mean, ssim_ci) = mean_ci95(psnr), mean_ci95(ssim)
             speed = n / seconds if method.timed and seconds > 0 else float("nan")
-            rows.append(dict(sigma=sigma, method=name, n_images=n, psnr=psnr_mean, psnr_ci95=psnr_ci,
-                             ssim=ssim_mean, ssim_ci95=ssim_ci, images_per_s=speed))
+            sigma_rows.append(dict(sigma=sigma, method=name, n_images=n, psnr=psnr_mean, psnr_ci95=psnr_ci,
+                                   ssim=ssim_mean, ssim_ci95=ssim_ci, images_per_s=speed))
             samples[sigma][name], per_image_psnr[name] = np.clip(estimate[:keep_images], 0, 1), psnr
             log.info("sigma %g  %-14s PSNR %6.2f ± %.2f dB  SSIM %.4f  n=%d  %.1f images/s",
                      sigma, name, psnr_mean, psnr_ci, ssim_mean, n, speed)
         one_step = per_image_psnr.get(ONE_STEP)
-        for row in rows[len(rows) - len(per_image_psnr):]:
+        for row in sigma_rows:
             row["psnr_1step_same_images"] = float(one_step[: row["n_images"]].mean()) if one_step is not None \
                 else float("nan")
+        rows += sigma_rows
     return Evaluation(pd.DataFrame(rows, columns=TABLE_COLUMNS), clean[:keep_images], samples)
 
 

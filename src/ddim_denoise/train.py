@@ -328,22 +328,18 @@ class Trainer:
         # non-finite count every max_nonfinite_steps steps), so it can queue steps ahead of a GPU instead of waiting
         # on each one. What is logged is the mean over the steps since the last log point (this epoch's only, so a
         # run resumed at an epoch boundary logs exactly what an uninterrupted one does).
-        loss_sum = torch.zeros((), device=self.device)
-        interval_sum, interval_steps = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        first_step, nonfinite_before = self.step, self.nonfinite_total.clone()
-        interval_start = first_step
+        loss_sum, interval_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        first_step, nonfinite_before = self.step, int(self.nonfinite_total)
+        interval_start, interval_nonfinite_before = first_step, nonfinite_before
         start = time.perf_counter()
         for i, batch in enumerate(bar):
             loss = self.train_step(self._batch_to_model_scale(batch))
-            finite = torch.isfinite(loss)
-            loss = torch.where(finite, loss, 0.0)  # a skipped step adds nothing
-            loss_sum += loss
-            interval_sum += loss
-            interval_steps += finite
+            interval_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)  # a skipped step adds nothing
             self.images_seen += len(batch) * self.world
             if self.step % self.cfg.log_every == 0:
                 self._check_nonfinite()
-                total, n_finite_steps = torch.stack([interval_sum, interval_steps]).tolist()  # one read-back
+                total, nonfinite = torch.stack([interval_sum, self.nonfinite_total.float()]).tolist()  # one read-back
+                n_finite_steps = self.step - interval_start - (int(nonfinite) - interval_nonfinite_before)
                 if n_finite_steps:
                     value = total / n_finite_steps
                     self._check_divergence(value, n_steps=self.step - interval_start)
@@ -353,13 +349,15 @@ class Trainer:
                         self.run.log_metrics({"train_loss": value, "lr": lr}, step=self.step)
                     rate = (i + 1) * len(batch) * self.world / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-                interval_sum.zero_(), interval_steps.zero_()
-                interval_start = self.step
+                loss_sum += interval_sum
+                interval_sum.zero_()
+                interval_start, interval_nonfinite_before = self.step, int(nonfinite)
             elif self.step % self.cfg.max_nonfinite_steps == 0:
                 self._check_nonfinite()
         self._check_nonfinite()
+        loss_sum += interval_sum
         # Reading the count waits for the last step: the epoch's time below is the device's, too.
-        n_finite = self.step - first_step - int(self.nonfinite_total - nonfinite_before)
+        n_finite = self.step - first_step - (int(self.nonfinite_total) - nonfinite_before)
         self.train_seconds += time.perf_counter() - start
         return float(loss_sum) / n_finite if n_finite else float("nan")
 
