@@ -22,7 +22,7 @@ from throughput import PeakTable, count_flops
 from ddim_denoise.denoiser import Denoiser
 from ddim_denoise.data import load_images_npz
 from ddim_denoise.evaluate import baseline_methods, method_label, model_methods, run_methods
-from ddim_denoise.metrics import to_float
+from ddim_denoise.metrics import make_noisy, to_float
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         steps = [1, args.ddim_steps]
         methods = model_methods(denoiser, steps, batch_size)
         table = run_methods(clean, [args.sigma], methods, noise_seed=seed).table
-        flops = {name: count_flops(lambda: denoiser.denoise(clean[:1], args.sigma, steps=k, batch_size=1))
+        noisy = make_noisy(clean[:1], args.sigma, seed)  # a clean image may hold 0s and 1s: "clipped", more passes
+        flops = {name: count_flops(lambda: denoiser.denoise(noisy, args.sigma, steps=k, batch_size=1))
                  for name, k in zip(methods, steps)}
         table["gflop"] = table.method.map(flops) / 1e9
         tflops = table.images_per_s * table.gflop / 1e3

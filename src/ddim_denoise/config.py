@@ -91,6 +91,8 @@ class EvalConfig(_Section):
     batch_size: int = Field(250, ge=1)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # denoising precision; see runtime.resolve_inference_precision
     noise_seed: int = 1234
+    unclip_passes: int = Field(2, ge=0)  # extra one-step passes for images with clipped noise (pixels at 0 or 1)
+    unclip_passes_estimated: int = Field(4, ge=0)  # the same when sigma is estimated (re-estimated every pass)
     grid_images: int = Field(6, ge=1)
     workers: int = Field(2, ge=1)  # processes for the classical baselines (BM3D is ~1 s per image per core)
 

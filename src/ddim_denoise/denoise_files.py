@@ -2,8 +2,8 @@
 
 The per-image step (``denoise_decoded``) is shared with the MLflow pyfunc server, so a file denoised from the command
 line and one sent over REST go through the same code. The noise level is either given (one pixel-scale sigma for
-every image: 0.1 means 25.5/255) or estimated per image from the whole image, never per tile, so the tiles of one
-image are all denoised at the same level.
+every image: 0.1 means 25.5/255) or estimated per image from the whole image (refined on its central tile where
+clipping hid part of the noise), never per tile, so the tiles of one image are all denoised at the same level.
 
 All inputs are checked (present, distinct output names, not overwriting themselves) before the first one is
 denoised, so a typo in the tenth path does not cost nine images' work.
@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .clipping import saturated
 from .denoiser import Denoiser, estimate_sigma
 from .errors import InputError
 from .image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
@@ -79,21 +80,29 @@ class DenoisedImage:
     estimated: bool  # True when sigma was estimated from the image
 
 
-def image_sigma(rgb: np.ndarray, sigma: float | None) -> tuple[float, bool]:
-    """(sigma to use, whether it was estimated): the given one, or the image's own estimate (raised if not positive)."""
+def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: int) -> tuple[float, bool]:
+    """(sigma to use, whether it was estimated): the given one, or the image's own estimate (raised if not positive).
+
+    Where the image has clipped pixels (exactly 0 or 1), the estimate reads low; the denoiser then refines it on the
+    central ``tile`` x ``tile`` crop, unclipping and re-estimating in turn (``Denoiser.denoise`` with sigma=None).
+    """
     if sigma is not None:
         return check_pixel_sigma(sigma), False
     estimate = float(estimate_sigma(rgb[None])[0])
     if not (math.isfinite(estimate) and estimate > 0):
         raise InputError(f"the noise level estimated from the image is {estimate:.3g}; the image looks noise-free or "
                          "flat: pass --sigma instead")
+    if saturated(rgb).any():
+        top, left = max(0, (rgb.shape[0] - tile) // 2), max(0, (rgb.shape[1] - tile) // 2)
+        denoiser.denoise(rgb[None, top:top + tile, left:left + tile], None)
+        estimate = float(denoiser.last_sigma[0])
     return min(estimate, 1.0), True
 
 
 def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOptions,
                     on_tiles: Callable[[int], None] | None = None) -> DenoisedImage:
     """Denoise one decoded image (tiled when large), at the given or estimated noise level."""
-    sigma, estimated = image_sigma(image.rgb, options.sigma)
+    sigma, estimated = image_sigma(denoiser, image.rgb, options.sigma, options.tiles.tile)
     batch = partial(denoiser.denoise, steps=options.steps, eta=options.eta, batch_size=options.tiles.batch)
     try:
         rgb = denoise_tiled(batch, image.rgb, sigma, options.tiles, on_tiles)

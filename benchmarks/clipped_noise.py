@@ -1,0 +1,65 @@
+"""Noise clipped to [0, 1], as image files store it: one-step PSNR with and without undoing the clipping.
+
+The project's benchmark inputs are unclipped (the noise convention), but an 8-bit PNG of a noisy picture holds
+clip(round(255 (x + n)) / 255). For each sigma this prints the one-step PSNR on the first lossless test images
+(noise seed as ``eval.noise_seed``) for: unclipped inputs at the true and the estimated sigma; 8-bit inputs at the
+true sigma without unclipping and with ``eval.unclip_passes``; 8-bit inputs at the estimated sigma without
+unclipping and with ``eval.unclip_passes_estimated`` (the estimate's median ratio to the true sigma in brackets).
+
+    python benchmarks/clipped_noise.py --checkpoint models/best.pt --n-images 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this file runs as a script
+
+from ddim_denoise.data import load_images_npz
+from ddim_denoise.denoiser import Denoiser
+from ddim_denoise.metrics import make_noisy, psnr_ssim, to_float
+
+
+def to_8bit(noisy: np.ndarray) -> np.ndarray:
+    """What writing and reading an 8-bit image file does to a noisy image."""
+    return (np.clip(np.round(noisy * 255), 0, 255) / 255).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="models/best.pt")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="npz with uint8 x_test (N, H, W, 3)")
+    parser.add_argument("--n-images", type=int, default=300)
+    parser.add_argument("--sigmas", type=lambda t: [float(s) for s in t.split(",")], default=[0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device)
+    cfg = denoiser.params.eval
+    passes, passes_estimated = cfg.unclip_passes, cfg.unclip_passes_estimated
+    clean = to_float(load_images_npz(args.data, "x_test", args.n_images))
+
+    def run(noisy, sigma, known_passes, estimated_passes) -> str:
+        cfg.unclip_passes, cfg.unclip_passes_estimated = known_passes, estimated_passes
+        psnr = psnr_ssim(clean, denoiser.denoise(noisy, sigma, batch_size=cfg.batch_size))[0].mean()
+        return f"{psnr:.2f}" if sigma is not None else f"{psnr:.2f} (x{np.median(denoiser.last_sigma) / true:.2f})"
+
+    print(f"\n### Clipped noise, {args.checkpoint}: one-step PSNR (dB) on {len(clean)} lossless test images\n")
+    print(f"| sigma | noisy 8-bit | unclipped, true sigma | unclipped, estimated | 8-bit, true sigma | "
+          f"8-bit, true, {passes} unclip passes | 8-bit, estimated | 8-bit, estimated, {passes_estimated} passes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for true in args.sigmas:
+        noisy = make_noisy(clean, true, cfg.noise_seed)
+        stored = to_8bit(noisy)
+        cells = [f"{psnr_ssim(clean, stored)[0].mean():.2f}", run(noisy, true, 0, 0), run(noisy, None, 0, 0),
+                 run(stored, true, 0, 0), run(stored, true, passes, 0), run(stored, None, 0, 0),
+                 run(stored, None, 0, passes_estimated)]
+        print(f"| {true:g} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

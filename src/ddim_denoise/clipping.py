@@ -1,0 +1,72 @@
+"""Noise that was clipped to [0, 1], as in every 8- or 16-bit image file, and the noise level of an image.
+
+The model was trained on unclipped Gaussian noise. A noisy pixel stored as exactly 0 or 1 only says that x + n fell
+at or beyond that bound, and treating it as an ordinary noisy value misleads the model badly (the CPU recipe's model
+scored 13.7 dB instead of 20.9 dB at sigma 0.5 on 8-bit inputs: README, *Clipped noise*). ``unclip`` puts such
+pixels back where Gaussian noise could have put them: around a clean estimate, it draws the noise from the normal
+distribution truncated to the clipped side. Alternating this with the denoiser converges in a few passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+# Immerkaer's (1996) noise-only 3x3 filter: it cancels constants, ramps and quadratics, and its squared weights sum
+# to 1, so filtered white noise keeps the noise's standard deviation.
+NOISE_FILTER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64) / 6
+MAD_TO_STD = 1 / 0.6744897501960817  # Gaussian: std = median(|x|) / Phi^-1(3/4)
+CLIP_AT = 3.0  # the refinement's RMS ignores filter outputs beyond 3 estimated stds (edges, texture)
+# Variance of a standard normal truncated to [-3, 3], to undo what that cut removes from the RMS.
+TRUNCATED_VARIANCE = 1 - 2 * CLIP_AT * np.exp(-CLIP_AT**2 / 2) / np.sqrt(2 * np.pi) / (2 * ndtr(CLIP_AT) - 1)
+REFINE_ITERATIONS = 3
+
+
+def saturated(images: np.ndarray) -> np.ndarray:
+    """Pixels stored at exactly 0 or 1: where clipping hid the noise (unclipped noisy values never land there)."""
+    return (images == 0) | (images == 1)
+
+
+def _windows(plane: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Valid 3x3 correlation of (..., H, W) planes (no padding, so no border effects on small images)."""
+    h, w = plane.shape[-2:]
+    return sum(weights[a, b] * plane[..., a:h - 2 + a, b:w - 2 + b] for a in range(3) for b in range(3))
+
+
+def estimate_noise_sigma(image: np.ndarray) -> float:
+    """Pixel-scale noise std of one (H, W, C) image: a robust spread of its noise-only filter outputs.
+
+    The median absolute output gives a first estimate; an RMS over the outputs within 3 of those stds (corrected
+    for the cut) refines it, being less noisy than the median on the ~2,700 outputs a 32x32 image has. Clipped noise
+    is under-estimated (by ~15% at sigma 0.3 in 8-bit files): give the level when it is known.
+    """
+    planes = np.moveaxis(np.asarray(image, dtype=np.float64), -1, 0)
+    if min(planes.shape[-2:]) < 3:
+        return float("nan")
+    values = np.abs(_windows(planes, NOISE_FILTER)).ravel()
+    sigma = np.median(values) * MAD_TO_STD
+    for _ in range(REFINE_ITERATIONS):
+        kept = values[values < CLIP_AT * sigma]
+        if len(kept) == 0:  # a noise-free, flat image: sigma is 0
+            break
+        sigma = np.sqrt(np.mean(kept**2) / TRUNCATED_VARIANCE)
+    return float(sigma)
+
+
+def unclip(noisy: np.ndarray, estimate: np.ndarray, sigma: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``noisy`` with its saturated pixels redrawn as estimate + n, n ~ N(0, sigma^2) given that it was clipped.
+
+    ``noisy`` and ``estimate`` are (N, H, W, C) on the [0, 1] scale, ``sigma`` one pixel-scale level per image. A
+    pixel at 0 gets n <= -estimate, one at 1 gets n >= 1 - estimate (inverse-CDF sampling of the truncated normal).
+    """
+    s = np.asarray(sigma, dtype=np.float64).reshape(-1, 1, 1, 1)
+    x = np.asarray(estimate, dtype=np.float64)
+    tiny = 1e-12  # keeps the CDF bounds off 0 and 1 where the estimate contradicts the clipping
+    low_cdf = np.clip(ndtr(-x / s), tiny, 1)  # P(n <= -x)
+    high_cdf = np.clip(ndtr((1 - x) / s), 0, 1 - tiny)  # P(n <= 1 - x)
+    u = rng.uniform(size=x.shape)
+    out = np.array(noisy, dtype=np.float64)
+    low, high = noisy == 0, noisy == 1
+    out[low] = (x + s * ndtri(u * low_cdf))[low]
+    out[high] = (x + s * ndtri(high_cdf + u * (1 - high_cdf)))[high]
+    return out.astype(np.float32)
