@@ -118,3 +118,13 @@ def test_an_estimated_sigma_is_reestimated_for_clipped_images_only(counting_deno
     assert calls == [2] + [1] * denoiser.params.eval.unclip_passes_estimated
     assert denoiser.last_sigma[0] == pytest.approx(first[0], rel=1e-6)
     assert denoiser.last_sigma[1] > first[1]  # the clipped image's estimate rose towards its true level
+
+
+def test_multistep_ddim_runs_its_steps_once_after_the_one_step_unclipping_passes(counting_denoiser):
+    denoiser, calls = counting_denoiser
+    images = np.random.default_rng(8).uniform(0.3, 0.7, (2, 16, 16, 3)).astype(np.float32)
+    images[1, 0, 0, 0] = 0.0
+    passes = denoiser.params.eval.unclip_passes
+    denoiser.denoise(images, 0.2, steps=3, batch_size=8)
+    # the unclipped image: 3 DDIM steps; the clipped one: a one-step start, passes - 1 one-step passes, 3 steps
+    assert len(calls) == 3 + 1 + (passes - 1) + 3
