@@ -88,8 +88,7 @@ class Denoiser:
             raise ValueError(f"expected float images on the [0, 1] scale, got dtype {noisy.dtype}; divide integers by 255")
         estimating = sigma is None
         if estimating:
-            sigma = self.last_sigma = estimate_sigma(noisy)
-            log.info("estimated sigma: %s", np.array2string(sigma, precision=4))
+            sigma = estimate_sigma(noisy)
         sigma = np.array(np.broadcast_to(np.asarray(sigma, dtype=np.float32), (len(noisy),)))
         check_sigma(sigma)
         self._warn_untrained_sigma(sigma)
@@ -111,9 +110,9 @@ class Denoiser:
                     sigma[clipped] = reestimate_sigma(unclipped[clipped], sigma[clipped])
                 self._denoise_all(unclipped, sigma, clipped, out, steps if p == passes - 1 else 1, eta, batch_size,
                                   generator)
-            if estimating:
-                self.last_sigma = sigma
-                log.info("estimated sigma after unclipping: %s", np.array2string(sigma, precision=4))
+        if estimating:
+            self.last_sigma = sigma
+            log.info("estimated sigma: %s", np.array2string(sigma, precision=4))
         return out
 
     def _denoise_all(self, noisy, sigma, which, out, steps, eta, batch_size, generator) -> None:
