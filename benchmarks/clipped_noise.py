@@ -18,14 +18,10 @@ from pathlib import Path
 import numpy as np
 from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this file runs as a script
 
+from ddim_denoise.clipping import as_8bit
 from ddim_denoise.data import load_images_npz
 from ddim_denoise.denoiser import Denoiser
 from ddim_denoise.metrics import make_noisy, psnr_ssim, to_float
-
-
-def to_8bit(noisy: np.ndarray) -> np.ndarray:
-    """What writing and reading an 8-bit image file does to a noisy image."""
-    return (np.clip(np.round(noisy * 255), 0, 255) / 255).astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for true in args.sigmas:
         noisy = make_noisy(clean, true, cfg.noise_seed)
-        stored = to_8bit(noisy)
+        stored = as_8bit(noisy)
         cells = [f"{psnr_ssim(clean, stored)[0].mean():.2f}", run(noisy, true, 0, 0), run(noisy, None, 0, 0),
                  run(stored, true, 0, 0), run(stored, true, passes, 0), run(stored, None, 0, 0),
                  run(stored, None, 0, passes_estimated)]

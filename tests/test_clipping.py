@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from denoise_fixtures import write_tiny_checkpoint
 
-from ddim_denoise.clipping import estimate_noise_sigma, saturated, unclip
+from ddim_denoise.clipping import as_8bit, estimate_noise_sigma, saturated, unclip
 from ddim_denoise.denoiser import Denoiser
 
 
@@ -21,10 +21,6 @@ def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
             ramp = a * yy + b * xx
             out[i, ..., c] = (ramp - ramp.min()) / (np.ptp(ramp) or 1)
     return out
-
-
-def to_8bit(images: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(images * 255), 0, 255) / 255
 
 
 @pytest.mark.parametrize("sigma", [0.05, 0.1, 0.3])
@@ -58,7 +54,7 @@ def test_unclipping_around_the_clean_image_restores_gaussian_noise():
     """With the clean image as the estimate, the unclipped noise is N(0, sigma^2) again; the stored one is not."""
     sigma = 0.3
     clean = smooth_images(4, 64)
-    stored = to_8bit(clean + sigma * np.random.default_rng(2).standard_normal(clean.shape))
+    stored = as_8bit(clean + sigma * np.random.default_rng(2).standard_normal(clean.shape))
     assert saturated(stored).mean() > 0.15
     assert np.std(stored - clean) < 0.9 * sigma
     restored = unclip(stored, clean, np.full(4, sigma), np.random.default_rng(3)) - clean
@@ -70,7 +66,7 @@ def test_reestimating_on_unclipped_images_converges_to_the_true_sigma():
     """The estimate reads low on clipped noise; unclipping at it and estimating again climbs to the true level."""
     sigma, rng = 0.4, np.random.default_rng(4)
     clean = smooth_images(8, 32)
-    stored = to_8bit(clean + sigma * rng.standard_normal(clean.shape))
+    stored = as_8bit(clean + sigma * rng.standard_normal(clean.shape))
     estimate = np.array([estimate_noise_sigma(image) for image in stored])
     assert np.median(estimate) < 0.85 * sigma
     for _ in range(8):
@@ -112,7 +108,7 @@ def test_an_estimated_sigma_is_reestimated_for_clipped_images_only(counting_deno
     rng = np.random.default_rng(7)
     clean = smooth_images(2, 32).astype(np.float32)
     noisy = clean + np.float32(0.3) * rng.standard_normal(clean.shape, dtype=np.float32)
-    noisy[1] = to_8bit(noisy[1])
+    noisy[1] = as_8bit(noisy[1])
     first = np.array([estimate_noise_sigma(image) for image in noisy])
     denoiser.denoise(noisy, None, batch_size=8)
     assert calls == [2] + [1] * denoiser.params.eval.unclip_passes_estimated

@@ -22,7 +22,8 @@ from ddim_denoise.report import ORIGIN_REPORT, findings, write_report
 
 N_TEST = 6
 SIGMAS = [0.05, 0.1]  # low enough that mid-gray images almost never clip: noisy PSNR = -20 log10(sigma)
-EXPECTED_METHODS = {"noisy": N_TEST, "model_1step": N_TEST, "model_ddim3": N_TEST, "bm3d": 1, "nlm": 3}
+EXPECTED_METHODS = {"noisy": N_TEST, "model_1step": N_TEST, "model_ddim3": N_TEST, "model_1step_8bit": 4, "bm3d": 1,
+                    "nlm": 3}
 
 
 @pytest.fixture
@@ -31,7 +32,8 @@ def workspace(tmp_path, monkeypatch, tiny_params):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     raw = tiny_params.model_dump()
-    raw["eval"].update(n_images=N_TEST, sigmas=SIGMAS, bm3d_images=1, nlm_images=3, ddim_steps=3, grid_images=2)
+    raw["eval"].update(n_images=N_TEST, sigmas=SIGMAS, bm3d_images=1, nlm_images=3, ddim_steps=3, grid_images=2,
+                       clipped_images=4)
     params = validate_params(raw)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
 
@@ -77,6 +79,8 @@ def test_evaluate_writes_metrics_table_and_grid_with_analytic_noisy_psnr(workspa
         assert math.isnan(rows.images_per_s["noisy"]) and rows.images_per_s["model_1step"] > 0
         assert rows.psnr["bm3d"] > rows.psnr["noisy"]  # the baselines get the true sigma and do denoise
         assert rows.psnr["nlm"] > rows.psnr["noisy"]
+        # mid-gray images barely clip at these sigmas: the 8-bit copies score as the one-step model on the same images
+        assert rows.psnr["model_1step_8bit"] == pytest.approx(rows.psnr_1step_same_images["model_1step_8bit"], abs=0.2)
     pd.testing.assert_frame_equal(table.reset_index(drop=True), csv, check_dtype=False, atol=1e-4)
 
     metrics = json.loads(open(f"{out}/{METRICS_FILE}").read())

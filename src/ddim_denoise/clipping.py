@@ -22,6 +22,11 @@ TRUNCATED_VARIANCE = 1 - 2 * CLIP_AT * np.exp(-CLIP_AT**2 / 2) / np.sqrt(2 * np.
 REFINE_ITERATIONS = 3
 
 
+def as_8bit(images: np.ndarray) -> np.ndarray:
+    """What writing and reading an 8-bit image file does to float images on the [0, 1] scale: round and clip."""
+    return (np.clip(np.round(images * 255), 0, 255) / 255).astype(np.float32)
+
+
 def saturated(images: np.ndarray) -> np.ndarray:
     """Pixels stored at exactly 0 or 1: where clipping hid the noise (unclipped noisy values never land there)."""
     return (images == 0) | (images == 1)

@@ -93,6 +93,7 @@ class EvalConfig(_Section):
     noise_seed: int = 1234
     unclip_passes: int = Field(2, ge=0)  # extra one-step passes for images with clipped noise (pixels at 0 or 1)
     unclip_passes_estimated: int = Field(4, ge=0)  # the same when sigma is estimated (re-estimated every pass)
+    clipped_images: int = Field(1000, ge=0)  # one-step also on these first noisy images stored as 8-bit; 0 = off
     grid_images: int = Field(6, ge=1)
     workers: int = Field(2, ge=1)  # processes for the classical baselines (BM3D is ~1 s per image per core)
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .checkpoint import atomic_path, atomic_write_text
+from .clipping import as_8bit
 from .config import EvalConfig, Params
 from .data import load_split
 from .metrics import make_noisy, mean_ci95, psnr_ssim, to_float
@@ -43,6 +44,7 @@ TABLE_COLUMNS = ["sigma", "method", "n_images", "psnr", "psnr_ci95", "ssim", "ss
 CLEAN = "clean"
 NOISY = "noisy"
 ONE_STEP = "model_1step"
+ONE_STEP_8BIT = "model_1step_8bit"  # the same noisy images as an 8-bit file stores them (clipped and rounded)
 GRID_DPI = 150
 
 DenoiseFn = Callable[[np.ndarray, float], np.ndarray]
@@ -75,6 +77,8 @@ def method_label(name: str) -> str:
     """Human-readable name for figures and tables: model_ddim10 -> 'DDIM-10', model_1step -> 'one-step'."""
     if name == ONE_STEP:
         return "one-step"
+    if name == ONE_STEP_8BIT:
+        return "one-step, 8-bit input"
     if name.startswith("model_ddim"):
         return f"DDIM-{name.removeprefix('model_ddim')}"
     return {"bm3d": "BM3D", "nlm": "NLM", NOISY: "noisy input", CLEAN: "clean"}.get(name, name)
@@ -111,11 +115,22 @@ def baseline_methods(bm3d_images: int, nlm_images: int, workers: int = 1) -> dic
             for name, (fn, n) in counts.items() if n > 0}
 
 
+def clipped_input_method(denoiser, batch_size: int, max_images: int) -> dict[str, Method]:
+    """One step on the noisy images as an 8-bit file holds them (what users' pictures look like): the denoiser
+    undoes the clipping (``eval.unclip_passes``). ``max_images`` 0 leaves the method out."""
+    def run(noisy: np.ndarray, sigma: float) -> np.ndarray:
+        return denoiser.denoise(as_8bit(noisy), sigma, batch_size=batch_size)
+
+    return {ONE_STEP_8BIT: Method(run, max_images=max_images)} if max_images > 0 else {}
+
+
 def build_methods(denoiser, cfg: EvalConfig, workers: int = 1) -> dict[str, Method]:
-    """The evaluation's methods: the noisy input, the model in one step and in ``cfg.ddim_steps``, the baselines."""
+    """The evaluation's methods: the noisy input, the model in one step and in ``cfg.ddim_steps``, one step on 8-bit
+    inputs, the baselines."""
     return {
         NOISY: NOISY_INPUT,
         **model_methods(denoiser, [1, cfg.ddim_steps], cfg.batch_size),
+        **clipped_input_method(denoiser, cfg.batch_size, cfg.clipped_images),
         **baseline_methods(cfg.bm3d_images, cfg.nlm_images, workers),
     }
 
