@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     passes, passes_estimated = cfg.unclip_passes, cfg.unclip_passes_estimated
     clean = to_float(load_images_npz(args.data, "x_test", args.n_images))
 
-    def run(noisy, sigma, known_passes, estimated_passes) -> str:
+    def run(noisy, true, estimate: bool, known_passes, estimated_passes) -> str:
+        """One-step PSNR at the true or the estimated sigma (then with its median ratio to the true one)."""
         cfg.unclip_passes, cfg.unclip_passes_estimated = known_passes, estimated_passes
-        psnr = psnr_ssim(clean, denoiser.denoise(noisy, sigma, batch_size=cfg.batch_size))[0].mean()
-        return f"{psnr:.2f}" if sigma is not None else f"{psnr:.2f} (x{np.median(denoiser.last_sigma) / true:.2f})"
+        psnr = psnr_ssim(clean, denoiser.denoise(noisy, None if estimate else true, batch_size=cfg.batch_size))[0]
+        ratio = f" (x{np.median(denoiser.last_sigma) / true:.2f})" if estimate else ""
+        return f"{psnr.mean():.2f}{ratio}"
 
     print(f"\n### Clipped noise, {args.checkpoint}: one-step PSNR (dB) on {len(clean)} lossless test images\n")
     print(f"| sigma | noisy 8-bit | unclipped, true sigma | unclipped, estimated | 8-bit, true sigma | "
@@ -51,9 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     for true in args.sigmas:
         noisy = make_noisy(clean, true, cfg.noise_seed)
         stored = as_8bit(noisy)
-        cells = [f"{psnr_ssim(clean, stored)[0].mean():.2f}", run(noisy, true, 0, 0), run(noisy, None, 0, 0),
-                 run(stored, true, 0, 0), run(stored, true, passes, 0), run(stored, None, 0, 0),
-                 run(stored, None, 0, passes_estimated)]
+        cells = [f"{psnr_ssim(clean, stored)[0].mean():.2f}", run(noisy, true, False, 0, 0),
+                 run(noisy, true, True, 0, 0), run(stored, true, False, 0, 0), run(stored, true, False, passes, 0),
+                 run(stored, true, True, 0, 0), run(stored, true, True, 0, passes_estimated)]
         print(f"| {true:g} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -102,9 +102,8 @@ class Denoiser:
         for k in np.unique(first_steps):
             self._denoise_all(noisy, sigma, first_steps == k, out, int(k), eta, batch_size, generator)
         if clipped.any():
-            rng = np.random.default_rng(seed)
+            rng, unclipped = np.random.default_rng(seed), noisy.copy()  # each pass rewrites the clipped images whole
             for p in range(passes):
-                unclipped = noisy.copy()
                 unclipped[clipped] = unclip(noisy[clipped], out[clipped], sigma[clipped], rng)
                 if estimating:  # clipping hid noise from the first estimate; the unclipped images show more of it
                     sigma[clipped] = reestimate_sigma(unclipped[clipped], sigma[clipped])
