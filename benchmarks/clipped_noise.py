@@ -12,32 +12,21 @@ unclipping and with ``eval.unclip_passes_estimated`` (the estimate's median rati
 from __future__ import annotations
 
 import argparse
-import logging
-from pathlib import Path
 
 import numpy as np
-from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this file runs as a script
+from eval_lossless import add_probe_arguments, load_probe  # benchmarks/ is on sys.path when this file runs as a script
 
 from ddim_denoise.clipping import as_8bit
-from ddim_denoise.data import load_images_npz
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.metrics import make_noisy, psnr_ssim, to_float
+from ddim_denoise.metrics import make_noisy, psnr_ssim
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="models/best.pt")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="npz with uint8 x_test (N, H, W, 3)")
-    parser.add_argument("--n-images", type=int, default=300)
-    parser.add_argument("--sigmas", type=lambda t: [float(s) for s in t.split(",")], default=[0.1, 0.2, 0.3, 0.5])
-    parser.add_argument("--device", default=None)
+    add_probe_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-
-    denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device)
+    denoiser, clean = load_probe(args)
     cfg = denoiser.params.eval
     passes, passes_estimated = cfg.unclip_passes, cfg.unclip_passes_estimated
-    clean = to_float(load_images_npz(args.data, "x_test", args.n_images))
 
     def run(noisy, true, estimate: bool, known_passes, estimated_passes) -> str:
         """One-step PSNR at the true or the estimated sigma (then with its median ratio to the true one)."""

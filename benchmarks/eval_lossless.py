@@ -54,6 +54,22 @@ def parse_list(text: str, kind=float) -> list:
     return [kind(v) for v in text.split(",") if v.strip()]
 
 
+def add_probe_arguments(parser: argparse.ArgumentParser, n_images: int = 300) -> None:
+    """What the one-checkpoint probes on the lossless subset share (clipped_noise.py, gray_noise.py)."""
+    parser.add_argument("--checkpoint", default="models/best.pt")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="npz with uint8 x_test (N, H, W, 3)")
+    parser.add_argument("--n-images", type=int, default=n_images)
+    parser.add_argument("--sigmas", type=parse_list, default=[0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--device", default=None)
+
+
+def load_probe(args: argparse.Namespace) -> tuple[Denoiser, np.ndarray]:
+    """The checkpoint's Denoiser and the first ``--n-images`` clean test images, float (N, H, W, 3) in [0, 1]."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device)
+    return denoiser, to_float(load_images_npz(args.data, "x_test", args.n_images))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="models/best.pt")

@@ -16,7 +16,9 @@ def write_tiny_checkpoint(path: Path, params, perturb: float = 0.05, seed: int =
     from ddim_denoise.checkpoint import save_checkpoint
     from ddim_denoise.denoiser import build_model
 
-    model, _ = build_model(params)
+    with torch.random.fork_rng():  # the same weights whatever ran before (tests compare against thresholds)
+        torch.manual_seed(seed)
+        model, _ = build_model(params)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():

@@ -218,6 +218,6 @@ def test_bad_checkpoint_is_one_line_from_evaluate_and_writes_nothing(workspace, 
 @pytest.mark.parametrize("sigma", [0.0, -0.1, 1.5, float("nan"), float("inf")])
 def test_denoiser_refuses_a_sigma_outside_0_1(tmp_path, tiny_params, sigma):
     denoiser = Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "model.pt", tiny_params), device="cpu")
-    noisy = np.full((1, 8, 8, 3), 0.5, np.float32)
+    noisy = np.broadcast_to(np.float32([0.4, 0.5, 0.6]), (1, 8, 8, 3))  # colour: gray images stop at 0.577
     with pytest.raises(ValueError, match=r"sigma must lie in \(0, 1\]"):
         denoiser.denoise(noisy, sigma)

@@ -20,8 +20,16 @@ def benchmarks_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setattr("throughput.PEAK_SIZE", {"cpu": (128, 2)}, raising=False)
     yield
-    for name in ("throughput", "train_speed", "denoise_speed", "eval_lossless"):
+    for name in ("throughput", "train_speed", "denoise_speed", "eval_lossless", "gray_noise"):
         sys.modules.pop(name, None)
+
+
+def tiny_checkpoint_and_images(tmp_path, tiny_params, n: int, size: int) -> tuple[str, str]:
+    """A tiny model's checkpoint and an .npz of n random (size x size) test images, as the scripts' paths."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params)
+    images = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    np.savez(tmp_path / "test.npz", x_test=images)
+    return str(checkpoint), str(tmp_path / "test.npz")
 
 
 def test_count_flops_counts_a_matrix_product():
@@ -50,10 +58,8 @@ def test_peak_table_measures_each_precision_once(monkeypatch):
 def test_denoise_speed_prints_flops_and_the_share_of_peak(tmp_path, tiny_params, capsys):
     import denoise_speed
 
-    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params)
-    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / "test.npz", x_test=images)
-    denoise_speed.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "test.npz"), "--n-images", "6",
+    checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 6, 8)
+    denoise_speed.main(["--checkpoint", checkpoint, "--data", data, "--n-images", "6",
                         "--bm3d-images", "0", "--ddim-steps", "3", "--amp", "off", "--device", "cpu",
                         "--batch-size", "3"])
     out = capsys.readouterr().out
@@ -92,3 +98,17 @@ def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
         model.to(memory_format=torch.channels_last)
         channels_last = count_flops(lambda: model(y.contiguous(memory_format=torch.channels_last), sigma))
     assert channels_last == contiguous
+
+
+def test_gray_noise_prints_a_row_per_sigma_with_every_method(tmp_path, tiny_params, capsys):
+    import gray_noise
+
+    checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 4, 16)
+    gray_noise.main(["--checkpoint", checkpoint, "--data", data, "--n-images", "4",
+                     "--bm3d-images", "2", "--workers", "1", "--sigmas", "0.1,0.2", "--device", "cpu",
+                     "--cache-dir", str(tmp_path / "cache")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| 0\.[12] \|", line)]
+    assert len(rows) == 2
+    for row in rows:
+        cells = row.strip("|").split("|")[1:]
+        assert len(cells) == 7 and all(re.fullmatch(r" \d+\.\d\d / \d\.\d{3} ", c) for c in cells)

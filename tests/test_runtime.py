@@ -62,13 +62,21 @@ def test_denoising_outside_the_trained_noise_range_warns_once(tmp_path, tiny_par
         update={"t_sampling": "log_uniform", "sigma_min": 0.05, "sigma_max": 0.6})})
     denoiser = Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.pt", params), device="cpu")
     assert denoiser.trained_sigma_range == (0.05, 0.6)
-    noisy = np.full((2, 8, 8, 3), 0.5, np.float32)
+    noisy = np.broadcast_to(np.float32([0.4, 0.5, 0.6]), (2, 8, 8, 3))  # colour: gray images count sqrt(3)x
     denoiser.denoise(noisy, 0.2)
     assert "outside" not in caplog.text
     denoiser.denoise(noisy, np.array([0.2, 0.01]))
     denoiser.denoise(noisy, 0.9)
     assert caplog.text.count("sigma 0.01 lies outside the 0.05-0.6 this model was trained on") == 1
     assert caplog.text.count("outside") == 1
+
+
+def test_a_gray_image_warns_at_the_level_the_model_sees(tmp_path, tiny_params, caplog):
+    params = tiny_params.model_copy(update={"diffusion": tiny_params.diffusion.model_copy(
+        update={"t_sampling": "log_uniform", "sigma_min": 0.05, "sigma_max": 0.6})})
+    denoiser = Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.pt", params), device="cpu")
+    denoiser.denoise(np.full((1, 8, 8, 1), 0.5, np.float32), 0.5)  # the model sees sqrt(3) x 0.5 = 0.866
+    assert caplog.text.count("sigma 0.866 (a gray image's 0.5 times sqrt(3)) lies outside the 0.05-0.6") == 1
 
 
 def test_a_model_trained_on_every_noise_level_never_warns(tmp_path, tiny_params, caplog):

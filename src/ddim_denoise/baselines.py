@@ -1,8 +1,9 @@
 """Classical Gaussian denoisers used as baselines, with the model's call shape: ``fn(noisy, sigma) -> estimate``.
 
-Both take float32 images (N, H, W, 3) on the [0, 1] scale, noisy and NOT clipped (clipping first would bias the noise
-the method was told about), and return float32 estimates clipped to [0, 1], as ``Denoiser.denoise`` does. Both work
-one image at a time on the CPU; ``workers > 1`` spreads the images over that many processes.
+Both take float32 images (N, H, W, 3) on the [0, 1] scale (BM3D also gray ones, (N, H, W, 1)), noisy and NOT
+clipped (clipping first would bias the noise the method was told about), and return float32 estimates clipped to
+[0, 1], as ``Denoiser.denoise`` does. Both work one image at a time on the CPU; ``workers > 1`` spreads the images
+over that many processes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ NLM_FAST_MODE = True
 def _bm3d_one(image: np.ndarray, sigma: float, profile: str, colorspace: str) -> np.ndarray:
     import bm3d
 
+    if image.shape[-1] == 1:  # gray: the single-channel algorithm
+        return bm3d.bm3d(image[..., 0], sigma_psd=sigma, profile=profile)[..., None]
     return bm3d.bm3d_rgb(image, sigma_psd=sigma, profile=profile, colorspace=colorspace)
 
 
@@ -62,7 +65,8 @@ def map_images(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, worke
 
 def bm3d_denoise(noisy: np.ndarray, sigma: float, profile: str = BM3D_PROFILE, colorspace: str = BM3D_COLORSPACE,
                  workers: int = 1) -> np.ndarray:
-    """BM3D (``bm3d.bm3d_rgb``) with the true noise standard deviation; slow: about a second per 32x32 image."""
+    """BM3D (``bm3d.bm3d_rgb``; ``bm3d.bm3d`` for gray images) with the true noise standard deviation; slow: about a
+    second per 32x32 colour image."""
     return map_images(functools.partial(_bm3d_one, sigma=float(sigma), profile=profile, colorspace=colorspace),
                       noisy, workers)
 

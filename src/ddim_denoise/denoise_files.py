@@ -102,9 +102,9 @@ def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: 
 def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOptions,
                     on_tiles: Callable[[int], None] | None = None) -> DenoisedImage:
     """Denoise one decoded image (tiled when large), at the given or estimated noise level."""
-    sigma, estimated = image_sigma(denoiser, image.rgb, options.sigma, options.tiles.tile)
     batch = partial(denoiser.denoise, steps=options.steps, eta=options.eta, batch_size=options.tiles.batch)
     try:
+        sigma, estimated = image_sigma(denoiser, image.rgb, options.sigma, options.tiles.tile)
         rgb = denoise_tiled(batch, image.rgb, sigma, options.tiles, on_tiles)
     except ValueError as e:  # Denoiser's refusals: a sigma or step count its noise schedule cannot serve
         raise InputError(str(e)) from None

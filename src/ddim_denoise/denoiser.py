@@ -13,6 +13,7 @@ from .checkpoint import load_checkpoint, load_model_weights
 from .clipping import estimate_noise_sigma, saturated, unclip
 from .config import Params, validate_params
 from .diffusion import denoise_ddim
+from .grayscale import RGB_SIGMA_FACTOR, identical_channels, to_gray, whiten
 from .precond import Preconditioner
 from .runtime import resolve_channels_last, resolve_device, resolve_inference_precision
 from .schedule import NoiseSchedule, pixel_to_model_sigma
@@ -34,22 +35,31 @@ def estimate_sigma(noisy: np.ndarray) -> np.ndarray:
     return np.array([estimate_noise_sigma(img) for img in noisy], dtype=np.float32)
 
 
+def max_sigma(gray: bool) -> float:
+    """The largest pixel-scale sigma served: 1 for colour images, 1/sqrt(3) for gray ones (``grayscale.whiten``)."""
+    return 1 / RGB_SIGMA_FACTOR if gray else 1.0
+
+
 def reestimate_sigma(images: np.ndarray, previous: np.ndarray) -> np.ndarray:
     """``estimate_sigma`` of unclipped images, keeping the previous level wherever the new one is unusable."""
-    new = estimate_sigma(images)
-    return np.where(np.isfinite(new) & (new > 0), np.minimum(new, 1), previous).astype(np.float32)
+    new = np.minimum(estimate_sigma(images), max_sigma(images.shape[-1] == 1))
+    return np.where(np.isfinite(new) & (new > 0), new, previous).astype(np.float32)
 
 
-def check_sigma(sigma: np.ndarray) -> None:
-    if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0) or np.any(sigma > 1):
-        raise ValueError(f"sigma must lie in (0, 1] on the [0,1] pixel scale (0.1 = 25.5/255), got {sigma.ravel()[:4]}")
+def check_sigma(sigma: np.ndarray, gray: bool = False) -> None:
+    limit = max_sigma(gray)
+    if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0) or np.any(sigma > limit):
+        kind = " for gray images (the RGB model sees sqrt(3) x their sigma)" if gray else ""
+        raise ValueError(f"sigma must lie in (0, {limit:.3g}] on the [0,1] pixel scale (0.1 = 25.5/255){kind}, "
+                         f"got {sigma.ravel()[:4]}")
 
 
 class Denoiser:
     """A trained diffusion model used as a Gaussian denoiser.
 
     ``denoise`` takes float32 images (N, H, W, 3) on the [0, 1] scale, noisy, and returns the same shape clipped to
-    [0, 1]. Noise that was clipped to [0, 1] (pixels at exactly 0 or 1, as in image files) is undone in
+    [0, 1]. Gray images go in as (N, H, W, 1), or as RGB with three equal channels; either way their noise is made
+    white across channels before the model sees it (``grayscale``). Noise that was clipped to [0, 1] (pixels at exactly 0 or 1, as in image files) is undone in
     ``params.eval.unclip_passes`` extra one-step passes for the images that have such pixels (``clipping.unclip``);
     with an estimated sigma, ``unclip_passes_estimated`` passes, each re-estimating it on the unclipped images. H and
     W of any size work: images are reflect-padded up to a multiple of the U-Net's downsampling factor and cropped back.
@@ -82,16 +92,22 @@ class Denoiser:
     def denoise(self, noisy: np.ndarray, sigma: float | np.ndarray | None = None, steps: int = 1, eta: float = 0.0,
                 batch_size: int = 64, seed: int = 0) -> np.ndarray:
         noisy = np.asarray(noisy)
-        if noisy.ndim != 4 or noisy.shape[-1] != 3:
-            raise ValueError(f"expected images of shape (N, H, W, 3), got {noisy.shape}; convert grayscale/RGBA to RGB first")
+        if noisy.ndim != 4 or noisy.shape[-1] not in (1, 3):
+            raise ValueError(f"expected images of shape (N, H, W, 3), or (N, H, W, 1) for gray ones, got {noisy.shape}; "
+                             "drop the alpha channel first")
         if not np.issubdtype(noisy.dtype, np.floating):
             raise ValueError(f"expected float images on the [0, 1] scale, got dtype {noisy.dtype}; divide integers by 255")
-        estimating = sigma is None
+        options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed)
+        if noisy.shape[-1] == 3:
+            gray = identical_channels(noisy)
+            if gray.any():
+                return self._denoise_gray_apart(noisy, gray, sigma, options)
+        estimating, gray = sigma is None, noisy.shape[-1] == 1
         if estimating:
             sigma = estimate_sigma(noisy)
         sigma = np.array(np.broadcast_to(np.asarray(sigma, dtype=np.float32), (len(noisy),)))
-        check_sigma(sigma)
-        self._warn_untrained_sigma(sigma)
+        check_sigma(sigma, gray)
+        self._warn_untrained_sigma(sigma, gray)
         generator = torch.Generator(self.device).manual_seed(seed)
         cfg = self.params.eval
         passes = cfg.unclip_passes_estimated if estimating else cfg.unclip_passes
@@ -114,6 +130,21 @@ class Denoiser:
             log.info("estimated sigma: %s", np.array2string(sigma, precision=4))
         return out
 
+    def _denoise_gray_apart(self, noisy: np.ndarray, gray: np.ndarray, sigma, options: dict) -> np.ndarray:
+        """RGB images with three equal channels are gray pictures whose noise is the same in every channel: they go
+        through as (N, H, W, 1) gray images and come back replicated; the others as the colour images they are."""
+        sigmas = None if sigma is None else np.broadcast_to(np.asarray(sigma, dtype=np.float32), (len(noisy),))
+        out = np.empty(noisy.shape, dtype=np.float32)
+        estimates = np.empty(len(noisy), dtype=np.float32)
+        for which, images in ((gray, noisy[gray][..., :1]), (~gray, noisy[~gray])):
+            if which.any():
+                out[which] = self.denoise(images, None if sigmas is None else sigmas[which], **options)
+                if sigma is None:
+                    estimates[which] = self.last_sigma
+        if sigma is None:
+            self.last_sigma = estimates
+        return out
+
     def _denoise_all(self, noisy, sigma, which, out, steps, eta, batch_size, generator) -> None:
         """Denoise the images selected by the boolean mask ``which`` into ``out``, in batches."""
         index = np.flatnonzero(which)
@@ -127,17 +158,21 @@ class Denoiser:
         d = self.params.diffusion
         return (d.sigma_min, d.sigma_max) if d.t_sampling == "log_uniform" else None
 
-    def _warn_untrained_sigma(self, sigma: np.ndarray) -> None:
+    def _warn_untrained_sigma(self, sigma: np.ndarray, gray: bool) -> None:
         """Once per Denoiser: outside its training range the model extrapolates (still better than the input, but
-        the CPU recipe's model fell 0.2-1 dB behind BM3D at sigma 0.01-0.02: README, *Design notes*)."""
+        the CPU recipe's model fell 0.2-1 dB behind BM3D at sigma 0.01-0.02: README, *Design notes*). Gray images
+        count at the level the model sees: sqrt(3) times theirs (``grayscale``)."""
         trained = self.trained_sigma_range
         if trained is None or self._warned_untrained_sigma:
             return
-        outside = sigma[(sigma < trained[0]) | (sigma > trained[1])]
-        if len(outside):
+        seen = sigma * (RGB_SIGMA_FACTOR if gray else 1)
+        outside = (seen < trained[0]) | (seen > trained[1])
+        if outside.any():
             self._warned_untrained_sigma = True
-            log.warning("sigma %.3g lies outside the %g-%g this model was trained on: expect weaker denoising there; "
-                        "train with a wider diffusion.sigma_min/sigma_max for such noise", outside[0], *trained)
+            given = f" (a gray image's {sigma[outside][0]:.3g} times sqrt(3))" if gray else ""
+            log.warning("sigma %.3g%s lies outside the %g-%g this model was trained on: expect weaker denoising there; "
+                        "train with a wider diffusion.sigma_min/sigma_max for such noise", seen[outside][0], given,
+                        *trained)
 
     @torch.no_grad()
     def _denoise_batch(self, noisy, sigma, steps, eta, generator):
@@ -148,10 +183,15 @@ class Denoiser:
         if pad_h or pad_w:
             mode = "reflect" if pad_h < h and pad_w < w else "replicate"
             y = F.pad(y, (0, pad_w, 0, pad_h), mode=mode)
-        y = y.contiguous(memory_format=torch.channels_last)
         model_sigma = pixel_to_model_sigma(torch.from_numpy(np.ascontiguousarray(sigma)).to(self.device))
+        gray = y.shape[1] == 1
+        if gray:  # one noise draw copied to three channels is not what the model knows: make it white (grayscale.py)
+            y, model_sigma = whiten(y, model_sigma, generator), model_sigma * RGB_SIGMA_FACTOR
+        y = y.contiguous(memory_format=torch.channels_last)
         with self.precision.autocast(self.device):
             x0 = denoise_ddim(self.model, self.schedule, y, model_sigma, steps, eta, generator)
         x0 = x0[..., :h, :w].float()
+        if gray:
+            x0 = to_gray(x0)
         return ((x0 + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 

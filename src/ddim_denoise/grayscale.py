@@ -1,0 +1,41 @@
+"""Grayscale images through the RGB model: make their noise look like the noise the model was trained on.
+
+A noisy gray image holds one noise draw per pixel. Replicated to RGB, all three channels carry that same draw, and the
+model, trained on independent noise in each channel, has never seen such noise: along the gray axis it is sqrt(3)
+times as strong as in an RGB image of the same sigma, and across colours it is absent. Told sigma, the model removes
+little of it (the CPU recipe's model: 21.7 dB from a 20.3 dB input at sigma 0.1; README, *Grayscale images*).
+
+``whiten`` adds fresh noise in the two colour directions only, sqrt(3)·sigma strong. The replicated noise (covariance
+sigma^2·11ᵀ) plus the colour noise (3·sigma^2·(I - 11ᵀ/3)) is then white with variance 3·sigma^2 in every direction:
+exactly an RGB image at noise level sqrt(3)·sigma whose clean picture happens to be gray, which the model denoises as
+it was trained to. ``to_gray`` averages the three denoised channels back to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+RGB_SIGMA_FACTOR = math.sqrt(3)  # noise std of the whitened RGB image per unit of the gray image's noise std
+
+
+def identical_channels(images: np.ndarray) -> np.ndarray:
+    """(N,) True for the (N, H, W, C) images whose channels are all equal: gray pictures, stored as gray or RGB."""
+    images = np.asarray(images)
+    return (images == images[..., :1]).reshape(len(images), -1).all(axis=1)
+
+
+def whiten(gray: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, 1, H, W) gray images with noise std ``sigma`` (N,) -> (N, 3, H, W) RGB with white noise of std
+    ``RGB_SIGMA_FACTOR * sigma`` (same scale as the input)."""
+    n, _, h, w = gray.shape
+    z = torch.randn((n, 3, h, w), generator=generator, device=gray.device, dtype=gray.dtype)
+    colour = z - z.mean(dim=1, keepdim=True)  # the projection onto the plane orthogonal to gray
+    return gray.expand(-1, 3, -1, -1) + colour * (RGB_SIGMA_FACTOR * sigma).view(-1, 1, 1, 1).to(gray.dtype)
+
+
+def to_gray(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W): the channel mean, as a gray file stores a colour picture (``image_io``)."""
+    return rgb.mean(dim=1, keepdim=True)

@@ -1,0 +1,106 @@
+"""Gray images through the RGB model: their noise is made white across channels before the model sees it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from denoise_fixtures import write_tiny_checkpoint
+
+import ddim_denoise.denoiser as denoiser_module
+from ddim_denoise.denoise_files import DenoiseOptions, denoise_decoded
+from ddim_denoise.denoiser import Denoiser
+from ddim_denoise.grayscale import identical_channels
+from ddim_denoise.image_io import split_channels
+from ddim_denoise.schedule import pixel_to_model_sigma
+
+
+@pytest.fixture
+def tiny_denoiser(tmp_path, tiny_params):
+    return Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params), device="cpu")
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """Replaces the model call with the identity and records what it was given: (y, model_sigma) per batch."""
+    calls = []
+
+    def identity(model, schedule, y, model_sigma, *args, **kwargs):
+        calls.append((y.detach().clone(), model_sigma.detach().clone()))
+        return y
+
+    monkeypatch.setattr(denoiser_module, "denoise_ddim", identity)
+    return calls
+
+
+def gray_noise(n: int, size: int, sigma: float, seed: int = 0) -> np.ndarray:
+    """Mid-gray images plus one noise draw per pixel: (n, size, size, 1) float32, nowhere near 0 or 1 at sigma 0.05."""
+    rng = np.random.default_rng(seed)
+    return (0.5 + sigma * rng.standard_normal((n, size, size, 1))).astype(np.float32)
+
+
+def test_identical_channels_marks_gray_pictures_only():
+    rgb = np.random.default_rng(0).uniform(size=(3, 4, 4, 3)).astype(np.float32)
+    rgb[1] = rgb[1, ..., :1]
+    assert identical_channels(rgb).tolist() == [False, True, False]
+    assert identical_channels(rgb[..., :1]).all()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_model_sees_white_noise_at_sqrt3_sigma_and_the_gray_image_comes_back(tiny_denoiser, seen, channels):
+    sigma = 0.05
+    noisy = gray_noise(4, 64, sigma)
+    out = tiny_denoiser.denoise(np.repeat(noisy, channels, axis=-1), sigma, batch_size=8)
+    (y, model_sigma), = seen
+    assert y.shape == (4, 3, 64, 64)
+    expected = math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(sigma)))
+    torch.testing.assert_close(model_sigma, torch.full((4,), expected))
+    noise = (y - y.mean(dim=(2, 3), keepdim=True)).permute(1, 0, 2, 3).reshape(3, -1).double()  # model scale
+    covariance = torch.cov(noise) / expected**2
+    torch.testing.assert_close(covariance, torch.eye(3, dtype=torch.float64), atol=0.03, rtol=0)
+    # The added noise has no gray component, so the channel mean of an unchanged image is the input itself.
+    assert out.shape == (4, 64, 64, channels)
+    np.testing.assert_allclose(out, np.repeat(noisy, channels, axis=-1), atol=1e-6)
+
+
+def test_colour_images_reach_the_model_as_they_are(tiny_denoiser, seen):
+    noisy = np.random.default_rng(1).uniform(0.2, 0.8, (2, 16, 16, 3)).astype(np.float32)
+    tiny_denoiser.denoise(noisy, 0.1)
+    (y, model_sigma), = seen
+    torch.testing.assert_close(y, torch.from_numpy(noisy).permute(0, 3, 1, 2) * 2 - 1)
+    torch.testing.assert_close(model_sigma, pixel_to_model_sigma(torch.full((2,), 0.1)))
+
+
+def test_gray_and_colour_images_in_one_batch_each_go_their_own_way(tiny_denoiser):
+    rng = np.random.default_rng(2)
+    colour = (0.5 + 0.1 * rng.standard_normal((2, 16, 16, 3))).astype(np.float32)
+    gray = gray_noise(2, 16, 0.1, seed=3)
+    mixed = np.stack([colour[0], np.repeat(gray[0], 3, axis=-1), colour[1], np.repeat(gray[1], 3, axis=-1)])
+    out = tiny_denoiser.denoise(mixed, np.array([0.1, 0.12, 0.1, 0.12]))
+    np.testing.assert_array_equal(out[[0, 2]], tiny_denoiser.denoise(colour, 0.1))
+    np.testing.assert_array_equal(out[[1, 3]], np.repeat(tiny_denoiser.denoise(gray, 0.12), 3, axis=-1))
+    estimates = []
+    for part in (colour, gray, mixed):  # estimated: one level per image, in the input's order
+        tiny_denoiser.denoise(part, None)
+        estimates.append(tiny_denoiser.last_sigma.copy())
+    colour_sigma, gray_sigma, mixed_sigma = estimates
+    np.testing.assert_allclose(mixed_sigma, [colour_sigma[0], gray_sigma[0], colour_sigma[1], gray_sigma[1]], rtol=1e-6)
+
+
+def test_a_gray_sigma_the_rgb_model_cannot_serve_is_refused(tiny_denoiser):
+    noisy = gray_noise(1, 16, 0.05)
+    with pytest.raises(ValueError, match=r"\(0, 0.577\].*gray"):
+        tiny_denoiser.denoise(noisy, 0.6)
+    tiny_denoiser.denoise(np.repeat(noisy, 3, axis=-1) + np.float32([0, 0.01, 0.02]), 0.6)  # colour: served
+
+
+def test_a_gray_file_goes_the_gray_way(tiny_denoiser, seen):
+    pixels = np.clip(np.rint(gray_noise(1, 16, 0.05)[0, ..., 0] * 255), 0, 255).astype(np.uint8)
+    image = split_channels(pixels, "png", "gray.png")
+    result = denoise_decoded(tiny_denoiser, image, DenoiseOptions(sigma=0.05).validate())
+    (y, model_sigma), = seen
+    assert y.shape[1] == 3 and not torch.equal(y[:, 0], y[:, 1])
+    assert float(model_sigma[0]) == pytest.approx(math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(0.05))))
+    assert identical_channels(result.rgb[None]).all()
