@@ -104,3 +104,10 @@ def test_a_gray_file_goes_the_gray_way(tiny_denoiser, seen):
     assert y.shape[1] == 3 and not torch.equal(y[:, 0], y[:, 1])
     assert float(model_sigma[0]) == pytest.approx(math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(0.05))))
     assert identical_channels(result.rgb[None]).all()
+
+
+def test_multistep_ddim_denoises_gray_images_too(tiny_denoiser):
+    noisy = gray_noise(2, 16, 0.1, seed=4)
+    one, three = (tiny_denoiser.denoise(noisy, 0.1, steps=steps) for steps in (1, 3))
+    assert three.shape == noisy.shape and np.all(np.isfinite(three))
+    assert not np.array_equal(one, three)

@@ -59,11 +59,11 @@ class Denoiser:
 
     ``denoise`` takes float32 images (N, H, W, 3) on the [0, 1] scale, noisy, and returns the same shape clipped to
     [0, 1]. Gray images go in as (N, H, W, 1), or as RGB with three equal channels; either way their noise is made
-    white across channels before the model sees it (``grayscale``). Noise that was clipped to [0, 1] (pixels at exactly 0 or 1, as in image files) is undone in
-    ``params.eval.unclip_passes`` extra one-step passes for the images that have such pixels (``clipping.unclip``);
-    with an estimated sigma, ``unclip_passes_estimated`` passes, each re-estimating it on the unclipped images. H and
-    W of any size work: images are reflect-padded up to a multiple of the U-Net's downsampling factor and cropped back.
-    ``amp`` (auto | bf16 | fp16 | off) overrides ``params.eval.amp``.
+    white across channels before the model sees it (``grayscale``). Noise that was clipped to [0, 1] (pixels at
+    exactly 0 or 1, as in image files) is undone in ``params.eval.unclip_passes`` extra one-step passes for the images
+    that have such pixels (``clipping.unclip``); with an estimated sigma, ``unclip_passes_estimated`` passes, each
+    re-estimating it on the unclipped images. H and W of any size work: images are reflect-padded up to a multiple of
+    the U-Net's downsampling factor and cropped back. ``amp`` (auto | bf16 | fp16 | off) overrides ``params.eval.amp``.
     """
 
     def __init__(self, model: Preconditioner, schedule: NoiseSchedule, params: Params, device=None,
@@ -93,8 +93,8 @@ class Denoiser:
                 batch_size: int = 64, seed: int = 0) -> np.ndarray:
         noisy = np.asarray(noisy)
         if noisy.ndim != 4 or noisy.shape[-1] not in (1, 3):
-            raise ValueError(f"expected images of shape (N, H, W, 3), or (N, H, W, 1) for gray ones, got {noisy.shape}; "
-                             "drop the alpha channel first")
+            raise ValueError(f"expected images of shape (N, H, W, 3), or (N, H, W, 1) for gray ones, got "
+                             f"{noisy.shape}; drop the alpha channel first")
         if not np.issubdtype(noisy.dtype, np.floating):
             raise ValueError(f"expected float images on the [0, 1] scale, got dtype {noisy.dtype}; divide integers by 255")
         options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed)

@@ -5,8 +5,8 @@ model, trained on independent noise in each channel, has never seen such noise: 
 times as strong as in an RGB image of the same sigma, and across colours it is absent. Told sigma, the model removes
 little of it (the CPU recipe's model: 21.7 dB from a 20.3 dB input at sigma 0.1; README, *Grayscale images*).
 
-``whiten`` adds fresh noise in the two colour directions only, sqrt(3)·sigma strong. The replicated noise (covariance
-sigma^2·11ᵀ) plus the colour noise (3·sigma^2·(I - 11ᵀ/3)) is then white with variance 3·sigma^2 in every direction:
+``whiten`` adds fresh noise in the two colour directions only, sqrt(3)·sigma strong. The replicated noise
+(covariance sigma^2·11ᵀ) plus the colour noise (3·sigma^2·(I - 11ᵀ/3)) is then white, variance 3·sigma^2 everywhere:
 exactly an RGB image at noise level sqrt(3)·sigma whose clean picture happens to be gray, which the model denoises as
 it was trained to. ``to_gray`` averages the three denoised channels back to one.
 """
