@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_recipe.sh             # on the GPU machine, with .gpu/ and .whl/ carried along
 #   SMOKE=1 bash benchmarks/gpu_recipe.sh     # a tiny CPU rehearsal of the same steps
+#   DEADLINE=540 bash benchmarks/gpu_recipe.sh  # every step's time limit shrinks to fit DEADLINE seconds in all
 #
 # .gpu/ (git-ignored via .git/info/exclude, 58 MB): `python benchmarks/gpu_prepare_data.py pack ../shared/data .gpu`.
 # .whl/ (2.7 MB) holds the cp312 wheels the GPU image lacks: `pip download --only-binary=:all: --python-version 3.12
@@ -29,7 +30,8 @@ cd "$WORK" || exit 1
 # The GPU recipe: batch 512 with the LR scaled to it, validation every 5 epochs (SSIM runs on the CPU).
 RECIPE=(-S train.compile=true -S train.batch_size=512 -S train.lr=8e-4 -S train.warmup_epochs=2 -S train.val_every=5
         -S train.checkpoint_every=20 -S train.log_every=20 -S mlflow.log_model=false)
-SPEED=(--batch 512 --steps 30 --warmup 5)
+SPEED=(--batch 512,1024 --steps 30 --warmup 5)
+SPEED_MODES=bf16_cl,bf16_cl_compile,bf16_cl_compile_cg
 # Phase 2: the phase-1 EMA weights fine-tuned on the ~3,600 training images with original pixels (small batch, no
 # compilation: 43,000 images take seconds).
 PHASE2=(-S data.originals=.gpu/cifar10-lossless-subset.npz -S data.originals_only=true
@@ -37,13 +39,21 @@ PHASE2=(-S data.originals=.gpu/cifar10-lossless-subset.npz -S data.originals_onl
         -S train.compile=false -S train.epochs=12 -S train.batch_size=64 -S train.lr=1e-4 -S train.warmup_epochs=0
         -S train.val_every=4)
 EVAL=(--n-images 1000 --bm3d-images 0 --ddim-steps 10,50 --workers 16)
-TRAIN_LIMIT=330
+TRAIN_LIMIT=360  # 60 epochs took about 340 s on an H200 (session 10: 57 s of it compiling the first step)
+# The device call has a hard limit: each step gets at most what is left of DEADLINE after the time the steps behind it
+# need (RESERVE), so a slow step shortens itself, never the evaluation that gives its results a meaning.
+DEADLINE=${DEADLINE:-540}
+limit() {  # limit WANT RESERVE: seconds for a step that wants WANT while RESERVE must stay for the later steps
+  local left=$((DEADLINE - SECONDS - $2))
+  echo $(( left < $1 ? (left > 10 ? left : 10) : $1 ))
+}
 if [ -n "${SMOKE:-}" ]; then
   RECIPE=(-S model.base_channels=8 -S model.channel_mult=[1,2] -S model.groups=4 -S model.num_heads=2
           -S train.epochs=1 -S train.max_train_images=64 -S train.batch_size=16 -S train.val_images=8
           -S train.device=cpu -S mlflow.log_model=false -S data.val_size=8)
   PHASE2+=(-S train.epochs=1 -S train.val_every=1 -S train.max_train_images=32 -S train.batch_size=16)
   SPEED=(-S model.base_channels=8 --batch 4 --steps 1 --warmup 1)
+  SPEED_MODES=bf16_cl,bf16_cl_compile  # CUDA graphs need a GPU (on a CPU, reduce-overhead compiles for minutes)
   EVAL=(--n-images 8 --bm3d-images 0 --ddim-steps 2 --workers 2 --device cpu)
   TRAIN_LIMIT=120
 fi
@@ -53,25 +63,20 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 time python3 benchmarks/gpu_prepare_data.py unpack .gpu data/raw/cifar10.npz
 python3 -m ddim_denoise.cli prepare "${RECIPE[@]}" -S data.val_size=5000 ${SMOKE:+-S data.val_size=8} || exit 1
 
-if [ -z "${SKIP_SPEED:-}" ]; then
-echo "=== training speed (eager)"
-timeout 60 python3 benchmarks/train_speed.py "${SPEED[@]}" --modes fp32,bf16,bf16_cl
-fi
-
 echo "=== full recipe"
-time timeout "$TRAIN_LIMIT" python3 -m ddim_denoise.cli train "${RECIPE[@]}"
+time timeout "$(limit "$TRAIN_LIMIT" 150)" python3 -m ddim_denoise.cli train "${RECIPE[@]}"
 cp training/summary.json training/steps.csv training/val.csv "$OUT"/ 2>/dev/null
 
 echo "=== phase 2: fine-tune on the original-pixel training images"
 python3 -m ddim_denoise.cli prepare "${RECIPE[@]}" "${PHASE2[@]}" || exit 1
-time timeout 120 python3 -m ddim_denoise.cli train "${RECIPE[@]}" "${PHASE2[@]}"
+time timeout "$(limit 120 110)" python3 -m ddim_denoise.cli train "${RECIPE[@]}" "${PHASE2[@]}"
 mkdir -p "$OUT/phase2" && cp training/summary.json training/val.csv "$OUT/phase2/" 2>/dev/null
 
 echo "=== lossless test subset"
 LOSSLESS=.gpu/cifar10-lossless-subset.npz
-timeout 60 python3 benchmarks/eval_lossless.py --checkpoint models/best.pt --data $LOSSLESS "${EVAL[@]}" \
+timeout "$(limit 60 90)" python3 benchmarks/eval_lossless.py --checkpoint models/best.pt --data $LOSSLESS "${EVAL[@]}" \
   --ddim-steps "" | tee "$OUT/phase1_table.md"
-timeout 150 python3 benchmarks/eval_lossless.py --checkpoint models-phase2/best.pt --data $LOSSLESS "${EVAL[@]}" \
+timeout "$(limit 150 20)" python3 benchmarks/eval_lossless.py --checkpoint models-phase2/best.pt --data $LOSSLESS "${EVAL[@]}" \
   | tee "$OUT/lossless_table.md"
 
 echo "=== the EMA weights of both phases in fp16 (each fits the 16 MB return limit)"
@@ -84,6 +89,9 @@ for source, name in [("models/best.pt", "gpu_phase1_ema_fp16.pt"), ("models-phas
         k: v.half() if v.is_floating_point() else v for k, v in state["ema"].items()}})
 PY
 
+# Speed last, in whatever time is left: eager bf16 as the reference, compiled at the recipe's and twice its batch,
+# and with CUDA graphs.
 [ -n "${SKIP_SPEED:-}" ] && exit 0
-echo "=== training speed (torch.compile)"
-timeout 90 python3 benchmarks/train_speed.py "${SPEED[@]}" --modes bf16_cl,bf16_cl_compile
+echo "=== training speed ($((DEADLINE - SECONDS)) s left)"
+timeout "$(limit 150 0)" python3 benchmarks/train_speed.py "${SPEED[@]}" \
+  --modes "$SPEED_MODES"

@@ -25,26 +25,28 @@ from ddim_denoise.precond import DenoisingLoss
 from ddim_denoise.runtime import Precision, resolve_device
 from ddim_denoise.unet import count_parameters
 
-MODES = {  # name: (autocast dtype, channels_last, torch.compile)
-    "fp32": (None, False, False),
-    "fp32_cl": (None, True, False),
-    "fp32_compile": (None, False, True),
-    "bf16": (torch.bfloat16, False, False),
-    "bf16_cl": (torch.bfloat16, True, False),
-    "bf16_compile": (torch.bfloat16, False, True),
-    "bf16_cl_compile": (torch.bfloat16, True, True),
-    "fp16_cl": (torch.float16, True, False),
+MODES = {  # name: (autocast dtype, channels_last, torch.compile mode or None for eager)
+    "fp32": (None, False, None),
+    "fp32_cl": (None, True, None),
+    "fp32_compile": (None, False, "default"),
+    "bf16": (torch.bfloat16, False, None),
+    "bf16_cl": (torch.bfloat16, True, None),
+    "bf16_compile": (torch.bfloat16, False, "default"),
+    "bf16_cl_compile": (torch.bfloat16, True, "default"),
+    # CUDA graphs: replays the compiled step's kernels without a launch each (pays off when launches bound a step).
+    "bf16_cl_compile_cg": (torch.bfloat16, True, "reduce-overhead"),
+    "fp16_cl": (torch.float16, True, None),
 }
 
 
 def measure(params, mode: str, batch: int, steps: int, warmup: int, device) -> float:
-    dtype, channels_last, compile_ = MODES[mode]
+    dtype, channels_last, compile_mode = MODES[mode]
     torch.manual_seed(0)
     model, schedule = build_model(params)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if compile_ else model
+    step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
     d = params.diffusion
     loss_fn = DenoisingLoss(SigmaSampler(d.t_sampling, schedule, d.sigma_min, d.sigma_max), d.prediction, d.sigma_data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer builds it
@@ -63,10 +65,12 @@ def measure(params, mode: str, batch: int, steps: int, warmup: int, device) -> f
         scaler.update()
 
     for _ in range(warmup):
+        torch.compiler.cudagraph_mark_step_begin()  # a no-op unless the mode replays CUDA graphs
         step()
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
+        torch.compiler.cudagraph_mark_step_begin()
         step()
     synchronize(device)
     return steps * batch / (time.perf_counter() - start)
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("-S", "--set", action="append", default=[], help="param override KEY=VALUE")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", default="64", help="batch size, or several comma-separated (one row per mode each)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", default="fp32,bf16_cl,bf16_cl_compile")
@@ -96,20 +100,23 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params, overrides)
     device = resolve_device(args.device)
     model, _ = build_model(params)
-    print(f"device {device}, threads {torch.get_num_threads()}, {count_parameters(model):,} parameters, batch {args.batch}")
+    batches = [int(b) for b in args.batch.split(",")]
+    print(f"device {device}, threads {torch.get_num_threads()}, {count_parameters(model):,} parameters, "
+          f"batch {args.batch}")
     flops = flops_per_image(params, device)
     peaks = PeakTable(device)
     print(f"training FLOPs per image (fwd+bwd): {flops / 1e9:.3f} GFLOP")
     baseline = None
-    for mode in args.modes.split(","):
+    for batch, mode in ((b, m) for b in batches for m in args.modes.split(",")):
+        label = f"{mode} @{batch}" if len(batches) > 1 else mode
         try:
-            rate = measure(params, mode, args.batch, args.steps, args.warmup, device)
+            rate = measure(params, mode, batch, args.steps, args.warmup, device)
         except Exception as e:  # e.g. torch.compile without a working compiler: report and go on
-            print(f"{mode:>18}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+            print(f"{label:>24}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
             continue
         baseline = baseline or rate
         tflops, dtype = rate * flops / 1e12, MODES[mode][0]
-        print(f"{mode:>18}: {rate:9.1f} img/s  ({rate / baseline:.2f}x {args.modes.split(',')[0]}), "
+        print(f"{label:>24}: {rate:9.1f} img/s  ({rate / baseline:.2f}x the first row), "
               f"{tflops:.3f} TFLOP/s, {peaks.share(tflops, dtype):.1f}% of the "
               f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')} matmul peak", flush=True)
     print(f"measured matmul peaks: {peaks.describe()}")

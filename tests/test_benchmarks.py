@@ -84,6 +84,17 @@ def test_train_speed_prints_each_mode_against_its_precision_peak(tmp_path, tiny_
     assert re.search(r"training FLOPs per image \(fwd\+bwd\): [\d.]+ GFLOP", out)
 
 
+def test_train_speed_gives_one_row_per_batch_and_mode(tmp_path, tiny_params, capsys):
+    import train_speed
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
+    train_speed.main(["--params", str(params_file), "--batch", "2,4", "--steps", "1", "--warmup", "1",
+                      "--modes", "fp32", "--device", "cpu"])
+    rows = re.findall(r"fp32 @(\d+): +[\d.]+ img/s", capsys.readouterr().out)
+    assert rows == ["2", "4"]
+
+
 def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
     """channels_last selects a fused CPU attention kernel that torch's flop counter has no formula for."""
     from throughput import count_flops
