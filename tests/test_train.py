@@ -214,3 +214,29 @@ def test_training_batches_have_the_memory_format_train_channels_last_asks_for(wo
     assert batch.shape == (4, 3, 32, 32) and batch.is_contiguous(memory_format=memory_format)
     weight = next(p for p in trainer.model.parameters() if p.ndim == 4)
     assert weight.is_contiguous(memory_format=memory_format)
+
+
+def test_batches_of_data_on_an_accelerator_are_indexed_on_its_device(workspace):
+    """Indexing GPU data with a host index makes every step wait for the GPU (the index copy blocks): the index
+    batches must live where the data does. A stand-in for GPU data (device 'meta') records what indexes it."""
+    trainer = Trainer(with_train(workspace, batch_size=4))
+
+    class DeviceData:
+        device = torch.device("meta")
+
+        def __init__(self):
+            self.index_devices, self.indices = set(), []
+
+        def __len__(self):
+            return 18
+
+        def __getitem__(self, idx):
+            self.index_devices.add(idx.device)
+            self.indices.append(idx.shape[0])
+            return idx
+
+    data = DeviceData()
+    n_batches, batches = trainer._batches(data)
+    list(batches)
+    assert n_batches == 4 and data.indices == [4, 4, 4, 4]
+    assert data.index_devices == {torch.device("meta")}

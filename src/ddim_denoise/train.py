@@ -193,6 +193,10 @@ class Trainer:
         """This epoch's uint8 batches: indexed straight from memory, or through a DataLoader with worker
         processes and pinned memory when ``train.num_workers`` > 0 (data kept off the GPU)."""
         batches = epoch_batches(len(data), self.cfg.batch_size, self.epoch, self.params.seed, self.rank, self.world)
+        if data.device.type != "cpu" and batches:
+            # Indexing GPU data with a host index copies the index first, and that blocking copy waits for every
+            # queued step: the host could never run ahead of the GPU. One copy per epoch instead.
+            batches = torch.cat(batches).to(data.device).split(self.cfg.batch_size)
         if self.cfg.num_workers == 0 or data.device.type != "cpu":
             return len(batches), (data[idx] for idx in batches)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_sampler=batches,
