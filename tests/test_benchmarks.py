@@ -1,6 +1,7 @@
 """The speed benchmarks run end to end on a tiny model and print what their docstrings promise (so they do not rot
 between the rare runs on real data). Timings themselves are not asserted: speed targets live in the benchmarks."""
 
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def benchmarks_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setattr("throughput.PEAK_SIZE", {"cpu": (128, 2)}, raising=False)
     yield
-    for name in ("throughput", "train_speed", "denoise_speed", "eval_lossless", "gray_noise"):
+    for name in ("throughput", "train_speed", "denoise_speed", "eval_lossless", "gray_noise", "mono_noise"):
         sys.modules.pop(name, None)
 
 
@@ -111,13 +112,13 @@ def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
     assert channels_last == contiguous
 
 
-def test_gray_noise_prints_a_row_per_sigma_with_every_method(tmp_path, tiny_params, capsys):
-    import gray_noise
-
+@pytest.mark.parametrize("script", ["gray_noise", "mono_noise"])
+def test_noise_probe_prints_a_row_per_sigma_with_every_method(tmp_path, tiny_params, capsys, script):
+    probe = importlib.import_module(script)
     checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 4, 16)
-    gray_noise.main(["--checkpoint", checkpoint, "--data", data, "--n-images", "4",
-                     "--bm3d-images", "2", "--workers", "1", "--sigmas", "0.1,0.2", "--device", "cpu",
-                     "--cache-dir", str(tmp_path / "cache")])
+    probe.main(["--checkpoint", checkpoint, "--data", data, "--n-images", "4",
+                "--bm3d-images", "2", "--workers", "1", "--sigmas", "0.1,0.2", "--device", "cpu",
+                "--cache-dir", str(tmp_path / "cache")])
     rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| 0\.[12] \|", line)]
     assert len(rows) == 2
     for row in rows:

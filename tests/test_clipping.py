@@ -124,3 +124,21 @@ def test_multistep_ddim_runs_its_steps_once_after_the_one_step_unclipping_passes
     denoiser.denoise(images, 0.2, steps=3, batch_size=8)
     # the unclipped image: 3 DDIM steps; the clipped one: a one-step start, passes - 1 one-step passes, 3 steps
     assert len(calls) == 3 + 1 + (passes - 1) + 3
+
+
+def test_share_noise_gives_clipped_channels_the_noise_their_pixel_shows_elsewhere():
+    from ddim_denoise.clipping import share_noise
+
+    estimate = np.full((1, 1, 3, 3), 0.9, dtype=np.float32)
+    noisy = np.array([[[[1.0, 0.95, 0.97],  # R clipped; G and B show noise +0.05 and +0.07
+                        [1.0, 1.0, 1.0],  # all clipped: the redraws' mean noise, kept >= 1
+                        [0.8, 0.85, 0.9]]]], dtype=np.float32)  # nothing clipped: left alone
+    redrawn = noisy.copy()
+    redrawn[0, 0, 0, 0] = 1.3
+    redrawn[0, 0, 1] = [1.02, 1.2, 1.13]
+    out = share_noise(redrawn, noisy, estimate)
+    np.testing.assert_allclose(out[0, 0, 0], [1.0, 0.95, 0.97], atol=1e-6)  # 0.9 + 0.06 < 1: held at the bound
+    estimate[0, 0, 0, 0] = 0.96
+    np.testing.assert_allclose(share_noise(redrawn, noisy, estimate)[0, 0, 0], [1.02, 0.95, 0.97], atol=1e-6)
+    np.testing.assert_allclose(out[0, 0, 1], [0.9 + (0.12 + 0.3 + 0.23) / 3] * 3, atol=1e-6)  # the redraws' mean
+    np.testing.assert_array_equal(out[0, 0, 2], noisy[0, 0, 2])

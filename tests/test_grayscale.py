@@ -111,3 +111,45 @@ def test_multistep_ddim_denoises_gray_images_too(tiny_denoiser):
     one, three = (tiny_denoiser.denoise(noisy, 0.1, steps=steps) for steps in (1, 3))
     assert three.shape == noisy.shape and np.all(np.isfinite(three))
     assert not np.array_equal(one, three)
+
+
+def colour_with_mono_noise(n: int, size: int, sigma: float, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, noisy): smooth colour images, plus one noise draw per pixel copied to R, G and B."""
+    rng = np.random.default_rng(seed)
+    clean = np.clip(rng.uniform(0.3, 0.7, (n, 1, 1, 3)) + np.linspace(-0.1, 0.1, size)[None, :, None, None], 0, 1)
+    noisy = clean + sigma * rng.standard_normal((n, size, size, 1))
+    return clean.astype(np.float32) * np.ones((1, size, size, 1), np.float32), noisy.astype(np.float32)
+
+
+def test_monochromatic_noise_reaches_the_model_white_at_sqrt3_sigma(tiny_denoiser, seen):
+    sigma = 0.05
+    clean, noisy = colour_with_mono_noise(4, 64, sigma)
+    out = tiny_denoiser.denoise(noisy, sigma, batch_size=8, mono_noise=True)
+    (y, model_sigma), = seen
+    expected = math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(sigma)))
+    torch.testing.assert_close(model_sigma, torch.full((4,), expected))
+    noise = y - (torch.from_numpy(clean).permute(0, 3, 1, 2) * 2 - 1)  # the mono draw plus what whitening added
+    covariance = torch.cov(noise.permute(1, 0, 2, 3).reshape(3, -1).double()) / expected**2
+    torch.testing.assert_close(covariance, torch.eye(3, dtype=torch.float64), atol=0.05, rtol=0)
+    np.testing.assert_allclose(out, np.clip(noisy, 0, 1), atol=1e-6)  # identity model: the image comes back
+
+
+def test_monochromatic_noise_leaves_the_colour_differences_as_they_are(tiny_denoiser, monkeypatch):
+    monkeypatch.setattr(denoiser_module, "denoise_ddim", lambda model, schedule, y, *a, **k: torch.zeros_like(y))
+    _, noisy = colour_with_mono_noise(2, 16, 0.05)
+    out = tiny_denoiser.denoise(noisy, 0.05, mono_noise=True)  # a model that answers flat mid-gray
+    np.testing.assert_allclose(out, np.clip(0.5 + noisy - noisy.mean(-1, keepdims=True), 0, 1), atol=1e-6)
+
+
+def test_monochromatic_noise_beyond_what_the_model_can_serve_is_refused(tiny_denoiser):
+    _, noisy = colour_with_mono_noise(1, 16, 0.05)
+    with pytest.raises(ValueError, match=r"\(0, 0.577\].*monochromatic"):
+        tiny_denoiser.denoise(noisy, 0.6, mono_noise=True)
+
+
+def test_the_command_lines_mono_noise_option_reaches_the_denoiser(tiny_denoiser, seen):
+    _, noisy = colour_with_mono_noise(1, 16, 0.05)
+    image = split_channels(np.clip(np.rint(noisy[0] * 255), 0, 255).astype(np.uint8), "png", "mono.png")
+    denoise_decoded(tiny_denoiser, image, DenoiseOptions(sigma=0.05, mono_noise=True).validate())
+    (_, model_sigma), = seen
+    assert float(model_sigma[0]) == pytest.approx(math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(0.05))))

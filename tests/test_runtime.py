@@ -76,7 +76,8 @@ def test_a_gray_image_warns_at_the_level_the_model_sees(tmp_path, tiny_params, c
         update={"t_sampling": "log_uniform", "sigma_min": 0.05, "sigma_max": 0.6})})
     denoiser = Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.pt", params), device="cpu")
     denoiser.denoise(np.full((1, 8, 8, 1), 0.5, np.float32), 0.5)  # the model sees sqrt(3) x 0.5 = 0.866
-    assert caplog.text.count("sigma 0.866 (a gray image's 0.5 times sqrt(3)) lies outside the 0.05-0.6") == 1
+    expected = "sigma 0.866 (a gray image's or monochromatic noise's 0.5 times sqrt(3)) lies outside the 0.05-0.6"
+    assert caplog.text.count(expected) == 1
 
 
 def test_a_model_trained_on_every_noise_level_never_warns(tmp_path, tiny_params, caplog):

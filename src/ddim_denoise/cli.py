@@ -178,6 +178,8 @@ def denoise_command(
     estimate: bool = typer.Option(False, "--estimate", help="estimate sigma per image (printed) instead of --sigma"),
     steps: int = typer.Option(1, "--steps", "-k", help="DDIM steps (1: one-step estimate)"),
     eta: float = typer.Option(0.0, "--eta", help="DDIM stochasticity (0: deterministic)"),
+    mono_noise: bool = typer.Option(False, "--mono-noise", help="the same noise in R, G and B (an editor's "
+                                    "monochromatic noise); sigma up to 0.577"),
     tile: Optional[int] = typer.Option(None, "--tile", help="tile size for large images, pixels (default 64)"),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="overlap of neighbouring tiles, pixels (default 16)"),
     tile_batch: Optional[int] = typer.Option(None, "--tile-batch", help="tiles per model call, bounds memory "
@@ -202,7 +204,7 @@ def denoise_command(
         raise UserError("give either --sigma S (pixel scale, e.g. 0.1) or --estimate")
     tiles = TileOptions(**given(tile=tile, overlap=overlap, batch=tile_batch))
     options = DenoiseOptions(sigma=None if estimate else check_pixel_sigma(sigma), steps=steps, eta=eta, tiles=tiles,
-                             **given(quality=quality)).validate()
+                             mono_noise=mono_noise, **given(quality=quality)).validate()
     with resolved_checkpoint(checkpoint, run_id, model_uri, **given(run_artifact=run_artifact)) as path:
         denoiser = load_denoiser(path, device)
 

@@ -75,3 +75,20 @@ def unclip(noisy: np.ndarray, estimate: np.ndarray, sigma: np.ndarray, rng: np.r
     out[low] = (x + s * ndtri(u * low_cdf))[low]
     out[high] = (x + s * ndtri(high_cdf + u * (1 - high_cdf)))[high]
     return out.astype(np.float32)
+
+
+def share_noise(unclipped: np.ndarray, noisy: np.ndarray, estimate: np.ndarray) -> np.ndarray:
+    """``unclip``'s output for monochromatic noise (one draw per pixel in every channel), made to hold one draw.
+
+    ``unclip`` redraws each clipped channel on its own. Where a pixel has channels that were not clipped, they show
+    its noise (noisy - estimate, their mean); where all were clipped, the channels' redraws are averaged. The clipped
+    channels become estimate + that noise, kept on their clipped side of the bound.
+    """
+    clipped = saturated(noisy)
+    noise = unclipped.astype(np.float64) - estimate
+    n_free = (~clipped).sum(axis=-1, keepdims=True)
+    shown = np.where(clipped, 0, noise).sum(axis=-1, keepdims=True) / np.maximum(n_free, 1)
+    shared = np.where(n_free > 0, shown, noise.mean(axis=-1, keepdims=True))
+    redrawn = estimate + shared
+    redrawn = np.where(noisy == 1, np.maximum(redrawn, 1), np.minimum(redrawn, 0))
+    return np.where(clipped, redrawn, unclipped).astype(np.float32)

@@ -48,6 +48,7 @@ class DenoiseOptions:
     eta: float = 0.0  # DDIM stochasticity (0: deterministic)
     tiles: TileOptions = field(default_factory=TileOptions)
     quality: int = DEFAULT_QUALITY  # JPEG / lossy WebP quality of the written files
+    mono_noise: bool = False  # colour images whose noise is one draw in R, G and B (Denoiser.denoise)
 
     def validate(self) -> "DenoiseOptions":
         if self.sigma is not None:
@@ -80,7 +81,8 @@ class DenoisedImage:
     estimated: bool  # True when sigma was estimated from the image
 
 
-def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: int) -> tuple[float, bool]:
+def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: int,
+                mono_noise: bool = False) -> tuple[float, bool]:
     """(sigma to use, whether it was estimated): the given one, or the image's own estimate (raised if not positive).
 
     Where the image has clipped pixels (exactly 0 or 1), the estimate reads low; the denoiser then refines it on the
@@ -94,7 +96,7 @@ def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: 
                          "flat: pass --sigma instead")
     if saturated(rgb).any():
         top, left = max(0, (rgb.shape[0] - tile) // 2), max(0, (rgb.shape[1] - tile) // 2)
-        denoiser.denoise(rgb[None, top:top + tile, left:left + tile], None)
+        denoiser.denoise(rgb[None, top:top + tile, left:left + tile], None, mono_noise=mono_noise)
         estimate = float(denoiser.last_sigma[0])
     return min(estimate, 1.0), True
 
@@ -102,9 +104,10 @@ def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: 
 def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOptions,
                     on_tiles: Callable[[int], None] | None = None) -> DenoisedImage:
     """Denoise one decoded image (tiled when large), at the given or estimated noise level."""
-    batch = partial(denoiser.denoise, steps=options.steps, eta=options.eta, batch_size=options.tiles.batch)
+    batch = partial(denoiser.denoise, steps=options.steps, eta=options.eta, batch_size=options.tiles.batch,
+                    mono_noise=options.mono_noise)
     try:
-        sigma, estimated = image_sigma(denoiser, image.rgb, options.sigma, options.tiles.tile)
+        sigma, estimated = image_sigma(denoiser, image.rgb, options.sigma, options.tiles.tile, options.mono_noise)
         rgb = denoise_tiled(batch, image.rgb, sigma, options.tiles, on_tiles)
     except ValueError as e:  # Denoiser's refusals: a sigma or step count its noise schedule cannot serve
         raise InputError(str(e)) from None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, load_model_weights
-from .clipping import estimate_noise_sigma, saturated, unclip
+from .clipping import estimate_noise_sigma, saturated, share_noise, unclip
 from .config import Params, validate_params
 from .diffusion import denoise_ddim
 from .grayscale import RGB_SIGMA_FACTOR, identical_channels, to_gray, whiten
@@ -36,20 +36,21 @@ def estimate_sigma(noisy: np.ndarray) -> np.ndarray:
 
 
 def max_sigma(gray: bool) -> float:
-    """The largest pixel-scale sigma served: 1 for colour images, 1/sqrt(3) for gray ones (``grayscale.whiten``)."""
+    """The largest pixel-scale sigma served: 1 for colour images, 1/sqrt(3) for gray ones and monochromatic noise
+    (``grayscale.whiten``)."""
     return 1 / RGB_SIGMA_FACTOR if gray else 1.0
 
 
-def reestimate_sigma(images: np.ndarray, previous: np.ndarray) -> np.ndarray:
+def reestimate_sigma(images: np.ndarray, previous: np.ndarray, same_noise: bool = False) -> np.ndarray:
     """``estimate_sigma`` of unclipped images, keeping the previous level wherever the new one is unusable."""
-    new = np.minimum(estimate_sigma(images), max_sigma(images.shape[-1] == 1))
+    new = np.minimum(estimate_sigma(images), max_sigma(same_noise or images.shape[-1] == 1))
     return np.where(np.isfinite(new) & (new > 0), new, previous).astype(np.float32)
 
 
 def check_sigma(sigma: np.ndarray, gray: bool = False) -> None:
     limit = max_sigma(gray)
     if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0) or np.any(sigma > limit):
-        kind = " for gray images (the RGB model sees sqrt(3) x their sigma)" if gray else ""
+        kind = " for gray images and monochromatic noise (the RGB model sees sqrt(3) x their sigma)" if gray else ""
         raise ValueError(f"sigma must lie in (0, {limit:.3g}] on the [0,1] pixel scale (0.1 = 25.5/255){kind}, "
                          f"got {sigma.ravel()[:4]}")
 
@@ -59,7 +60,9 @@ class Denoiser:
 
     ``denoise`` takes float32 images (N, H, W, 3) on the [0, 1] scale, noisy, and returns the same shape clipped to
     [0, 1]. Gray images go in as (N, H, W, 1), or as RGB with three equal channels; either way their noise is made
-    white across channels before the model sees it (``grayscale``). Noise that was clipped to [0, 1] (pixels at
+    white across channels before the model sees it (``grayscale``). ``mono_noise=True`` says colour images carry the
+    same noise draw in R, G and B (an editor's monochromatic noise): they take the same way, and keep their colour
+    differences, which such noise leaves untouched. Noise that was clipped to [0, 1] (pixels at
     exactly 0 or 1, as in image files) is undone in ``params.eval.unclip_passes`` extra one-step passes for the images
     that have such pixels (``clipping.unclip``); with an estimated sigma, ``unclip_passes_estimated`` passes, each
     re-estimating it on the unclipped images. H and W of any size work: images are reflect-padded up to a multiple of
@@ -90,24 +93,25 @@ class Denoiser:
         return cls(model, schedule, params, device, amp)
 
     def denoise(self, noisy: np.ndarray, sigma: float | np.ndarray | None = None, steps: int = 1, eta: float = 0.0,
-                batch_size: int = 64, seed: int = 0) -> np.ndarray:
+                batch_size: int = 64, seed: int = 0, mono_noise: bool = False) -> np.ndarray:
         noisy = np.asarray(noisy)
         if noisy.ndim != 4 or noisy.shape[-1] not in (1, 3):
             raise ValueError(f"expected images of shape (N, H, W, 3), or (N, H, W, 1) for gray ones, got "
                              f"{noisy.shape}; drop the alpha channel first")
         if not np.issubdtype(noisy.dtype, np.floating):
             raise ValueError(f"expected float images on the [0, 1] scale, got dtype {noisy.dtype}; divide integers by 255")
-        options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed)
+        options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed, mono_noise=mono_noise)
         if noisy.shape[-1] == 3:
             gray = identical_channels(noisy)
             if gray.any():
                 return self._denoise_gray_apart(noisy, gray, sigma, options)
-        estimating, gray = sigma is None, noisy.shape[-1] == 1
+        estimating = sigma is None
+        same_noise = noisy.shape[-1] == 1 or mono_noise  # one noise draw in every channel: whitened (grayscale.py)
         if estimating:
             sigma = estimate_sigma(noisy)
         sigma = np.array(np.broadcast_to(np.asarray(sigma, dtype=np.float32), (len(noisy),)))
-        check_sigma(sigma, gray)
-        self._warn_untrained_sigma(sigma, gray)
+        check_sigma(sigma, same_noise)
+        self._warn_untrained_sigma(sigma, same_noise)
         generator = torch.Generator(self.device).manual_seed(seed)
         cfg = self.params.eval
         passes = cfg.unclip_passes_estimated if estimating else cfg.unclip_passes
@@ -116,15 +120,17 @@ class Denoiser:
         first_steps = np.where(clipped, 1, steps)
         out = np.empty(noisy.shape, dtype=np.float32)
         for k in np.unique(first_steps):
-            self._denoise_all(noisy, sigma, first_steps == k, out, int(k), eta, batch_size, generator)
+            self._denoise_all(noisy, sigma, first_steps == k, out, int(k), eta, batch_size, generator, mono_noise)
         if clipped.any():
             rng, unclipped = np.random.default_rng(seed), noisy.copy()  # each pass rewrites the clipped images whole
             for p in range(passes):
                 unclipped[clipped] = unclip(noisy[clipped], out[clipped], sigma[clipped], rng)
+                if mono_noise and noisy.shape[-1] == 3:
+                    unclipped[clipped] = share_noise(unclipped[clipped], noisy[clipped], out[clipped])
                 if estimating:  # clipping hid noise from the first estimate; the unclipped images show more of it
-                    sigma[clipped] = reestimate_sigma(unclipped[clipped], sigma[clipped])
+                    sigma[clipped] = reestimate_sigma(unclipped[clipped], sigma[clipped], same_noise)
                 self._denoise_all(unclipped, sigma, clipped, out, steps if p == passes - 1 else 1, eta, batch_size,
-                                  generator)
+                                  generator, mono_noise)
         if estimating:
             self.last_sigma = sigma
             log.info("estimated sigma: %s", np.array2string(sigma, precision=4))
@@ -145,12 +151,12 @@ class Denoiser:
             self.last_sigma = estimates
         return out
 
-    def _denoise_all(self, noisy, sigma, which, out, steps, eta, batch_size, generator) -> None:
+    def _denoise_all(self, noisy, sigma, which, out, steps, eta, batch_size, generator, mono_noise=False) -> None:
         """Denoise the images selected by the boolean mask ``which`` into ``out``, in batches."""
         index = np.flatnonzero(which)
         for start in range(0, len(index), batch_size):
             sl = index[start:start + batch_size]
-            out[sl] = self._denoise_batch(noisy[sl], sigma[sl], steps, eta, generator)
+            out[sl] = self._denoise_batch(noisy[sl], sigma[sl], steps, eta, generator, mono_noise)
 
     @property
     def trained_sigma_range(self) -> tuple[float, float] | None:
@@ -158,24 +164,26 @@ class Denoiser:
         d = self.params.diffusion
         return (d.sigma_min, d.sigma_max) if d.t_sampling == "log_uniform" else None
 
-    def _warn_untrained_sigma(self, sigma: np.ndarray, gray: bool) -> None:
+    def _warn_untrained_sigma(self, sigma: np.ndarray, same_noise: bool) -> None:
         """Once per Denoiser: outside its training range the model extrapolates (still better than the input, but
         the CPU recipe's model fell 0.2-1 dB behind BM3D at sigma 0.01-0.02: README, *Design notes*). Gray images
-        count at the level the model sees: sqrt(3) times theirs (``grayscale``)."""
+        (and monochromatic noise) count at the level the model sees: sqrt(3) times theirs (``grayscale``)."""
         trained = self.trained_sigma_range
         if trained is None or self._warned_untrained_sigma:
             return
-        seen = sigma * (RGB_SIGMA_FACTOR if gray else 1)
+        seen = sigma * (RGB_SIGMA_FACTOR if same_noise else 1)
         outside = (seen < trained[0]) | (seen > trained[1])
         if outside.any():
             self._warned_untrained_sigma = True
-            given = f" (a gray image's {sigma[outside][0]:.3g} times sqrt(3))" if gray else ""
+            given = ""
+            if same_noise:
+                given = f" (a gray image's or monochromatic noise's {sigma[outside][0]:.3g} times sqrt(3))"
             log.warning("sigma %.3g%s lies outside the %g-%g this model was trained on: expect weaker denoising there; "
                         "train with a wider diffusion.sigma_min/sigma_max for such noise", seen[outside][0], given,
                         *trained)
 
     @torch.no_grad()
-    def _denoise_batch(self, noisy, sigma, steps, eta, generator):
+    def _denoise_batch(self, noisy, sigma, steps, eta, generator, mono_noise=False):
         y = torch.from_numpy(np.ascontiguousarray(noisy, dtype=np.float32)).to(self.device).permute(0, 3, 1, 2)
         y = y * 2 - 1  # [0,1] pixels -> [-1,1] model scale
         h, w = y.shape[-2:]
@@ -184,14 +192,16 @@ class Denoiser:
             mode = "reflect" if pad_h < h and pad_w < w else "replicate"
             y = F.pad(y, (0, pad_w, 0, pad_h), mode=mode)
         model_sigma = pixel_to_model_sigma(torch.from_numpy(np.ascontiguousarray(sigma)).to(self.device))
-        gray = y.shape[1] == 1
-        if gray:  # one noise draw copied to three channels is not what the model knows: make it white (grayscale.py)
+        same_noise = y.shape[1] == 1 or mono_noise
+        if same_noise:  # one noise draw in all three channels is not what the model knows: whiten it (grayscale.py)
+            # Such noise leaves the colour differences (each channel less their mean) exact: keep them (0 if gray).
+            colour = y - y.mean(dim=1, keepdim=True)
             y, model_sigma = whiten(y, model_sigma, generator), model_sigma * RGB_SIGMA_FACTOR
         y = y.contiguous(memory_format=torch.channels_last)
         with self.precision.autocast(self.device):
             x0 = denoise_ddim(self.model, self.schedule, y, model_sigma, steps, eta, generator)
         x0 = x0[..., :h, :w].float()
-        if gray:
-            x0 = to_gray(x0)
+        if same_noise:
+            x0 = to_gray(x0) + colour[..., :h, :w]
         return ((x0 + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 

@@ -29,7 +29,8 @@ def identical_channels(images: np.ndarray) -> np.ndarray:
 
 def whiten(gray: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """(N, 1, H, W) gray images with noise std ``sigma`` (N,) -> (N, 3, H, W) RGB with white noise of std
-    ``RGB_SIGMA_FACTOR * sigma`` (same scale as the input)."""
+    ``RGB_SIGMA_FACTOR * sigma`` (same scale as the input). (N, 3, H, W) colour images whose noise is one draw copied
+    to all three channels (monochromatic noise) are whitened the same way."""
     n, _, h, w = gray.shape
     z = torch.randn((n, 3, h, w), generator=generator, device=gray.device, dtype=gray.dtype)
     colour = z - z.mean(dim=1, keepdim=True)  # the projection onto the plane orthogonal to gray

@@ -1,0 +1,63 @@
+"""Monochromatic noise: one-step PSNR of the model on colour images whose noise is one draw copied to R, G and B.
+
+An image editor's "monochromatic" noise (and the luminance part of camera noise) looks like this. The clean images
+are the first lossless test images; each pixel gets one N(0, sigma^2) draw, the same in all three channels (noise
+seed as ``eval.noise_seed``). For each sigma this prints PSNR (dB) / SSIM of: the noisy input; BM3D on the luminance
+(the channel mean, which alone carries this noise: ``bm3d.bm3d``, on the first ``--bm3d-images``, cached as
+eval_lossless.py caches it) with the exact colour differences added back; the model told sigma, as if the noise were
+independent per channel (what ``Denoiser.denoise`` does without ``mono_noise``); the model with ``mono_noise=True``
+(``grayscale.whiten``, colour differences kept), at the true and at the estimated sigma and on the noisy images as an
+8-bit file stores them; and that model on BM3D's images, for a paired comparison.
+
+    python benchmarks/mono_noise.py --checkpoint models/best.pt --n-images 300 --bm3d-images 100
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from eval_lossless import DEFAULT_CACHE, add_probe_arguments, cached_bm3d, load_probe  # benchmarks/ is on sys.path
+
+from ddim_denoise.clipping import as_8bit
+from ddim_denoise.metrics import make_noisy, psnr_ssim
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_probe_arguments(parser)
+    parser.add_argument("--bm3d-images", type=int, default=100, help="BM3D (about 0.5 s per image) on the first N")
+    parser.add_argument("--workers", type=int, default=2, help="processes for BM3D")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    args = parser.parse_args(argv)
+    denoiser, clean = load_probe(args)
+    cfg = denoiser.params.eval
+    bm3d = cached_bm3d(args.cache_dir, cfg.noise_seed, args.workers)
+    paired = slice(0, min(args.bm3d_images, len(clean)))
+
+    def score(estimate: np.ndarray, images: slice = slice(None)) -> str:
+        psnr, ssim = psnr_ssim(clean[images], np.clip(estimate, 0, 1))
+        return f"{psnr.mean():.2f} / {ssim.mean():.3f}"
+
+    print(f"\n### Monochromatic noise, {args.checkpoint}: one step, PSNR (dB) / SSIM on {len(clean)} lossless test "
+          f"images (BM3D and the paired column: the first {paired.stop})\n")
+    print("| sigma | noisy | BM3D on the luminance | model told sigma (before) | model, mono_noise (now) | "
+          "now, estimated sigma | now, 8-bit file | now, on BM3D's images |")
+    print("|---|---|---|---|---|---|---|---|")
+    for sigma in args.sigmas:
+        noisy = clean + make_noisy(np.zeros_like(clean[..., :1]), sigma, cfg.noise_seed)
+        luminance = noisy.mean(axis=-1, keepdims=True)
+        now = denoiser.denoise(noisy, sigma, batch_size=cfg.batch_size, mono_noise=True)
+        bm3d_cell = "-"
+        if paired.stop:
+            bm3d_cell = score(bm3d(luminance[paired], sigma) + (noisy - luminance)[paired], paired)
+        cells = [score(noisy), bm3d_cell, score(denoiser.denoise(noisy, sigma, batch_size=cfg.batch_size)),
+                 score(now), score(denoiser.denoise(noisy, None, batch_size=cfg.batch_size, mono_noise=True)),
+                 score(denoiser.denoise(as_8bit(noisy), sigma, batch_size=cfg.batch_size, mono_noise=True)),
+                 score(now[paired], paired) if paired.stop else "-"]
+        print(f"| {sigma:g} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
