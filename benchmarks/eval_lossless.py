@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -61,6 +62,24 @@ def add_probe_arguments(parser: argparse.ArgumentParser, n_images: int = 300) ->
     parser.add_argument("--n-images", type=int, default=n_images)
     parser.add_argument("--sigmas", type=parse_list, default=[0.1, 0.2, 0.3, 0.5])
     parser.add_argument("--device", default=None)
+
+
+def parse_bm3d_probe(argv: list[str] | None, description: str) -> tuple[argparse.Namespace, Denoiser, np.ndarray]:
+    """The command line of the probes with a BM3D column (gray_noise.py, mono_noise.py): (arguments, the
+    checkpoint's Denoiser, the clean test images)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_probe_arguments(parser)
+    parser.add_argument("--bm3d-images", type=int, default=100, help="BM3D (about 0.5 s per image) on the first N")
+    parser.add_argument("--workers", type=int, default=2, help="processes for BM3D")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    args = parser.parse_args(argv)
+    return args, *load_probe(args)
+
+
+def bm3d_probe(args: argparse.Namespace, denoiser: Denoiser, n_images: int) -> tuple[Callable, slice]:
+    """(cached BM3D at the checkpoint's noise seed, the slice of images it runs on) for those probes."""
+    bm3d = cached_bm3d(args.cache_dir, denoiser.params.eval.noise_seed, args.workers)
+    return bm3d, slice(0, min(args.bm3d_images, n_images))
 
 
 def load_probe(args: argparse.Namespace) -> tuple[Denoiser, np.ndarray]:

@@ -14,27 +14,17 @@ independent per channel (what ``Denoiser.denoise`` does without ``mono_noise``);
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
-from eval_lossless import DEFAULT_CACHE, add_probe_arguments, cached_bm3d, load_probe  # benchmarks/ is on sys.path
+from eval_lossless import bm3d_probe, parse_bm3d_probe  # benchmarks/ is on sys.path
 
 from ddim_denoise.clipping import as_8bit
 from ddim_denoise.metrics import make_noisy, psnr_ssim
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_probe_arguments(parser)
-    parser.add_argument("--bm3d-images", type=int, default=100, help="BM3D (about 0.5 s per image) on the first N")
-    parser.add_argument("--workers", type=int, default=2, help="processes for BM3D")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    args = parser.parse_args(argv)
-    denoiser, clean = load_probe(args)
+    args, denoiser, clean = parse_bm3d_probe(argv, __doc__.split("\n\n")[0])
     cfg = denoiser.params.eval
-    bm3d = cached_bm3d(args.cache_dir, cfg.noise_seed, args.workers)
-    paired = slice(0, min(args.bm3d_images, len(clean)))
+    bm3d, paired = bm3d_probe(args, denoiser, len(clean))
 
     def score(estimate: np.ndarray, images: slice = slice(None)) -> str:
         psnr, ssim = psnr_ssim(clean[images], np.clip(estimate, 0, 1))
