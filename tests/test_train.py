@@ -1,4 +1,6 @@
+import itertools
 import json
+import types
 
 import numpy as np
 import pytest
@@ -240,3 +242,16 @@ def test_batches_of_data_on_an_accelerator_are_indexed_on_its_device(workspace):
     list(batches)
     assert n_batches == 4 and data.indices == [4, 4, 4, 4]
     assert data.index_devices == {torch.device("meta")}
+
+
+def test_a_time_budget_stops_after_the_last_epoch_that_fits_and_a_rerun_goes_on(workspace, monkeypatch, caplog):
+    clock = itertools.count(0, 40)  # the Trainer's clock: each reading 40 s after the last
+    monkeypatch.setattr("ddim_denoise.train.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    params = with_train(workspace, epochs=5, val_every=10, max_minutes=2)
+    summary = Trainer(params).fit()
+    # Budget 120 s: after epoch 1 (at least 80 s on this clock, as much again to come) no second epoch fits.
+    assert summary["epochs"] == 1 and summary["stopped_early"].startswith("train.max_minutes=2 reached after epoch 1")
+    assert np.isfinite(summary["best_val_psnr"])  # the last epoch was validated although val_every is 10
+    assert "rerun the same command to go on" in caplog.text
+    resumed = Trainer(with_train(workspace, epochs=5, val_every=10)).fit()  # the budget is operational: resumes
+    assert resumed["epochs"] == 5 and resumed["stopped_early"] is None

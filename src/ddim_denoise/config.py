@@ -78,6 +78,9 @@ class TrainConfig(_Section):
     divergence_factor: float | None = Field(3.0, gt=1)  # null: never stop on a rising loss
     max_diverged_steps: int = Field(500, ge=1)
     resume: Literal["auto", "never"] = "auto"
+    # Wall-clock budget of one training process, minutes: it stops after the last epoch that its mean epoch time
+    # says fits (that epoch validated and checkpointed; rerun to go on). The LR schedule still spans train.epochs.
+    max_minutes: float | None = Field(None, gt=0)
     init_from: str | None = None  # start from this checkpoint's EMA weights (fine-tuning); optimizer starts fresh
 
 

@@ -43,7 +43,8 @@ STALE_WRITE_SUFFIX = ".pt.tmp"  # how checkpoint.save_checkpoint names a checkpo
 # Keys that change how a run executes or reports, not what it learns: a resume ignores them.
 OPERATIONAL_KEYS = ("train.out_dir", "train.device", "train.resume", "train.num_workers", "train.pin_memory",
                     "train.log_every", "train.val_every", "train.checkpoint_every", "train.compile",
-                    "train.max_nonfinite_steps", "train.divergence_factor", "train.max_diverged_steps")
+                    "train.max_nonfinite_steps", "train.divergence_factor", "train.max_diverged_steps",
+                    "train.max_minutes")
 
 
 def run_fingerprint(params: Params, dataset_hash: str) -> str:
@@ -181,6 +182,7 @@ class Trainer:
         self.history, self.epoch, self.step = History(), 0, 0
         self.best_psnr, self.best_epoch = -math.inf, 0
         self.train_seconds, self.images_seen = 0.0, 0
+        self.stopped_early: str | None = None  # why fit() ended before train.epochs (train.max_minutes)
         # Device-side counters: train_step updates them without reading anything back (see _check_nonfinite).
         self.nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
         self.consecutive_nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
@@ -456,13 +458,21 @@ class Trainer:
             while self.epoch < self.cfg.epochs:
                 mean_loss = self.train_epoch(data)
                 self.epoch += 1
+                out_of_time = self._out_of_time()
                 metrics = {"epoch_loss": mean_loss}
-                if self.is_main and (self.epoch % self.cfg.val_every == 0 or self.epoch == self.cfg.epochs):
+                last = self.epoch == self.cfg.epochs or out_of_time
+                if self.is_main and (self.epoch % self.cfg.val_every == 0 or last):
                     metrics.update(self.validate())
                 if self.is_main:
                     self._end_of_epoch(metrics)
                     if self.on_epoch_end is not None:
                         self.on_epoch_end(self.epoch, metrics)
+                if out_of_time:
+                    self.stopped_early = (f"train.max_minutes={self.cfg.max_minutes:g} reached after epoch "
+                                          f"{self.epoch} of {self.cfg.epochs}")
+                    log.warning("%s: stopping; rerun the same command to go on from %s", self.stopped_early,
+                                self.out_dir / "last.pt")
+                    break
         except BaseException as e:
             if self.run:
                 self.run.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
@@ -472,6 +482,20 @@ class Trainer:
         if self.is_main:
             self._finish_tracking(summary)
         return summary
+
+    def _out_of_time(self) -> bool:
+        """Whether another epoch (at this process's mean epoch time so far) would overrun ``train.max_minutes``.
+        Ranks decide together, so that none waits on a collective the others have stopped calling."""
+        if self.cfg.max_minutes is None or self.epoch >= self.cfg.epochs:
+            return False
+        elapsed = time.perf_counter() - self._fit_start
+        per_epoch = elapsed / max(self.epoch - self._fit_first_epoch, 1)
+        stop = elapsed + per_epoch > 60 * self.cfg.max_minutes
+        if self.world > 1:
+            flag = torch.tensor([float(stop)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
 
     def _end_of_epoch(self, metrics: dict) -> None:
         names = ["last.pt"]
@@ -503,7 +527,7 @@ class Trainer:
                 "images_per_s": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 "precision": self.precision.name, "device": str(self.device), "world_size": self.world,
                 "best_val_psnr": round(self.best_psnr, 4), "best_epoch": self.best_epoch,
-                "nonfinite_steps": self.nonfinite_steps}
+                "nonfinite_steps": self.nonfinite_steps, "stopped_early": self.stopped_early}
 
     def _start_tracking(self, run_id: str | None) -> None:
         self.run = tracking.start_run(self.params.mlflow.experiment, run_name=self.run_name, run_id=run_id,
