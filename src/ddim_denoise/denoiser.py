@@ -120,7 +120,7 @@ class Denoiser:
         first_steps = np.where(clipped, 1, steps)
         out = np.empty(noisy.shape, dtype=np.float32)
         for k in np.unique(first_steps):
-            self._denoise_all(noisy, sigma, first_steps == k, out, int(k), eta, batch_size, generator, mono_noise)
+            self._denoise_all(noisy, sigma, first_steps == k, out, int(k), eta, batch_size, generator, same_noise)
         if clipped.any():
             rng, unclipped = np.random.default_rng(seed), noisy.copy()  # each pass rewrites the clipped images whole
             for p in range(passes):
@@ -130,7 +130,7 @@ class Denoiser:
                 if estimating:  # clipping hid noise from the first estimate; the unclipped images show more of it
                     sigma[clipped] = reestimate_sigma(unclipped[clipped], sigma[clipped], same_noise)
                 self._denoise_all(unclipped, sigma, clipped, out, steps if p == passes - 1 else 1, eta, batch_size,
-                                  generator, mono_noise)
+                                  generator, same_noise)
         if estimating:
             self.last_sigma = sigma
             log.info("estimated sigma: %s", np.array2string(sigma, precision=4))
@@ -151,12 +151,12 @@ class Denoiser:
             self.last_sigma = estimates
         return out
 
-    def _denoise_all(self, noisy, sigma, which, out, steps, eta, batch_size, generator, mono_noise=False) -> None:
+    def _denoise_all(self, noisy, sigma, which, out, steps, eta, batch_size, generator, same_noise=False) -> None:
         """Denoise the images selected by the boolean mask ``which`` into ``out``, in batches."""
         index = np.flatnonzero(which)
         for start in range(0, len(index), batch_size):
             sl = index[start:start + batch_size]
-            out[sl] = self._denoise_batch(noisy[sl], sigma[sl], steps, eta, generator, mono_noise)
+            out[sl] = self._denoise_batch(noisy[sl], sigma[sl], steps, eta, generator, same_noise)
 
     @property
     def trained_sigma_range(self) -> tuple[float, float] | None:
@@ -183,7 +183,8 @@ class Denoiser:
                         *trained)
 
     @torch.no_grad()
-    def _denoise_batch(self, noisy, sigma, steps, eta, generator, mono_noise=False):
+    def _denoise_batch(self, noisy, sigma, steps, eta, generator, same_noise=False):
+        """``same_noise``: one noise draw in every channel (gray images, monochromatic noise): whiten it."""
         y = torch.from_numpy(np.ascontiguousarray(noisy, dtype=np.float32)).to(self.device).permute(0, 3, 1, 2)
         y = y * 2 - 1  # [0,1] pixels -> [-1,1] model scale
         h, w = y.shape[-2:]
@@ -192,7 +193,6 @@ class Denoiser:
             mode = "reflect" if pad_h < h and pad_w < w else "replicate"
             y = F.pad(y, (0, pad_w, 0, pad_h), mode=mode)
         model_sigma = pixel_to_model_sigma(torch.from_numpy(np.ascontiguousarray(sigma)).to(self.device))
-        same_noise = y.shape[1] == 1 or mono_noise
         if same_noise:  # one noise draw in all three channels is not what the model knows: whiten it (grayscale.py)
             # Such noise leaves the colour differences (each channel less their mean) exact: keep them (0 if gray).
             colour = y - y.mean(dim=1, keepdim=True)

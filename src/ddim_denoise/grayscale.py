@@ -8,7 +8,8 @@ little of it (the CPU recipe's model: 21.7 dB from a 20.3 dB input at sigma 0.1;
 ``whiten`` adds fresh noise in the two colour directions only, sqrt(3)·sigma strong. The replicated noise
 (covariance sigma^2·11ᵀ) plus the colour noise (3·sigma^2·(I - 11ᵀ/3)) is then white, variance 3·sigma^2 everywhere:
 exactly an RGB image at noise level sqrt(3)·sigma whose clean picture happens to be gray, which the model denoises as
-it was trained to. ``to_gray`` averages the three denoised channels back to one.
+it was trained to. ``to_gray`` averages the three denoised channels back to one. Colour pictures with
+monochromatic noise (the same draw in R, G and B) are whitened the same way (``Denoiser.denoise(mono_noise=True)``).
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ def identical_channels(images: np.ndarray) -> np.ndarray:
     return (images == images[..., :1]).reshape(len(images), -1).all(axis=1)
 
 
-def whiten(gray: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def whiten(noisy: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """(N, 1, H, W) gray images with noise std ``sigma`` (N,) -> (N, 3, H, W) RGB with white noise of std
     ``RGB_SIGMA_FACTOR * sigma`` (same scale as the input). (N, 3, H, W) colour images whose noise is one draw copied
     to all three channels (monochromatic noise) are whitened the same way."""
-    n, _, h, w = gray.shape
-    z = torch.randn((n, 3, h, w), generator=generator, device=gray.device, dtype=gray.dtype)
+    n, _, h, w = noisy.shape
+    z = torch.randn((n, 3, h, w), generator=generator, device=noisy.device, dtype=noisy.dtype)
     colour = z - z.mean(dim=1, keepdim=True)  # the projection onto the plane orthogonal to gray
-    return gray.expand(-1, 3, -1, -1) + colour * (RGB_SIGMA_FACTOR * sigma).view(-1, 1, 1, 1).to(gray.dtype)
+    return noisy.expand(-1, 3, -1, -1) + colour * (RGB_SIGMA_FACTOR * sigma).view(-1, 1, 1, 1).to(noisy.dtype)
 
 
 def to_gray(rgb: torch.Tensor) -> torch.Tensor:

@@ -199,7 +199,7 @@ class Trainer:
             # Indexing GPU data with a host index copies the index first, and that blocking copy waits for every
             # queued step: the host could never run ahead of the GPU. One copy per epoch instead.
             batches = torch.cat(batches).to(data.device).split(self.cfg.batch_size)
-        if self.cfg.num_workers == 0 or data.device.type != "cpu":
+        if data.device.type != "cpu" or self.cfg.num_workers == 0:
             return len(batches), (data[idx] for idx in batches)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_sampler=batches,
                                              num_workers=self.cfg.num_workers,
