@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_recipe.sh             # on the GPU machine, with .gpu/ and .whl/ carried along
 #   SMOKE=1 bash benchmarks/gpu_recipe.sh     # a tiny CPU rehearsal of the same steps
 #   DEADLINE=540 bash benchmarks/gpu_recipe.sh  # every step's time limit shrinks to fit DEADLINE seconds in all
+#   SKIP_PHASE2=1 / SKIP_SPEED=1              # leave out the fine-tune (and its table) / the speed benchmarks
+#   COMPILE_MODE=default                      # phase 1 compiled without CUDA graphs (train.compile_mode)
 #
 # .gpu/ (git-ignored via .git/info/exclude, 58 MB): `python benchmarks/gpu_prepare_data.py pack ../shared/data .gpu`.
 # .whl/ (2.7 MB) holds the cp312 wheels the GPU image lacks: `pip download --only-binary=:all: --python-version 3.12
@@ -27,11 +29,15 @@ trap 'rm -rf "$WORK"' EXIT
 ln -s "$ROOT/.gpu" "$WORK/.gpu" && ln -s "$ROOT/benchmarks" "$WORK/benchmarks" && cp "$ROOT/params.yaml" "$WORK/"
 cd "$WORK" || exit 1
 
-# The GPU recipe: batch 512 with the LR scaled to it, validation every 5 epochs (SSIM runs on the CPU).
-RECIPE=(-S train.compile=true -S train.batch_size=512 -S train.lr=8e-4 -S train.warmup_epochs=2 -S train.val_every=5
+# The GPU recipe: compiled, each step replayed as CUDA graphs; batch 512 with the LR scaled to it, validation every 5
+# epochs (SSIM runs on the CPU).
+RECIPE=(-S train.compile=true -S train.compile_mode="${COMPILE_MODE:-reduce-overhead}" -S train.batch_size=512 -S train.lr=8e-4 -S train.warmup_epochs=2 -S train.val_every=5
         -S train.checkpoint_every=20 -S train.log_every=20 -S mlflow.log_model=false)
-SPEED=(--batch 512,1024 --steps 30 --warmup 5)
-SPEED_MODES=bf16_cl,bf16_cl_compile,bf16_cl_compile_cg
+# Speed: cuDNN's algorithm search on and off (eager, so no compilation), then the recipe's step at twice and at its
+# batch, with a profile of the latter.
+SPEED_CUDNN=(--batch 512 --steps 30 --warmup 5 --modes bf16_cl --cudnn-benchmark off,on)
+SPEED=(--batch 1024,512 --steps 30 --warmup 5 --profile 10)
+SPEED_MODES=bf16_cl_compile_cg
 # Phase 2: the phase-1 EMA weights fine-tuned on the ~3,600 training images with original pixels (small batch, no
 # compilation: 43,000 images take seconds).
 PHASE2=(-S data.originals=.gpu/cifar10-lossless-subset.npz -S data.originals_only=true
@@ -52,7 +58,8 @@ if [ -n "${SMOKE:-}" ]; then
           -S train.epochs=1 -S train.max_train_images=64 -S train.batch_size=16 -S train.val_images=8
           -S train.device=cpu -S mlflow.log_model=false -S data.val_size=8)
   PHASE2+=(-S train.epochs=1 -S train.val_every=1 -S train.max_train_images=32 -S train.batch_size=16)
-  SPEED=(-S model.base_channels=8 --batch 4 --steps 1 --warmup 1)
+  SPEED_CUDNN=(-S model.base_channels=8 --batch 4 --steps 1 --warmup 1 --modes bf16_cl --cudnn-benchmark off,on)
+  SPEED=(-S model.base_channels=8 --batch 8,4 --steps 1 --warmup 1 --profile 2)
   SPEED_MODES=bf16_cl,bf16_cl_compile  # CUDA graphs need a GPU (on a CPU, reduce-overhead compiles for minutes)
   EVAL=(--n-images 8 --bm3d-images 0 --ddim-steps 2 --workers 2 --device cpu)
   TRAIN_LIMIT=120
@@ -71,31 +78,35 @@ time timeout "$PHASE1_LIMIT" python3 -m ddim_denoise.cli train "${RECIPE[@]}" \
   -S train.max_minutes="$(python3 -c "print(($PHASE1_LIMIT - 20) / 60)")"
 cp training/summary.json training/steps.csv training/val.csv "$OUT"/ 2>/dev/null
 
-echo "=== phase 2: fine-tune on the original-pixel training images"
-python3 -m ddim_denoise.cli prepare "${RECIPE[@]}" "${PHASE2[@]}" || exit 1
-time timeout "$(limit 120 110)" python3 -m ddim_denoise.cli train "${RECIPE[@]}" "${PHASE2[@]}"
-mkdir -p "$OUT/phase2" && cp training/summary.json training/val.csv "$OUT/phase2/" 2>/dev/null
+LOSSLESS=.gpu/cifar10-lossless-subset.npz
+if [ -z "${SKIP_PHASE2:-}" ]; then
+  echo "=== phase 2: fine-tune on the original-pixel training images"
+  python3 -m ddim_denoise.cli prepare "${RECIPE[@]}" "${PHASE2[@]}" || exit 1
+  time timeout "$(limit 120 110)" python3 -m ddim_denoise.cli train "${RECIPE[@]}" "${PHASE2[@]}"
+  mkdir -p "$OUT/phase2" && cp training/summary.json training/val.csv "$OUT/phase2/" 2>/dev/null
+fi
 
 echo "=== lossless test subset"
-LOSSLESS=.gpu/cifar10-lossless-subset.npz
 timeout "$(limit 60 90)" python3 benchmarks/eval_lossless.py --checkpoint models/best.pt --data $LOSSLESS "${EVAL[@]}" \
   --ddim-steps "" | tee "$OUT/phase1_table.md"
-timeout "$(limit 150 20)" python3 benchmarks/eval_lossless.py --checkpoint models-phase2/best.pt --data $LOSSLESS "${EVAL[@]}" \
-  | tee "$OUT/lossless_table.md"
+[ -z "${SKIP_PHASE2:-}" ] && timeout "$(limit 150 20)" python3 benchmarks/eval_lossless.py \
+  --checkpoint models-phase2/best.pt --data $LOSSLESS "${EVAL[@]}" | tee "$OUT/lossless_table.md"
 
 echo "=== the EMA weights of both phases in fp16 (each fits the 16 MB return limit)"
 python3 - "$OUT" <<'PY'
 import sys, torch
 from ddim_denoise.checkpoint import load_checkpoint, save_checkpoint
+from pathlib import Path
 for source, name in [("models/best.pt", "gpu_phase1_ema_fp16.pt"), ("models-phase2/best.pt", "gpu_ema_fp16.pt")]:
+    if not Path(source).exists():  # SKIP_PHASE2
+        continue
     state = load_checkpoint(source)
     save_checkpoint(f"{sys.argv[1]}/{name}", {"params": state["params"], "epoch": state["epoch"], "ema": {
         k: v.half() if v.is_floating_point() else v for k, v in state["ema"].items()}})
 PY
 
-# Speed last, in whatever time is left: eager bf16 as the reference, compiled at the recipe's and twice its batch,
-# and with CUDA graphs.
+# Speed last, in whatever time is left.
 [ -n "${SKIP_SPEED:-}" ] && exit 0
 echo "=== training speed ($((DEADLINE - SECONDS)) s left)"
-timeout "$(limit 150 0)" python3 benchmarks/train_speed.py "${SPEED[@]}" \
-  --modes "$SPEED_MODES"
+timeout "$(limit 60 120)" python3 benchmarks/train_speed.py "${SPEED_CUDNN[@]}"
+timeout "$(limit 240 0)" python3 benchmarks/train_speed.py "${SPEED[@]}" --modes "$SPEED_MODES"

@@ -15,6 +15,7 @@ import time
 
 import torch
 import yaml
+from torch.autograd import DeviceType
 
 from throughput import PeakTable, count_flops, synchronize  # benchmarks/ is on sys.path when this file runs as a script
 
@@ -39,7 +40,8 @@ MODES = {  # name: (autocast dtype, channels_last, torch.compile mode or None fo
 }
 
 
-def measure(params, mode: str, batch: int, steps: int, warmup: int, device) -> float:
+def build_step(params, mode: str, batch: int, device):
+    """One training step of ``mode`` on a fixed random batch, as the Trainer takes it (fused AdamW, loss)."""
     dtype, channels_last, compile_mode = MODES[mode]
     torch.manual_seed(0)
     model, schedule = build_model(params)
@@ -57,6 +59,7 @@ def measure(params, mode: str, batch: int, steps: int, warmup: int, device) -> f
         x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a no-op unless the mode replays CUDA graphs
         with precision.autocast(device):
             loss = loss_fn(step_model, x)
         optimizer.zero_grad(set_to_none=True)
@@ -64,16 +67,40 @@ def measure(params, mode: str, batch: int, steps: int, warmup: int, device) -> f
         scaler.step(optimizer)
         scaler.update()
 
+    return step
+
+
+def measure(step, batch: int, steps: int, warmup: int, device) -> float:
     for _ in range(warmup):
-        torch.compiler.cudagraph_mark_step_begin()  # a no-op unless the mode replays CUDA graphs
         step()
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        torch.compiler.cudagraph_mark_step_begin()
         step()
     synchronize(device)
     return steps * batch / (time.perf_counter() - start)
+
+
+def profile(step, steps: int, device, rows: int) -> str:
+    """Where a step's time goes: ``torch.profiler`` over ``steps`` steps, the operators and kernels that took the most
+    device time (CPU time on a CPU), and how busy the device was against the wall clock."""
+    on_gpu = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    events = prof.key_averages()
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    # As the table's own total counts it: on a GPU the kernels' time only (operators list it again as theirs).
+    busy_ms = sum(getattr(e, key) for e in events
+                  if not on_gpu or (e.device_type == DeviceType.CUDA and not e.is_user_annotation)) / 1e3 / steps
+    table = events.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    return f"{table}\nper step: {busy_ms:.2f} ms of {'device' if on_gpu else 'CPU'} time in {wall_ms:.2f} ms wall " \
+           f"(profiled, so slower than the timed rows)"
 
 
 def flops_per_image(params, device) -> float:
@@ -95,7 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", default="fp32,bf16_cl,bf16_cl_compile")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--cudnn-benchmark", default="on",
+                    help="on, off or off,on (one row each): torch.backends.cudnn.benchmark, as train.cudnn_benchmark "
+                         "sets it on a GPU (no effect on a CPU)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after the last row, profile this many of its steps and print where the time went")
+    ap.add_argument("--profile-rows", type=int, default=30)
     args = ap.parse_args(argv)
+    cudnn_settings = args.cudnn_benchmark.split(",")
+    if not set(cudnn_settings) <= {"on", "off"}:
+        ap.error(f"--cudnn-benchmark takes on, off or both comma-separated, not {args.cudnn_benchmark!r}")
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
     params = load_params(args.params, overrides)
     device = resolve_device(args.device)
@@ -106,19 +142,25 @@ def main(argv: list[str] | None = None) -> None:
     flops = flops_per_image(params, device)
     peaks = PeakTable(device)
     print(f"training FLOPs per image (fwd+bwd): {flops / 1e9:.3f} GFLOP")
-    baseline = None
-    for batch, mode in ((b, m) for b in batches for m in args.modes.split(",")):
-        label = f"{mode} @{batch}" if len(batches) > 1 else mode
+    baseline, step = None, None
+    for batch, mode, cudnn in ((b, m, c) for b in batches for m in args.modes.split(",") for c in cudnn_settings):
+        label = (mode + (f" @{batch}" if len(batches) > 1 else "")
+                 + (f" cudnn.benchmark={cudnn}" if len(cudnn_settings) > 1 else ""))
+        torch.backends.cudnn.benchmark = cudnn == "on"
         try:
-            rate = measure(params, mode, batch, args.steps, args.warmup, device)
+            step = build_step(params, mode, batch, device)
+            rate = measure(step, batch, args.steps, args.warmup, device)
         except Exception as e:  # e.g. torch.compile without a working compiler: report and go on
             print(f"{label:>24}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+            step = None
             continue
         baseline = baseline or rate
         tflops, dtype = rate * flops / 1e12, MODES[mode][0]
         print(f"{label:>24}: {rate:9.1f} img/s  ({rate / baseline:.2f}x the first row), "
               f"{tflops:.3f} TFLOP/s, {peaks.share(tflops, dtype):.1f}% of the "
               f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')} matmul peak", flush=True)
+    if args.profile and step is not None:
+        print(f"profile of the last row ({label}):\n{profile(step, args.profile, device, args.profile_rows)}", flush=True)
     print(f"measured matmul peaks: {peaks.describe()}")
 
 

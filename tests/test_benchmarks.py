@@ -96,6 +96,19 @@ def test_train_speed_gives_one_row_per_batch_and_mode(tmp_path, tiny_params, cap
     assert rows == ["2", "4"]
 
 
+def test_train_speed_compares_cudnn_benchmark_settings_and_profiles_the_last_row(tmp_path, tiny_params, capsys):
+    import train_speed
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
+    train_speed.main(["--params", str(params_file), "--batch", "4", "--steps", "1", "--warmup", "1",
+                      "--modes", "fp32", "--device", "cpu", "--cudnn-benchmark", "off,on", "--profile", "2"])
+    out = capsys.readouterr().out
+    assert re.findall(r"fp32 cudnn.benchmark=(\w+): +[\d.]+ img/s", out) == ["off", "on"]
+    assert "profile of the last row (fp32 cudnn.benchmark=on)" in out and "aten::convolution" in out
+    assert re.search(r"per step: [\d.]+ ms of CPU time in [\d.]+ ms wall", out)
+
+
 def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
     """channels_last selects a fused CPU attention kernel that torch's flop counter has no formula for."""
     from throughput import count_flops

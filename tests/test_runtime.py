@@ -10,7 +10,8 @@ from denoise_fixtures import write_tiny_checkpoint
 from ddim_denoise import runtime
 from ddim_denoise.checkpoint import load_checkpoint, save_checkpoint
 from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.runtime import resolve_channels_last, resolve_inference_precision, resolve_precision
+from ddim_denoise.runtime import (configure_cudnn, resolve_channels_last, resolve_inference_precision,
+                                  resolve_precision)
 
 CPU = torch.device("cpu")
 EPYC_FLAGS = "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n"  # AVX512-BF16, no AMX
@@ -30,6 +31,15 @@ def test_auto_picks_bf16_wherever_the_cpu_has_bf16_dot_products(monkeypatch, fla
 def test_channels_last_auto_is_on_for_gpus_only_and_an_explicit_setting_wins():
     assert resolve_channels_last("auto", torch.device("cuda")) and not resolve_channels_last("auto", CPU)
     assert resolve_channels_last(True, CPU) and not resolve_channels_last(False, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("benchmark", [True, False])
+def test_train_cudnn_benchmark_sets_cudnns_flag_on_gpus_and_leaves_cpus_alone(monkeypatch, benchmark):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not benchmark)  # restored after the test
+    configure_cudnn(torch.device("cpu"), benchmark)
+    assert torch.backends.cudnn.benchmark is (not benchmark)
+    configure_cudnn(torch.device("cuda", 0), benchmark)
+    assert torch.backends.cudnn.benchmark is benchmark
 
 
 def test_inference_precision_never_scales_gradients_and_names_its_key():

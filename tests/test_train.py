@@ -218,6 +218,18 @@ def test_training_batches_have_the_memory_format_train_channels_last_asks_for(wo
     assert weight.is_contiguous(memory_format=memory_format)
 
 
+def test_compiled_training_uses_train_compile_mode_and_marks_every_step(workspace, monkeypatch):
+    """compile_mode reaches torch.compile, and each step is marked as new: under CUDA graphs (reduce-overhead) a
+    step that is not marked would find the last step's output buffers still in use."""
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    trainer = Trainer(with_train(workspace, epochs=1, compile=True, compile_mode="reduce-overhead"))
+    trainer.fit()
+    assert modes == ["reduce-overhead"]
+    assert len(marks) == trainer.step == trainer.batches_per_epoch
+
+
 def test_batches_of_data_on_an_accelerator_are_indexed_on_its_device(workspace):
     """Indexing GPU data with a host index makes every step wait for the GPU (the index copy blocks): the index
     batches must live where the data does. A stand-in for GPU data (device 'meta') records what indexes it."""

@@ -66,6 +66,9 @@ class TrainConfig(_Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: Literal["auto"] | bool = "auto"  # see runtime.resolve_channels_last
     compile: bool = False
+    # torch.compile's mode; reduce-overhead replays each step as CUDA graphs (GPU only; elsewhere it acts as default)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    cudnn_benchmark: bool = True  # GPU: time cuDNN's convolution algorithms once per shape and keep the fastest
     num_workers: int = Field(0, ge=0)
     pin_memory: bool = True
     checkpoint_every: int = Field(10, ge=1)

@@ -77,6 +77,13 @@ def resolve_channels_last(setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
+def configure_cudnn(device: torch.device, benchmark: bool) -> None:
+    """``train.cudnn_benchmark`` on a GPU: cuDNN times its convolution algorithms on the first batch of each shape and
+    keeps the fastest (training shapes never change: full batches only). Process-wide; CPUs have no cuDNN."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = benchmark
+
+
 def resolve_inference_precision(amp: str, device: torch.device) -> Precision:
     """``eval.amp`` for denoising: as ``train.amp``, without a GradScaler. bf16 moved the CPU recipe's one-step PSNR
     by at most 0.002 dB on 300 lossless test images."""

@@ -33,7 +33,7 @@ from .errors import DivergedError, TrainingError
 from .diffusion import SigmaSampler
 from .metrics import make_noisy, psnr_ssim, to_float
 from .precond import DenoisingLoss, Preconditioner
-from .runtime import resolve_channels_last, resolve_device, resolve_precision
+from .runtime import configure_cudnn, resolve_channels_last, resolve_device, resolve_precision
 from .unet import count_parameters
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ STALE_WRITE_SUFFIX = ".pt.tmp"  # how checkpoint.save_checkpoint names a checkpo
 # Keys that change how a run executes or reports, not what it learns: a resume ignores them.
 OPERATIONAL_KEYS = ("train.out_dir", "train.device", "train.resume", "train.num_workers", "train.pin_memory",
                     "train.log_every", "train.val_every", "train.checkpoint_every", "train.compile",
+                    "train.compile_mode", "train.cudnn_benchmark",
                     "train.max_nonfinite_steps", "train.divergence_factor", "train.max_diverged_steps",
                     "train.max_minutes")
 
@@ -139,6 +140,7 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.amp, self.device)
         self.channels_last = resolve_channels_last(self.cfg.channels_last, self.device)
+        configure_cudnn(self.device, self.cfg.cudnn_benchmark)
         self.out_dir = Path(self.cfg.out_dir)
         torch.manual_seed(params.seed + rank)
 
@@ -214,7 +216,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return torch.compile(wrapped) if self.cfg.compile else wrapped
+        return torch.compile(wrapped, mode=self.cfg.compile_mode) if self.cfg.compile else wrapped
 
     @property
     def is_main(self) -> bool:
@@ -374,6 +376,9 @@ class Trainer:
         ``found_inf`` is set (under fp16 the GradScaler sets it from the gradients, which a non-finite loss makes
         non-finite too). ``_check_nonfinite`` stops the run on the host when that goes on too long.
         """
+        if self.cfg.compile:
+            # A new step: CUDA graphs (compile_mode reduce-overhead) may now reuse the last step's buffers. No-op else.
+            torch.compiler.cudagraph_mark_step_begin()
         with self.precision.autocast(self.device):
             loss = self.loss_fn(self.train_model, x0, self.noise_gen)
         self.optimizer.zero_grad(set_to_none=True)
