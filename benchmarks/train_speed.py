@@ -81,6 +81,24 @@ def measure(step, batch: int, steps: int, warmup: int, device) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
+# The profile's summary of where the time went: (family, lower-case name fragments), first match wins. GPU kernels
+# and CPU operators are both named here.
+FAMILIES = [
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("compiled (Triton / Inductor C++)", ("triton_", "compiledfxgraph")),
+    ("convolution / matmul", ("xmma", "implicit_gemm", "gemm", "nvjet", "cutlass", "conv", "aten::mm", "aten::bmm",
+                              "aten::addmm")),
+    ("ATen elementwise and copies", ("elementwise", "copy")),
+    ("ATen reductions", ("reduce",)),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+]
+
+
+def family(name: str) -> str:
+    name = name.lower()
+    return next((label for label, fragments in FAMILIES if any(f in name for f in fragments)), "other")
+
+
 def profile(step, steps: int, device, rows: int) -> str:
     """Where a step's time goes: ``torch.profiler`` over ``steps`` steps, the operators and kernels that took the most
     device time (CPU time on a CPU), and how busy the device was against the wall clock."""
@@ -96,11 +114,23 @@ def profile(step, steps: int, device, rows: int) -> str:
     events = prof.key_averages()
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     # As the table's own total counts it: on a GPU the kernels' time only (operators list it again as theirs).
-    busy_ms = sum(getattr(e, key) for e in events
-                  if not on_gpu or (e.device_type == DeviceType.CUDA and not e.is_user_annotation)) / 1e3 / steps
-    table = events.table(sort_by=key, row_limit=rows, max_name_column_width=70)
-    return f"{table}\nper step: {busy_ms:.2f} ms of {'device' if on_gpu else 'CPU'} time in {wall_ms:.2f} ms wall " \
-           f"(profiled, so slower than the timed rows)"
+    timed = [e for e in events if not on_gpu or (e.device_type == DeviceType.CUDA and not e.is_user_annotation)]
+    by_family: dict[str, float] = {}
+    for e in timed:
+        by_family[family(e.key)] = by_family.get(family(e.key), 0.0) + getattr(e, key) / 1e3 / steps
+    busy_ms = sum(by_family.values())
+    lines = [events.table(sort_by=key, row_limit=rows, max_name_column_width=70)]
+    if on_gpu:  # which operators launched those kernels (compiled code calls cuDNN, copies etc. as ATen operators)
+        operators = [e for e in events if e.key.startswith("aten::") and e.device_time_total > 0]
+        operators.sort(key=lambda e: -e.device_time_total)
+        lines += ["operators by the device time of their kernels, per step:"] + [
+            f"  {e.key:<45} {e.device_time_total / 1e3 / steps:7.2f} ms  {e.count // steps:4d} calls" for e in
+            operators[:rows // 2]]
+    lines.append(f"per step: {busy_ms:.2f} ms of {'device' if on_gpu else 'CPU'} time in {wall_ms:.2f} ms wall "
+                 f"(profiled, so slower than the timed rows); by kind:")
+    lines += [f"  {label:<34} {ms:7.2f} ms  {100 * ms / busy_ms:5.1f}%" for label, ms in
+              sorted(by_family.items(), key=lambda item: -item[1])]
+    return "\n".join(lines)
 
 
 def flops_per_image(params, device) -> float:

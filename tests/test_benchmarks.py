@@ -107,6 +107,7 @@ def test_train_speed_compares_cudnn_benchmark_settings_and_profiles_the_last_row
     assert re.findall(r"fp32 cudnn.benchmark=(\w+): +[\d.]+ img/s", out) == ["off", "on"]
     assert "profile of the last row (fp32 cudnn.benchmark=on)" in out and "aten::convolution" in out
     assert re.search(r"per step: [\d.]+ ms of CPU time in [\d.]+ ms wall", out)
+    assert re.search(r"convolution / matmul +[\d.]+ ms +[\d.]+%", out)
 
 
 def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):

@@ -11,7 +11,7 @@ from ddim_denoise.checkpoint import CheckpointError, load_checkpoint
 from ddim_denoise.config import validate_params
 from ddim_denoise.data import prepare
 from ddim_denoise.errors import TrainingError
-from ddim_denoise.train import Trainer, format_duration, lr_factor
+from ddim_denoise.train import EpochClock, Trainer, format_duration, lr_factor
 
 
 @pytest.fixture
@@ -50,6 +50,21 @@ def test_each_epoch_logs_the_time_left(workspace, caplog):
     epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(epoch_lines) == 2
     assert " left" in epoch_lines[0] and " left" not in epoch_lines[1]  # nothing is left after the last epoch
+
+
+def test_time_estimates_and_the_steady_rate_leave_out_the_first_epochs_one_time_costs(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("ddim_denoise.train.time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    clock = EpochClock()
+    now[0] = 60.0
+    clock.epoch_done(images=1000, seconds=58.0)  # compilation and CUDA-graph capture
+    assert clock.seconds_per_epoch() == 60.0 and clock.steady_rate() is None
+    for end in (65.0, 70.0):
+        now[0] = end
+        clock.epoch_done(images=1000, seconds=4.0)
+    now[0] = 71.0  # validation of the last epoch
+    assert clock.seconds_per_epoch() == 5.5  # (71 - 60) / 2, not 71 / 3
+    assert clock.steady_rate() == 250.0 and clock.last_rate() == 250.0
 
 
 def test_short_training_lowers_the_loss(workspace):
@@ -122,6 +137,7 @@ def test_init_from_a_checkpoint_of_another_architecture_is_one_clear_error(works
 def test_outputs_and_summary(workspace):
     summary = Trainer(workspace).fit()
     assert summary["epochs"] == 2 and summary["parameters"] > 0 and summary["images_per_s"] > 0
+    assert summary["steady_images_per_s"] > 0  # epoch 2's rate
     on_disk = json.loads(open("training/summary.json").read())
     assert on_disk["best_val_psnr"] == summary["best_val_psnr"] and np.isfinite(on_disk["best_val_psnr"])
     assert open("training/steps.csv").readline().strip() == "step,epoch,loss,lr"

@@ -79,7 +79,9 @@ def train(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT,
     summary = train_as_launched(cfg)
     if summary is None:  # a rank other than 0: rank 0 reports for the run
         return
-    typer.echo(f"trained {summary['epochs']} epochs at {summary['images_per_s']:.0f} img/s; "
+    steady = summary["steady_images_per_s"]
+    typer.echo(f"trained {summary['epochs']} epochs at {summary['images_per_s']:.0f} img/s"
+               + (f" ({steady:.0f} after the first epoch)" if steady else "") + "; "
                f"best validation PSNR {summary['best_val_psnr']:.2f} dB (epoch {summary['best_epoch']})")
 
 

@@ -123,6 +123,38 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
     return list(per_rank[:usable].split(batch_size)) if usable else []  # split() of nothing is one empty batch
 
 
+class EpochClock:
+    """This process's epochs: wall time per epoch (validation and checkpoints included) for the time left and
+    ``train.max_minutes``, and the training rate. A first epoch also pays one-time costs (torch.compile and CUDA-graph
+    capture took 60 of a GPU run's 250 s), so once a later epoch has ended, estimates and the steady rate leave it out."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.ends: list[float] = []  # seconds since start when each epoch's training steps ended
+        self.images: list[int] = []  # images each epoch trained on (all ranks)
+        self.seconds: list[float] = []  # seconds each epoch's training steps took
+
+    def epoch_done(self, images: int, seconds: float) -> None:
+        self.ends.append(self.elapsed())
+        self.images.append(images)
+        self.seconds.append(seconds)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def seconds_per_epoch(self) -> float:
+        if len(self.ends) <= 1:
+            return self.elapsed() / max(len(self.ends), 1)
+        return (self.elapsed() - self.ends[0]) / (len(self.ends) - 1)
+
+    def last_rate(self) -> float:
+        return self.images[-1] / max(self.seconds[-1], 1e-9)
+
+    def steady_rate(self) -> float | None:
+        """Images/s of this process's epochs after its first; None before a second epoch has ended."""
+        return sum(self.images[1:]) / max(sum(self.seconds[1:]), 1e-9) if len(self.images) > 1 else None
+
+
 class Trainer:
     """One training run. ``on_epoch_end(epoch, metrics)`` is called on rank 0 after each epoch's checkpoint (a sweep
     reports validation PSNR to Optuna there and may raise to prune); ``run_tags`` are added to the MLflow run (e.g.
@@ -189,7 +221,7 @@ class Trainer:
         self.nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
         self.consecutive_nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
         self.lowest_interval_loss, self.diverged_steps = math.inf, 0  # the divergence guard (_check_divergence)
-        self._fit_start, self._fit_first_epoch = time.perf_counter(), 0  # for the time left (reset by fit)
+        self.clock = EpochClock()  # for the time left and the epoch's rate (reset by fit)
         self.run: tracking.SafeRun | None = None
 
     # ---- setup helpers -------------------------------------------------------------------------------------------
@@ -337,7 +369,7 @@ class Trainer:
         # on each one. What is logged is the mean over the steps since the last log point (this epoch's only, so a
         # run resumed at an epoch boundary logs exactly what an uninterrupted one does).
         loss_sum, interval_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        first_step, nonfinite_before = self.step, int(self.nonfinite_total)
+        first_step, nonfinite_before, images_before = self.step, int(self.nonfinite_total), self.images_seen
         interval_start, interval_nonfinite_before = first_step, nonfinite_before
         start = time.perf_counter()
         for i, batch in enumerate(bar):
@@ -366,7 +398,9 @@ class Trainer:
         loss_sum += interval_sum
         # Reading the count waits for the last step: the epoch's time below is the device's, too.
         n_finite = self.step - first_step - (int(self.nonfinite_total) - nonfinite_before)
-        self.train_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.train_seconds += seconds
+        self.clock.epoch_done(self.images_seen - images_before, seconds)
         return float(loss_sum) / n_finite if n_finite else float("nan")
 
     def train_step(self, x0: torch.Tensor) -> torch.Tensor:
@@ -456,9 +490,9 @@ class Trainer:
         n_params = count_parameters(self.model)
         log.info("training %s parameters on %s (%s), %d images/epoch, %d epochs", f"{n_params:,}", self.device,
                  self.precision.name, len(data), self.cfg.epochs)
-        # Wall time per epoch of this process, validation and checkpoints included: the epoch log's time left
-        # (a CPU given the GPU-sized params.yaml learns in the first epoch that it faces a day, not an hour).
-        self._fit_start, self._fit_first_epoch = time.perf_counter(), self.epoch
+        # The epoch log's time left: a CPU given the GPU-sized params.yaml learns in the first epoch that it faces a
+        # day, not an hour.
+        self.clock = EpochClock()
         try:
             while self.epoch < self.cfg.epochs:
                 mean_loss = self.train_epoch(data)
@@ -489,13 +523,11 @@ class Trainer:
         return summary
 
     def _out_of_time(self) -> bool:
-        """Whether another epoch (at this process's mean epoch time so far) would overrun ``train.max_minutes``.
+        """Whether another epoch (at this process's epoch time so far, EpochClock) would overrun ``train.max_minutes``.
         Ranks decide together, so that none waits on a collective the others have stopped calling."""
         if self.cfg.max_minutes is None or self.epoch >= self.cfg.epochs:
             return False
-        elapsed = time.perf_counter() - self._fit_start
-        per_epoch = elapsed / max(self.epoch - self._fit_first_epoch, 1)
-        stop = elapsed + per_epoch > 60 * self.cfg.max_minutes
+        stop = self.clock.elapsed() + self.clock.seconds_per_epoch() > 60 * self.cfg.max_minutes
         if self.world > 1:
             flag = torch.tensor([float(stop)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -517,19 +549,19 @@ class Trainer:
                 for name in names:
                     if name.startswith("epoch_"):
                         self.run.log_artifact(self.out_dir / name, "checkpoints")
-        rate = self.images_seen / max(self.train_seconds, 1e-9)
         val = f", val PSNR {metrics['val_psnr_mean']:.2f} dB" if "val_psnr_mean" in metrics else ""
-        per_epoch = (time.perf_counter() - self._fit_start) / max(self.epoch - self._fit_first_epoch, 1)
-        left = f", {format_duration(per_epoch * (self.cfg.epochs - self.epoch))} left" if self.epoch < self.cfg.epochs \
-            else ""
+        epochs_left = self.cfg.epochs - self.epoch
+        left = f", {format_duration(self.clock.seconds_per_epoch() * epochs_left)} left" if epochs_left else ""
         log.info("epoch %d/%d: loss %.4f%s, %.0f img/s%s%s", self.epoch, self.cfg.epochs, metrics["epoch_loss"], val,
-                 rate, left, " (best)" if new_best else "")
+                 self.clock.last_rate(), left, " (best)" if new_best else "")
 
     def _summary(self, n_params: int) -> dict:
         return {"mlflow_run_id": self.run.run_id if self.run else None, "parameters": n_params,
                 "epochs": self.epoch, "steps": self.step, "train_images_seen": self.images_seen,
                 "train_seconds": round(self.train_seconds, 2),
                 "images_per_s": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
+                # without this process's first epoch (compilation, CUDA-graph capture): null if it ran one epoch
+                "steady_images_per_s": None if (steady := self.clock.steady_rate()) is None else round(steady, 2),
                 "precision": self.precision.name, "device": str(self.device), "world_size": self.world,
                 "best_val_psnr": round(self.best_psnr, 4), "best_epoch": self.best_epoch,
                 "nonfinite_steps": self.nonfinite_steps, "stopped_early": self.stopped_early}
@@ -548,9 +580,11 @@ class Trainer:
         self.history.write(self.training_dir)
         if not self.run or self.run.run_id is None:
             return
-        self.run.log_metrics({"parameters": summary["parameters"], "train_images_per_s": summary["images_per_s"],
-                              "train_seconds": summary["train_seconds"], "best_val_psnr": summary["best_val_psnr"]},
-                             step=self.step)
+        metrics = {"parameters": summary["parameters"], "train_images_per_s": summary["images_per_s"],
+                   "train_seconds": summary["train_seconds"], "best_val_psnr": summary["best_val_psnr"]}
+        if summary["steady_images_per_s"] is not None:
+            metrics["train_images_per_s_steady"] = summary["steady_images_per_s"]
+        self.run.log_metrics(metrics, step=self.step)
         self.run.log_artifacts(self.training_dir, "training")
         if self.params.mlflow.log_checkpoints and (self.out_dir / "best.pt").is_file():
             self.run.log_artifact(self.out_dir / "best.pt", "checkpoints")
