@@ -134,6 +134,11 @@ def test_pyfunc_model_logs_registers_loads_and_denoises(mlflow_store, checkpoint
     expected = denoiser.denoise(decode_image(png16).rgb[None], 0.1)[0]
     np.testing.assert_array_equal(stored, quantize(expected, np.uint16))  # 16-bit in, 16-bit out
     assert decode_bytes_with_reference(base64.b64decode(out["image"][1])).shape == (20, 20)  # gray stays gray
+    mono = model.predict(frame.iloc[:1], params={"mono_noise": True})
+    expected_mono = denoiser.denoise(decode_image(png16).rgb[None], 0.1, mono_noise=True)[0]
+    np.testing.assert_array_equal(decode_bytes_with_reference(base64.b64decode(mono["image"][0])),
+                                  quantize(expected_mono, np.uint16))
+    assert not np.array_equal(expected_mono, expected)  # the option changes the answer
 
     for bad_frame, message in [(pd.DataFrame({"image": ["aGVsbG8="], "sigma": [0.1]}), "not a PNG"),
                                (pd.DataFrame({"image": [frame["image"][0]], "sigma": [1.5]}), "sigma must lie")]:

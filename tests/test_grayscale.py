@@ -10,7 +10,7 @@ import torch
 from denoise_fixtures import write_tiny_checkpoint
 
 import ddim_denoise.denoiser as denoiser_module
-from ddim_denoise.denoise_files import DenoiseOptions, denoise_decoded
+from ddim_denoise.denoise_files import DenoiseOptions, denoise_decoded, image_sigma
 from ddim_denoise.denoiser import Denoiser
 from ddim_denoise.grayscale import identical_channels
 from ddim_denoise.image_io import split_channels
@@ -94,6 +94,21 @@ def test_a_gray_sigma_the_rgb_model_cannot_serve_is_refused(tiny_denoiser):
     with pytest.raises(ValueError, match=r"\(0, 0.577\].*gray"):
         tiny_denoiser.denoise(noisy, 0.6)
     tiny_denoiser.denoise(np.repeat(noisy, 3, axis=-1) + np.float32([0, 0.01, 0.02]), 0.6)  # colour: served
+
+
+def test_an_estimated_gray_sigma_past_the_limit_is_served_at_the_limit_with_the_warning(tiny_denoiser, seen, caplog):
+    """The user gave no sigma, so an estimate the RGB model cannot serve is not an error: it is served at the limit."""
+    noisy = gray_noise(1, 32, 0.8, seed=5)  # float, unclipped
+    limit = 1 / math.sqrt(3)
+    tiny_denoiser.denoise(noisy, None)
+    assert tiny_denoiser.last_sigma[0] == pytest.approx(limit)
+    (_, model_sigma), = seen
+    assert float(model_sigma[0]) == pytest.approx(math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(limit))))
+    assert "outside the" in caplog.text
+    for rgb in (np.repeat(noisy[0], 3, axis=-1), noisy[0]):  # a gray file decodes to three equal channels
+        assert image_sigma(tiny_denoiser, rgb, None, tile=16) == (pytest.approx(limit), True)
+    colour = np.repeat(noisy[0], 3, axis=-1) + np.float32([0, 0.01, 0.02])
+    assert image_sigma(tiny_denoiser, colour, None, tile=16)[0] > limit  # colour: served as estimated
 
 
 def test_a_gray_file_goes_the_gray_way(tiny_denoiser, seen):

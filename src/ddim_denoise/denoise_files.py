@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .clipping import saturated
-from .denoiser import Denoiser, estimate_sigma
+from .grayscale import identical_channels
+from .denoiser import Denoiser, estimate_sigma, max_sigma
 from .errors import InputError
 from .image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
 from .schedule import pixel_to_model_sigma
@@ -98,7 +99,7 @@ def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: 
         top, left = max(0, (rgb.shape[0] - tile) // 2), max(0, (rgb.shape[1] - tile) // 2)
         denoiser.denoise(rgb[None, top:top + tile, left:left + tile], None, mono_noise=mono_noise)
         estimate = float(denoiser.last_sigma[0])
-    return min(estimate, 1.0), True
+    return min(estimate, max_sigma(mono_noise or rgb.shape[-1] == 1 or bool(identical_channels(rgb[None])[0]))), True
 
 
 def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOptions,

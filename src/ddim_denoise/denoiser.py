@@ -107,8 +107,8 @@ class Denoiser:
                 return self._denoise_gray_apart(noisy, gray, sigma, options)
         estimating = sigma is None
         same_noise = noisy.shape[-1] == 1 or mono_noise  # one noise draw in every channel: whitened (grayscale.py)
-        if estimating:
-            sigma = estimate_sigma(noisy)
+        if estimating:  # an estimate past what this noise can be served at is served at the limit, with the warning
+            sigma = np.minimum(estimate_sigma(noisy), max_sigma(same_noise))
         sigma = np.array(np.broadcast_to(np.asarray(sigma, dtype=np.float32), (len(noisy),)))
         check_sigma(sigma, same_noise)
         self._warn_untrained_sigma(sigma, same_noise)
