@@ -7,7 +7,9 @@ seed as ``eval.noise_seed``). For each sigma this prints PSNR (dB) / SSIM of: th
 eval_lossless.py caches it) with the exact colour differences added back; the model told sigma, as if the noise were
 independent per channel (what ``Denoiser.denoise`` does without ``mono_noise``); the model with ``mono_noise=True``
 (``grayscale.whiten``, colour differences kept), at the true and at the estimated sigma and on the noisy images as an
-8-bit file stores them; and that model on BM3D's images, for a paired comparison.
+8-bit file stores them; and that model on BM3D's images, for a paired comparison. ``mono_noise="auto"`` decides per
+image (``grayscale.looks_mono_noise``): the last columns give its score and how many images it takes for monochromatic,
+of these (float / 8-bit) and of the same images with noise drawn per channel (where the right count is 0).
 
     python benchmarks/mono_noise.py --checkpoint models/best.pt --n-images 300 --bm3d-images 100
 """
@@ -18,6 +20,7 @@ import numpy as np
 from eval_lossless import bm3d_probe, parse_bm3d_probe  # benchmarks/ is on sys.path
 
 from ddim_denoise.clipping import as_8bit
+from ddim_denoise.grayscale import looks_mono_noise
 from ddim_denoise.metrics import make_noisy, psnr_ssim
 
 
@@ -33,8 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n### Monochromatic noise, {args.checkpoint}: one step, PSNR (dB) / SSIM on {len(clean)} lossless test "
           f"images (BM3D and the paired column: the first {paired.stop})\n")
     print("| sigma | noisy | BM3D on the luminance | model told sigma (before) | model, mono_noise (now) | "
-          "now, estimated sigma | now, 8-bit file | now, on BM3D's images |")
-    print("|---|---|---|---|---|---|---|---|")
+          "now, estimated sigma | now, 8-bit file | now, on BM3D's images | auto | taken for mono: these (float / "
+          "8-bit), per-channel noise |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for sigma in args.sigmas:
         noisy = clean + make_noisy(np.zeros_like(clean[..., :1]), sigma, cfg.noise_seed)
         luminance = noisy.mean(axis=-1, keepdims=True)
@@ -45,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         cells = [score(noisy), bm3d_cell, score(denoiser.denoise(noisy, sigma, batch_size=cfg.batch_size)),
                  score(now), score(denoiser.denoise(noisy, None, batch_size=cfg.batch_size, mono_noise=True)),
                  score(denoiser.denoise(as_8bit(noisy), sigma, batch_size=cfg.batch_size, mono_noise=True)),
-                 score(now[paired], paired) if paired.stop else "-"]
+                 score(now[paired], paired) if paired.stop else "-",
+                 score(denoiser.denoise(noisy, sigma, batch_size=cfg.batch_size, mono_noise="auto")),
+                 f"{looks_mono_noise(noisy).sum()} / {looks_mono_noise(as_8bit(noisy)).sum()}, "
+                 f"{looks_mono_noise(make_noisy(clean, sigma, cfg.noise_seed)).sum()} of {len(clean)}"]
         print(f"| {sigma:g} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -12,9 +12,11 @@ from denoise_fixtures import write_tiny_checkpoint
 import ddim_denoise.denoiser as denoiser_module
 from ddim_denoise.denoise_files import DenoiseOptions, denoise_decoded, image_sigma
 from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.grayscale import identical_channels
+from ddim_denoise.grayscale import identical_channels, looks_mono_noise
 from ddim_denoise.image_io import split_channels
 from ddim_denoise.schedule import pixel_to_model_sigma
+from ddim_denoise.tiling import TileOptions
+from PIL import Image
 
 
 @pytest.fixture
@@ -154,6 +156,65 @@ def test_monochromatic_noise_leaves_the_colour_differences_as_they_are(tiny_deno
     _, noisy = colour_with_mono_noise(2, 16, 0.05)
     out = tiny_denoiser.denoise(noisy, 0.05, mono_noise=True)  # a model that answers flat mid-gray
     np.testing.assert_allclose(out, np.clip(0.5 + noisy - noisy.mean(-1, keepdims=True), 0, 1), atol=1e-6)
+
+
+def colour_with_channel_noise(n: int, size: int, sigma: float, seed: int = 6) -> np.ndarray:
+    """The same kind of smooth colour images, with noise drawn independently per channel."""
+    clean, _ = colour_with_mono_noise(n, size, sigma, seed)
+    return clean + sigma * np.random.default_rng(seed + 1).standard_normal(clean.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("sigma", [0.03, 0.1, 0.5])
+def test_monochromatic_noise_is_told_from_noise_drawn_per_channel(sigma):
+    _, mono = colour_with_mono_noise(6, 32, sigma)
+    per_channel = colour_with_channel_noise(6, 32, sigma)
+    assert looks_mono_noise(mono).all() and not looks_mono_noise(per_channel).any()
+    assert not looks_mono_noise(mono[..., :1]).any()  # gray images have no colour differences to tell by
+
+
+def test_images_with_a_given_sigma_below_the_floor_keep_the_default_path():
+    _, mono = colour_with_mono_noise(3, 32, 0.03)
+    assert looks_mono_noise(mono, 0.03).all() and not looks_mono_noise(mono, 0.01).any()
+    assert looks_mono_noise(mono, np.float32([0.03, 0.01, 0.03])).tolist() == [True, False, True]
+
+
+def test_auto_sends_each_image_the_way_its_noise_looks(tiny_denoiser, seen):
+    sigma = 0.05
+    _, mono = colour_with_mono_noise(2, 32, sigma)
+    images = np.concatenate([colour_with_channel_noise(1, 32, sigma), mono[:1], colour_with_channel_noise(1, 32, sigma, 9),
+                             mono[1:]])
+    out = tiny_denoiser.denoise(images, sigma, mono_noise="auto")
+    told = [float(model_sigma[0]) for _, model_sigma in seen]
+    assert told == pytest.approx([math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(sigma))),
+                                  float(pixel_to_model_sigma(torch.tensor(sigma)))])  # the mono group, then the rest
+    which = np.array([False, True, False, True])
+    np.testing.assert_array_equal(out[which], tiny_denoiser.denoise(images[which], sigma, mono_noise=True))
+    np.testing.assert_array_equal(out[~which], tiny_denoiser.denoise(images[~which], sigma))
+    with pytest.raises(ValueError, match="mono_noise must be"):
+        tiny_denoiser.denoise(images, sigma, mono_noise="yes")
+
+
+def test_detect_mono_noise_decides_once_per_file_and_the_command_line_says_so(tiny_denoiser, tmp_path):
+    from typer.testing import CliRunner
+
+    from ddim_denoise import cli
+
+    _, mono = colour_with_mono_noise(1, 48, 0.1)
+    files = {"mono.png": mono[0], "per_channel.png": colour_with_channel_noise(1, 48, 0.1)[0]}
+    for name, pixels in files.items():
+        image = split_channels(np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8), "png", name)
+        options = DenoiseOptions(sigma=0.1, mono_noise="auto", tiles=TileOptions(tile=32, overlap=8)).validate()
+        assert denoise_decoded(tiny_denoiser, image, options).mono_noise == (name == "mono.png")
+        Image.fromarray(np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)).save(tmp_path / name)
+    result = CliRunner().invoke(cli.app, ["denoise", str(tmp_path / "mono.png"), str(tmp_path / "per_channel.png"),
+                                          "-o", str(tmp_path / "out"), "--sigma", "0.1", "-c", str(tmp_path / "tiny.pt"),
+                                          "--detect-mono-noise", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "mono.png: monochromatic noise" in result.output
+    assert "per_channel.png: noise drawn per channel" in result.output
+    both = CliRunner().invoke(cli.app, ["denoise", str(tmp_path / "mono.png"), "-o", str(tmp_path / "out"), "--sigma",
+                                        "0.1", "--mono-noise", "--detect-mono-noise"])
+    assert both.exit_code == 2 and "not both" in both.output
 
 
 def test_monochromatic_noise_beyond_what_the_model_can_serve_is_refused(tiny_denoiser):

@@ -182,6 +182,8 @@ def denoise_command(
     eta: float = typer.Option(0.0, "--eta", help="DDIM stochasticity (0: deterministic)"),
     mono_noise: bool = typer.Option(False, "--mono-noise", help="the same noise in R, G and B (an editor's "
                                     "monochromatic noise); sigma up to 0.577"),
+    detect_mono_noise: bool = typer.Option(False, "--detect-mono-noise", help="decide per image whether its noise "
+                                           "is monochromatic (printed), instead of --mono-noise"),
     tile: Optional[int] = typer.Option(None, "--tile", help="tile size for large images, pixels (default 64)"),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="overlap of neighbouring tiles, pixels (default 16)"),
     tile_batch: Optional[int] = typer.Option(None, "--tile-batch", help="tiles per model call, bounds memory "
@@ -204,15 +206,21 @@ def denoise_command(
 
     if (sigma is None) == (not estimate):
         raise UserError("give either --sigma S (pixel scale, e.g. 0.1) or --estimate")
+    if mono_noise and detect_mono_noise:
+        raise UserError("give --mono-noise (every image's noise is monochromatic) or --detect-mono-noise, not both")
     tiles = TileOptions(**given(tile=tile, overlap=overlap, batch=tile_batch))
     options = DenoiseOptions(sigma=None if estimate else check_pixel_sigma(sigma), steps=steps, eta=eta, tiles=tiles,
-                             mono_noise=mono_noise, **given(quality=quality)).validate()
+                             mono_noise="auto" if detect_mono_noise else mono_noise,
+                             **given(quality=quality)).validate()
     with resolved_checkpoint(checkpoint, run_id, model_uri, **given(run_artifact=run_artifact)) as path:
         denoiser = load_denoiser(path, device)
 
     def report(item):
-        if item.estimated:
-            tqdm.write(f"{item.source}: estimated sigma {item.sigma:.4f} ({item.sigma * 255:.1f}/255)")
+        found = [f"estimated sigma {item.sigma:.4f} ({item.sigma * 255:.1f}/255)"] if item.estimated else []
+        if detect_mono_noise:
+            found.append("monochromatic noise" if item.mono_noise else "noise drawn per channel")
+        if found:
+            tqdm.write(f"{item.source}: " + ", ".join(found))
 
     done = denoise_files(denoiser, inputs, out, options, progress=progress, report=report)
     typer.echo(f"denoised {len(done)} image(s) into {out}")

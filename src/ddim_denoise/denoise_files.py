@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .clipping import saturated
-from .grayscale import identical_channels
+from .grayscale import identical_channels, looks_mono_noise
 from .denoiser import Denoiser, estimate_sigma, max_sigma
 from .errors import InputError
 from .image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
@@ -49,7 +49,7 @@ class DenoiseOptions:
     eta: float = 0.0  # DDIM stochasticity (0: deterministic)
     tiles: TileOptions = field(default_factory=TileOptions)
     quality: int = DEFAULT_QUALITY  # JPEG / lossy WebP quality of the written files
-    mono_noise: bool = False  # colour images whose noise is one draw in R, G and B (Denoiser.denoise)
+    mono_noise: bool | str = False  # colour images whose noise is one draw in R, G and B; "auto": decided per image
 
     def validate(self) -> "DenoiseOptions":
         if self.sigma is not None:
@@ -58,6 +58,8 @@ class DenoiseOptions:
             raise InputError(f"steps must be at least 1, got {self.steps}")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise InputError(f"eta must be a finite number >= 0, got {self.eta}")
+        if self.mono_noise not in (True, False, "auto"):
+            raise InputError(f"mono_noise must be true, false or auto, got {self.mono_noise!r}")
         if not 1 <= self.quality <= 100:
             raise InputError(f"quality must lie in [1, 100], got {self.quality}")
         self.tiles.validate()
@@ -80,6 +82,7 @@ class DenoisedImage:
     rgb: np.ndarray  # float32 (H, W, 3) in [0, 1]
     sigma: float  # the pixel-scale noise level used
     estimated: bool  # True when sigma was estimated from the image
+    mono_noise: bool = False  # whether the image was denoised as having monochromatic noise
 
 
 def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: int,
@@ -104,7 +107,10 @@ def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: 
 
 def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOptions,
                     on_tiles: Callable[[int], None] | None = None) -> DenoisedImage:
-    """Denoise one decoded image (tiled when large), at the given or estimated noise level."""
+    """Denoise one decoded image (tiled when large), at the given or estimated noise level. With mono_noise "auto"
+    the whole image decides (``grayscale.looks_mono_noise``), so that all its tiles go the same way."""
+    if options.mono_noise == "auto":
+        options = replace(options, mono_noise=bool(looks_mono_noise(image.rgb[None], options.sigma)[0]))
     batch = partial(denoiser.denoise, steps=options.steps, eta=options.eta, batch_size=options.tiles.batch,
                     mono_noise=options.mono_noise)
     try:
@@ -112,7 +118,7 @@ def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOpt
         rgb = denoise_tiled(batch, image.rgb, sigma, options.tiles, on_tiles)
     except ValueError as e:  # Denoiser's refusals: a sigma or step count its noise schedule cannot serve
         raise InputError(str(e)) from None
-    return DenoisedImage(rgb, sigma, estimated)
+    return DenoisedImage(rgb, sigma, estimated, options.mono_noise)
 
 
 def check_schedule_covers(denoiser: Denoiser, sigma: float, steps: int) -> None:
@@ -130,6 +136,7 @@ class DenoisedFile:
     output: Path
     sigma: float
     estimated: bool
+    mono_noise: bool = False
 
 
 def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:
@@ -179,7 +186,7 @@ def denoise_files(denoiser: Denoiser, inputs: Sequence[str | Path], out_dir: str
                       desc=source.name, disable=not progress, position=1) as tiles_bar:
                 result = denoise_decoded(denoiser, image, options, on_tiles=tiles_bar.update)
             write_image(output, result.rgb, image, options.quality)
-            item = DenoisedFile(source, output, result.sigma, result.estimated)
+            item = DenoisedFile(source, output, result.sigma, result.estimated, result.mono_noise)
             done.append(item)
             if report:
                 report(item)

@@ -13,7 +13,7 @@ from .checkpoint import load_checkpoint, load_model_weights
 from .clipping import estimate_noise_sigma, saturated, share_noise, unclip
 from .config import Params, validate_params
 from .diffusion import denoise_ddim
-from .grayscale import RGB_SIGMA_FACTOR, identical_channels, to_gray, whiten
+from .grayscale import RGB_SIGMA_FACTOR, identical_channels, looks_mono_noise, to_gray, whiten
 from .precond import Preconditioner
 from .runtime import resolve_channels_last, resolve_device, resolve_inference_precision
 from .schedule import NoiseSchedule, pixel_to_model_sigma
@@ -93,8 +93,13 @@ class Denoiser:
         return cls(model, schedule, params, device, amp)
 
     def denoise(self, noisy: np.ndarray, sigma: float | np.ndarray | None = None, steps: int = 1, eta: float = 0.0,
-                batch_size: int = 64, seed: int = 0, mono_noise: bool = False) -> np.ndarray:
+                batch_size: int = 64, seed: int = 0, mono_noise: bool | str = False) -> np.ndarray:
+        """Denoised (N, H, W, C) float images on [0, 1]. ``sigma`` None: estimated per image (``last_sigma``).
+        ``mono_noise``: True when each colour image's noise is one draw copied to R, G and B; "auto" decides per
+        image (``grayscale.looks_mono_noise``)."""
         noisy = np.asarray(noisy)
+        if mono_noise not in (True, False, "auto"):
+            raise ValueError(f"mono_noise must be True, False or 'auto', got {mono_noise!r}")
         if noisy.ndim != 4 or noisy.shape[-1] not in (1, 3):
             raise ValueError(f"expected images of shape (N, H, W, 3), or (N, H, W, 1) for gray ones, got "
                              f"{noisy.shape}; drop the alpha channel first")
@@ -103,8 +108,14 @@ class Denoiser:
         options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed, mono_noise=mono_noise)
         if noisy.shape[-1] == 3:
             gray = identical_channels(noisy)
-            if gray.any():
-                return self._denoise_gray_apart(noisy, gray, sigma, options)
+            if gray.any():  # as (N, H, W, 1) gray images, replicated back
+                return self._denoise_groups(noisy, sigma, [(gray, noisy[gray][..., :1], options),
+                                                           (~gray, noisy[~gray], options)])
+            if mono_noise == "auto":
+                mono = looks_mono_noise(noisy, sigma)
+                return self._denoise_groups(noisy, sigma, [(mono, noisy[mono], {**options, "mono_noise": True}),
+                                                           (~mono, noisy[~mono], {**options, "mono_noise": False})])
+        mono_noise = mono_noise is True  # "auto" on gray images: their noise is one draw per pixel anyway
         estimating = sigma is None
         same_noise = noisy.shape[-1] == 1 or mono_noise  # one noise draw in every channel: whitened (grayscale.py)
         if estimating:  # an estimate past what this noise can be served at is served at the limit, with the warning
@@ -136,13 +147,14 @@ class Denoiser:
             log.info("estimated sigma: %s", np.array2string(sigma, precision=4))
         return out
 
-    def _denoise_gray_apart(self, noisy: np.ndarray, gray: np.ndarray, sigma, options: dict) -> np.ndarray:
-        """RGB images with three equal channels are gray pictures whose noise is the same in every channel: they go
-        through as (N, H, W, 1) gray images and come back replicated; the others as the colour images they are."""
+    def _denoise_groups(self, noisy: np.ndarray, sigma, groups: list) -> np.ndarray:
+        """Denoise each (mask, images, options) group of ``noisy`` on its own, and put the outputs (a gray group's
+        replicated to RGB) back in order: gray pictures (RGB with three equal channels) go through as gray images,
+        and mono_noise="auto" sends each image the way its noise looks."""
         sigmas = None if sigma is None else np.broadcast_to(np.asarray(sigma, dtype=np.float32), (len(noisy),))
         out = np.empty(noisy.shape, dtype=np.float32)
         estimates = np.empty(len(noisy), dtype=np.float32)
-        for which, images in ((gray, noisy[gray][..., :1]), (~gray, noisy[~gray])):
+        for which, images, options in groups:
             if which.any():
                 out[which] = self.denoise(images, None if sigmas is None else sigmas[which], **options)
                 if sigma is None:

@@ -19,13 +19,41 @@ import math
 import numpy as np
 import torch
 
+from .clipping import estimate_noise_sigma
+
 RGB_SIGMA_FACTOR = math.sqrt(3)  # noise std of the whitened RGB image per unit of the gray image's noise std
+# looks_mono_noise: an image's noise counts as one draw in R, G and B when its colour differences carry less than this
+# share of the image's noise level. On 300 lossless test images (float and 8-bit, sigma 0.02-0.5) independent noise gave
+# 0.42 or more, monochromatic noise 0.36 or less (README, *Monochromatic noise*).
+MONO_NOISE_MAX_RATIO = 0.4
+# Below this given sigma the two overlap (texture outweighs the noise), and taking per-channel noise for monochromatic
+# cost 1 dB on those images at sigma 0.01, where the monochromatic path gains 0.05 dB: such images keep the default.
+MONO_NOISE_MIN_SIGMA = 0.015
 
 
 def identical_channels(images: np.ndarray) -> np.ndarray:
     """(N,) True for the (N, H, W, C) images whose channels are all equal: gray pictures, stored as gray or RGB."""
     images = np.asarray(images)
     return (images == images[..., :1]).reshape(len(images), -1).all(axis=1)
+
+
+def looks_mono_noise(images: np.ndarray, sigma: float | np.ndarray | None = None) -> np.ndarray:
+    """(N,) True for the (N, H, W, 3) images whose noise looks monochromatic: their colour differences (R - G and
+    G - B, over sqrt(2): one channel's noise level if drawn per channel) show almost none of the image's noise, where
+    noise drawn per channel shows all of it. False for images with fewer than three channels, which have no colour
+    differences to tell by, and, where their noise level ``sigma`` is given, for those below MONO_NOISE_MIN_SIGMA."""
+    images = np.asarray(images, dtype=np.float64)
+    if images.shape[-1] < 3:
+        return np.zeros(len(images), dtype=bool)
+    found = []
+    for image in images:
+        level = estimate_noise_sigma(image)
+        differences = np.stack([image[..., 0] - image[..., 1], image[..., 1] - image[..., 2]], axis=-1) / math.sqrt(2)
+        found.append(estimate_noise_sigma(differences) < MONO_NOISE_MAX_RATIO * level)
+    found = np.array(found, dtype=bool)
+    if sigma is not None:
+        found &= np.broadcast_to(np.asarray(sigma), (len(images),)) >= MONO_NOISE_MIN_SIGMA
+    return found
 
 
 def whiten(noisy: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

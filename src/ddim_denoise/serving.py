@@ -8,7 +8,8 @@ Input: a pandas DataFrame, one row per image, which ``mlflow models serve`` acce
   estimated from the image.
 
 Inference params (optional): ``steps`` (DDIM steps, default 1), ``eta`` (default 0.0), ``mono_noise`` (default
-false: true when every colour image's noise is one draw copied to R, G and B, as ``ddim-denoise denoise --mono-noise``).
+false: true when every colour image's noise is one draw copied to R, G and B, as ``ddim-denoise denoise --mono-noise``),
+``detect_mono_noise`` (default false: decide that per image instead, as ``--detect-mono-noise``).
 
 Output: one row per input, ``image`` (base64 of the denoised file, in the input's format, bit depth and channels,
 alpha untouched) and ``sigma`` (the level used). A bad image or sigma answers HTTP 400 with the reason.
@@ -59,7 +60,7 @@ def model_signature():
         inputs=Schema([ColSpec("string", "image"), ColSpec("double", "sigma", required=False)]),
         outputs=Schema([ColSpec("string", "image"), ColSpec("double", "sigma")]),
         params=ParamSchema([ParamSpec("steps", "long", 1), ParamSpec("eta", "double", 0.0),
-                            ParamSpec("mono_noise", "boolean", False)]),
+                            ParamSpec("mono_noise", "boolean", False), ParamSpec("detect_mono_noise", "boolean", False)]),
     )
 
 
@@ -119,7 +120,8 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
             try:
                 options = DenoiseOptions(sigma=_row_sigma(sigma), steps=int(params.get("steps", 1)),
                                          eta=float(params.get("eta", 0.0)),
-                                         mono_noise=bool(params.get("mono_noise", False))).validate()
+                                         mono_noise="auto" if params.get("detect_mono_noise") else
+                                         bool(params.get("mono_noise", False))).validate()
                 image = decode_image(_row_bytes(value, row), source="image")
                 result = denoise_decoded(self.denoiser, image, options)
             except InputError as e:
