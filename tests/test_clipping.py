@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from denoise_fixtures import write_tiny_checkpoint
+from denoise_fixtures import noisy_photo, write_tiny_checkpoint
 
 from ddim_denoise.clipping import as_8bit, estimate_noise_sigma, saturated, unclip
 from ddim_denoise.denoiser import Denoiser
@@ -35,6 +35,17 @@ def test_estimate_is_unbiased_on_32x32_images(sigma):
 def test_estimate_of_a_flat_image_is_zero_and_of_a_tiny_one_nan():
     assert estimate_noise_sigma(np.full((16, 16, 3), 0.4)) == 0
     assert np.isnan(estimate_noise_sigma(np.zeros((2, 8, 3))))
+
+
+@pytest.mark.parametrize("flat_share", [0.5, 0.75])
+def test_exactly_flat_regions_do_not_pull_the_estimate_down(flat_share):
+    """An RGBA file's transparent region (stored as 0) or a padded border holds no noise; half an image of it made the
+    median estimate 0, and --estimate then called the image noise-free."""
+    noisy = noisy_photo(128, 128, sigma=0.05, seed=3)
+    whole = estimate_noise_sigma(noisy)
+    assert whole == pytest.approx(0.05, rel=0.1)
+    noisy[:, : int(flat_share * 128)] = 0
+    assert estimate_noise_sigma(noisy) == pytest.approx(whole, rel=0.05)
 
 
 def test_unclip_redraws_only_saturated_pixels_beyond_their_bound():

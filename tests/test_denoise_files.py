@@ -211,6 +211,25 @@ def test_denoise_command_handles_every_kind_and_keeps_its_form(tmp_path, checkpo
                                   quantize(expected, np.uint16))
 
 
+def test_transparent_pixels_stored_as_0_neither_mislead_the_estimate_nor_change(tmp_path, checkpoint):
+    """A cut-out: the left half fully transparent and stored as 0, which looked like noise clipped to 0 and drew the
+    estimate of the visible half's 0.1 down to 0.04 (README, *Your own pictures*)."""
+    photo = np.clip(noisy_photo(64, 64, sigma=0.1, seed=2), 0, 1)
+    rgba = np.dstack([quantize(photo, np.uint8), np.full((64, 64), 255, np.uint8)])
+    rgba[:, :32] = 0
+    cutout, opaque = tmp_path / "cutout.png", tmp_path / "opaque.png"
+    cutout.write_bytes(encode_with_reference("png", rgba))
+    opaque.write_bytes(encode_with_reference("png", rgba[:, 32:]))
+    result = CliRunner().invoke(app, ["denoise", str(cutout), str(opaque), "-o", str(tmp_path / "out"), "--estimate",
+                                      "-c", str(checkpoint), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    estimates = {line.split(":")[0].rsplit("/", 1)[-1]: float(line.split("estimated sigma ")[1].split()[0])
+                 for line in result.output.splitlines() if "estimated sigma" in line}
+    assert estimates["cutout.png"] == pytest.approx(estimates["opaque.png"], rel=0.05)
+    assert estimates["opaque.png"] == pytest.approx(0.1, rel=0.15)
+    np.testing.assert_array_equal(decode_with_reference(tmp_path / "out" / "cutout.png")[:, :32], rgba[:, :32])
+
+
 def test_estimate_prints_a_sigma_near_the_true_one(tmp_path, checkpoint):
     path = tmp_path / "photo.tif"
     path.write_bytes(encode_with_reference("tiff", quantize(np.clip(noisy_photo(64, 64, sigma=0.1), 0, 1),
