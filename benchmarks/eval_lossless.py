@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ddim-steps", type=lambda t: parse_list(t, int), default=[10, 50])
     parser.add_argument("--ddim-images", type=int, default=None,
                         help="multi-step DDIM on the first this many images only (default: all; K calls per image)")
+    parser.add_argument("--ddim-stop-sigma", type=float, default=0.0,
+                        help="where the DDIM rows stop walking down, pixel scale (0: to 0; Denoiser.denoise)")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the checkpoint's eval.noise_seed)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's eval.batch_size")
@@ -119,11 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     methods = {NOISY: NOISY_INPUT}
     if args.bm3d_images > 0:
         methods["bm3d"] = Method(cached_bm3d(args.cache_dir, seed, args.workers), max_images=args.bm3d_images)
-    methods |= model_methods(denoiser, [1, *args.ddim_steps], batch_size, args.ddim_images)
+    methods |= model_methods(denoiser, [1, *args.ddim_steps], batch_size, args.ddim_images, args.ddim_stop_sigma)
 
     table = run_methods(clean, sigmas, methods, seed).table
     print(f"\n### {args.checkpoint} on {len(clean)} lossless CIFAR-10 test images ({args.data.name}), "
-          f"PSNR (dB) / SSIM, noise seed {seed}, model in {denoiser.precision.name}, {args.weights} weights\n")
+          f"PSNR (dB) / SSIM, noise seed {seed}, model in {denoiser.precision.name}, {args.weights} weights"
+          + (f", DDIM stopping at sigma {args.ddim_stop_sigma:g}" if args.ddim_stop_sigma else "") + "\n")
     print(results_table(table, origin=None))
     n_bm3d = min(args.bm3d_images, len(clean))
     if 0 < n_bm3d < len(clean):  # a paired comparison: every method on BM3D's images

@@ -230,6 +230,22 @@ def test_transparent_pixels_stored_as_0_neither_mislead_the_estimate_nor_change(
     np.testing.assert_array_equal(decode_with_reference(tmp_path / "out" / "cutout.png")[:, :32], rgba[:, :32])
 
 
+def test_the_ddim_stop_sigma_reaches_the_walk_at_model_scale(tmp_path, checkpoint, monkeypatch):
+    import ddim_denoise.denoiser as denoiser_module
+
+    stops = []
+    monkeypatch.setattr(denoiser_module, "denoise_ddim",
+                        lambda model, schedule, y, sigma, steps, eta, generator, stop_sigma: stops.append(stop_sigma) or y)
+    path = write_kind(tmp_path, "png8_rgb")
+    result = CliRunner().invoke(app, ["denoise", str(path), "-o", str(tmp_path / "out"), "--sigma", "0.1", "--steps",
+                                      "5", "--ddim-stop-sigma", "0.05", "-c", str(checkpoint), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert stops and stops == [pytest.approx(0.1)] * len(stops)  # pixel 0.05 is model-scale 0.1
+    bad = CliRunner().invoke(app, ["denoise", str(path), "-o", str(tmp_path / "out2"), "--sigma", "0.1",
+                                   "--ddim-stop-sigma", "-1", "-c", str(checkpoint)])
+    assert "DDIM stop sigma" in one_line_error(bad)
+
+
 def test_estimate_prints_a_sigma_near_the_true_one(tmp_path, checkpoint):
     path = tmp_path / "photo.tif"
     path.write_bytes(encode_with_reference("tiff", quantize(np.clip(noisy_photo(64, 64, sigma=0.1), 0, 1),

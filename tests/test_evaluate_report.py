@@ -138,7 +138,7 @@ def test_multistep_methods_run_on_a_prefix_when_asked():
     class CountingDenoiser:
         calls: list[tuple[int, int]] = []
 
-        def denoise(self, noisy, sigma, steps, eta, batch_size):
+        def denoise(self, noisy, sigma, steps, eta, batch_size, ddim_stop_sigma=0.0):
             self.calls.append((steps, len(noisy)))
             return noisy
 

@@ -1,7 +1,10 @@
+import numpy as np
 import pytest
 import torch
+from denoise_fixtures import write_tiny_checkpoint
 
-from ddim_denoise.diffusion import SigmaSampler, denoise_ddim
+from ddim_denoise.denoiser import Denoiser
+from ddim_denoise.diffusion import SigmaSampler, ddim_timesteps, denoise_ddim
 from ddim_denoise.precond import PREDICTIONS, DenoisingLoss, Preconditioner, precond_coefficients
 from ddim_denoise.schedule import NoiseSchedule
 
@@ -56,17 +59,40 @@ class OracleNet(torch.nn.Module):
         return (self.x0 - c_skip * x_in / c_in) / c_out
 
 
-@pytest.mark.parametrize("steps,eta", [(1, 0.0), (5, 0.0), (20, 0.0), (10, 1.0)])
+@pytest.mark.parametrize("steps,eta,stop", [(1, 0.0, 0.0), (5, 0.0, 0.0), (20, 0.0, 0.0), (10, 1.0, 0.0), (5, 0.0, 0.1)])
 @pytest.mark.parametrize("prediction", ["eps", "v", "edm"])
-def test_ddim_with_a_perfect_oracle_returns_the_clean_image(steps, eta, prediction):
+def test_ddim_with_a_perfect_oracle_returns_the_clean_image(steps, eta, stop, prediction):
     torch.manual_seed(0)
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
     sigma = torch.tensor([0.4, 1.0])
     y = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x0)
     net = OracleNet(x0, prediction)
-    out = denoise_ddim(Preconditioner(net, prediction), NoiseSchedule("cosine"), y, sigma, steps=steps, eta=eta)
+    out = denoise_ddim(Preconditioner(net, prediction), NoiseSchedule("cosine"), y, sigma, steps=steps, eta=eta,
+                       stop_sigma=stop)
     assert net.calls == steps
     assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_a_ddim_walk_can_stop_above_zero_and_an_input_below_the_stop_stays_put():
+    schedule = NoiseSchedule("cosine")
+    sigma = torch.tensor([0.8, 0.05])
+    ts = ddim_timesteps(schedule, sigma, 4, stop_sigma=0.1)
+    assert torch.allclose(ts[0], schedule.sigma_to_timestep(sigma))
+    assert float(ts[-1, 0]) == pytest.approx(float(schedule.sigma_to_timestep(torch.tensor(0.1))), abs=1e-4)
+    assert torch.all(ts[1:, 0] < ts[:-1, 0])
+    assert torch.allclose(ts[:, 1], ts[0, 1].expand(5))  # already below the stop: one level all along
+    assert torch.all(ddim_timesteps(schedule, sigma, 4)[-1] == 0)  # the default walks to 0
+
+
+def test_the_denoiser_stops_ddim_where_asked(tmp_path, tiny_params):
+    denoiser = Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params), device="cpu")
+    noisy = np.random.default_rng(0).uniform(0.2, 0.8, (2, 16, 16, 3)).astype(np.float32)
+    one_step, to_zero = denoiser.denoise(noisy, 0.1), denoiser.denoise(noisy, 0.1, steps=4)
+    np.testing.assert_allclose(denoiser.denoise(noisy, 0.1, steps=4, ddim_stop_sigma=0.2), one_step, atol=1e-5)
+    stopped = denoiser.denoise(noisy, 0.1, steps=4, ddim_stop_sigma=0.05)
+    assert not np.allclose(stopped, to_zero, atol=1e-4) and not np.allclose(stopped, one_step, atol=1e-4)
+    with pytest.raises(ValueError, match="ddim_stop_sigma must lie in"):
+        denoiser.denoise(noisy, 0.1, steps=4, ddim_stop_sigma=-0.1)
 
 
 def test_log_uniform_sampler_stays_in_range_and_loss_is_finite():

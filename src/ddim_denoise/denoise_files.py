@@ -50,6 +50,7 @@ class DenoiseOptions:
     sigma: float | None = None  # pixel-scale noise level for every image; None: estimate it per image
     steps: int = 1  # DDIM steps (1: the one-step MMSE estimate)
     eta: float = 0.0  # DDIM stochasticity (0: deterministic)
+    ddim_stop_sigma: float = 0.0  # where multi-step DDIM stops, pixel scale (Denoiser.denoise); 0 = walk to 0
     tiles: TileOptions = field(default_factory=TileOptions)
     quality: int = DEFAULT_QUALITY  # JPEG / lossy WebP quality of the written files
     mono_noise: bool | str = False  # colour images whose noise is one draw in R, G and B; "auto": decided per image
@@ -65,6 +66,8 @@ class DenoiseOptions:
             raise InputError(f"mono_noise must be true, false or auto, got {self.mono_noise!r}")
         if not 1 <= self.quality <= 100:
             raise InputError(f"quality must lie in [1, 100], got {self.quality}")
+        if not (math.isfinite(self.ddim_stop_sigma) and 0 <= self.ddim_stop_sigma < 1):
+            raise InputError(f"the DDIM stop sigma must lie in [0, 1) on the pixel scale, got {self.ddim_stop_sigma}")
         self.tiles.validate()
         return self
 
@@ -123,7 +126,7 @@ def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOpt
     if options.mono_noise == "auto":
         options = replace(options, mono_noise=bool(looks_mono_noise(rgb[None], options.sigma)[0]))
     batch = partial(denoiser.denoise, steps=options.steps, eta=options.eta, batch_size=options.tiles.batch,
-                    mono_noise=options.mono_noise)
+                    mono_noise=options.mono_noise, ddim_stop_sigma=options.ddim_stop_sigma)
     try:
         sigma, estimated = image_sigma(denoiser, rgb, options.sigma, options.tiles.tile, options.mono_noise)
         out = denoise_tiled(batch, rgb, sigma, options.tiles, on_tiles)

@@ -93,10 +93,12 @@ class Denoiser:
         return cls(model, schedule, params, device, amp)
 
     def denoise(self, noisy: np.ndarray, sigma: float | np.ndarray | None = None, steps: int = 1, eta: float = 0.0,
-                batch_size: int = 64, seed: int = 0, mono_noise: bool | str = False) -> np.ndarray:
+                batch_size: int = 64, seed: int = 0, mono_noise: bool | str = False,
+                ddim_stop_sigma: float = 0.0) -> np.ndarray:
         """Denoised (N, H, W, C) float images on [0, 1]. ``sigma`` None: estimated per image (``last_sigma``).
         ``mono_noise``: True when each colour image's noise is one draw copied to R, G and B; "auto" decides per
-        image (``grayscale.looks_mono_noise``)."""
+        image (``grayscale.looks_mono_noise``). ``ddim_stop_sigma`` (pixel scale, as the model sees the noise): where
+        multi-step DDIM stops walking down, 0 = all the way; the model's training floor is diffusion.sigma_min."""
         noisy = np.asarray(noisy)
         if mono_noise not in (True, False, "auto"):
             raise ValueError(f"mono_noise must be True, False or 'auto', got {mono_noise!r}")
@@ -105,7 +107,12 @@ class Denoiser:
                              f"{noisy.shape}; drop the alpha channel first")
         if not np.issubdtype(noisy.dtype, np.floating):
             raise ValueError(f"expected float images on the [0, 1] scale, got dtype {noisy.dtype}; divide integers by 255")
-        options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed, mono_noise=mono_noise)
+        options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed, mono_noise=mono_noise,
+                       ddim_stop_sigma=ddim_stop_sigma)
+        if not (np.isfinite(ddim_stop_sigma) and 0 <= ddim_stop_sigma < 1):
+            raise ValueError(f"ddim_stop_sigma must lie in [0, 1) on the pixel scale (0: walk to 0; the model's training "
+                             f"floor is diffusion.sigma_min = {self.params.diffusion.sigma_min:g}), got {ddim_stop_sigma}")
+        stop = float(pixel_to_model_sigma(torch.tensor(float(ddim_stop_sigma))))
         if noisy.shape[-1] == 3:
             gray = identical_channels(noisy)
             if gray.any():  # as (N, H, W, 1) gray images, replicated back
@@ -131,7 +138,8 @@ class Denoiser:
         first_steps = np.where(clipped, 1, steps)
         out = np.empty(noisy.shape, dtype=np.float32)
         for k in np.unique(first_steps):
-            self._denoise_all(noisy, sigma, first_steps == k, out, int(k), eta, batch_size, generator, same_noise)
+            self._denoise_all(noisy, sigma, first_steps == k, out, int(k), eta, batch_size, generator, same_noise,
+                              stop)
         if clipped.any():
             rng, unclipped = np.random.default_rng(seed), noisy.copy()  # each pass rewrites the clipped images whole
             for p in range(passes):
@@ -141,7 +149,7 @@ class Denoiser:
                 if estimating:  # clipping hid noise from the first estimate; the unclipped images show more of it
                     sigma[clipped] = reestimate_sigma(unclipped[clipped], sigma[clipped], same_noise)
                 self._denoise_all(unclipped, sigma, clipped, out, steps if p == passes - 1 else 1, eta, batch_size,
-                                  generator, same_noise)
+                                  generator, same_noise, stop)
         if estimating:
             self.last_sigma = sigma
             log.info("estimated sigma: %s", np.array2string(sigma, precision=4))
@@ -163,12 +171,13 @@ class Denoiser:
             self.last_sigma = estimates
         return out
 
-    def _denoise_all(self, noisy, sigma, which, out, steps, eta, batch_size, generator, same_noise=False) -> None:
+    def _denoise_all(self, noisy, sigma, which, out, steps, eta, batch_size, generator, same_noise=False,
+                     stop_sigma=0.0) -> None:
         """Denoise the images selected by the boolean mask ``which`` into ``out``, in batches."""
         index = np.flatnonzero(which)
         for start in range(0, len(index), batch_size):
             sl = index[start:start + batch_size]
-            out[sl] = self._denoise_batch(noisy[sl], sigma[sl], steps, eta, generator, same_noise)
+            out[sl] = self._denoise_batch(noisy[sl], sigma[sl], steps, eta, generator, same_noise, stop_sigma)
 
     @property
     def trained_sigma_range(self) -> tuple[float, float] | None:
@@ -195,8 +204,9 @@ class Denoiser:
                         *trained)
 
     @torch.no_grad()
-    def _denoise_batch(self, noisy, sigma, steps, eta, generator, same_noise=False):
-        """``same_noise``: one noise draw in every channel (gray images, monochromatic noise): whiten it."""
+    def _denoise_batch(self, noisy, sigma, steps, eta, generator, same_noise=False, stop_sigma=0.0):
+        """``same_noise``: one noise draw in every channel (gray images, monochromatic noise): whiten it.
+        ``stop_sigma``: model scale (``denoise_ddim``)."""
         y = torch.from_numpy(np.ascontiguousarray(noisy, dtype=np.float32)).to(self.device).permute(0, 3, 1, 2)
         y = y * 2 - 1  # [0,1] pixels -> [-1,1] model scale
         h, w = y.shape[-2:]
@@ -211,7 +221,7 @@ class Denoiser:
             y, model_sigma = whiten(y, model_sigma, generator), model_sigma * RGB_SIGMA_FACTOR
         y = y.contiguous(memory_format=torch.channels_last)
         with self.precision.autocast(self.device):
-            x0 = denoise_ddim(self.model, self.schedule, y, model_sigma, steps, eta, generator)
+            x0 = denoise_ddim(self.model, self.schedule, y, model_sigma, steps, eta, generator, stop_sigma)
         x0 = x0[..., :h, :w].float()
         if same_noise:
             x0 = to_gray(x0) + colour[..., :h, :w]

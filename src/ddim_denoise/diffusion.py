@@ -41,29 +41,38 @@ class SigmaSampler:
         return torch.exp(self.p_mean + self.p_std * z)
 
 
-def ddim_timesteps(schedule: NoiseSchedule, model_sigma: torch.Tensor, steps: int) -> torch.Tensor:
-    """(steps + 1, N) fractional timesteps from t* (where the input sits) down to 0, evenly spaced in t."""
+def ddim_timesteps(schedule: NoiseSchedule, model_sigma: torch.Tensor, steps: int,
+                   stop_sigma: float = 0.0) -> torch.Tensor:
+    """(steps + 1, N) fractional timesteps from t* (where the input sits) down to 0, evenly spaced in t; or down to
+    the timestep of the model-scale ``stop_sigma``, for inputs above it (the others stay at t*: one step)."""
     t_start = schedule.sigma_to_timestep(model_sigma)
+    t_end = torch.zeros_like(t_start)
+    if stop_sigma > 0:
+        t_stop = schedule.sigma_to_timestep(torch.tensor(float(stop_sigma))).to(t_start)
+        t_end = torch.minimum(t_start, t_stop.expand_as(t_start))
     frac = torch.linspace(1, 0, steps + 1, device=t_start.device).reshape(-1, 1)
-    return frac * t_start.reshape(1, -1)
+    return t_end.reshape(1, -1) + frac * (t_start - t_end).reshape(1, -1)
 
 
 @torch.no_grad()
 def denoise_ddim(model: Preconditioner, schedule: NoiseSchedule, y: torch.Tensor, model_sigma: torch.Tensor,
-                 steps: int = 1, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                 steps: int = 1, eta: float = 0.0, generator: torch.Generator | None = None,
+                 stop_sigma: float = 0.0) -> torch.Tensor:
     """Clean estimate of y (model scale, [-1, 1] images plus noise of std ``model_sigma`` per image).
 
     DDIM in its VP form starts from x_t = sqrt(abar(t*)) * y at the t* where (1 - abar)/abar = sigma^2. We keep the
     state in the equivalent unscaled form y_t = x_t / sqrt(abar_t) (so the network always sees y and its sigma), and
     take ``steps`` model evaluations from t* to 0. The last evaluation's clean estimate is the answer, so
     ``steps=1`` is the one-step x0 (Tweedie / MMSE) estimate. ``eta`` > 0 adds DDPM-style fresh noise per step.
+    ``stop_sigma`` > 0 (model scale) ends the walk there instead of at 0: at the model's training floor it kept
+    one step's PSNR and SSIM more nearly than walking to 0 did, with more of the detail (README, *DDIM*).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     sigma = torch.as_tensor(model_sigma, dtype=torch.float32, device=y.device).expand(y.shape[0]).contiguous()
     if steps == 1:
         return model(y, sigma)
-    ts = ddim_timesteps(schedule, sigma.cpu(), steps).to(y.device)
+    ts = ddim_timesteps(schedule, sigma.cpu(), steps, stop_sigma).to(y.device)
     x = y
     for i in range(steps):
         s_now = sigma if i == 0 else schedule.model_sigma(ts[i]).to(y.device)

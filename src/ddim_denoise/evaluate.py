@@ -93,14 +93,16 @@ NOISY_INPUT = Method(noisy_input, timed=False)
 
 
 def model_methods(denoiser, steps: Iterable[int], batch_size: int,
-                  multistep_images: int | None = None) -> dict[str, Method]:
+                  multistep_images: int | None = None, ddim_stop_sigma: float = 0.0) -> dict[str, Method]:
     """``model_1step`` for steps=1 and ``model_ddim{K}`` for steps=K (deterministic DDIM, eta=0).
 
     ``multistep_images`` limits the K-step methods to the first images (K model calls per image; None: all).
+    ``ddim_stop_sigma``: where the K-step walks stop (``Denoiser.denoise``).
     """
 
     def run(k: int) -> DenoiseFn:
-        return lambda noisy, sigma: denoiser.denoise(noisy, sigma, steps=k, eta=0.0, batch_size=batch_size)
+        return lambda noisy, sigma: denoiser.denoise(noisy, sigma, steps=k, eta=0.0, batch_size=batch_size,
+                                                     ddim_stop_sigma=ddim_stop_sigma)
 
     return {model_method_name(k): Method(run(k), max_images=None if k == 1 else multistep_images, warm_up=True)
             for k in dict.fromkeys(steps)}
