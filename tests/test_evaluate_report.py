@@ -15,8 +15,8 @@ from ddim_denoise.cli import app
 from ddim_denoise.config import validate_params
 from ddim_denoise.data import MANIFEST_FORMAT, MANIFEST_NAME
 from ddim_denoise.denoiser import build_model
-from ddim_denoise.evaluate import (GRID_FILE, METRICS_FILE, NOISY_INPUT, TABLE_COLUMNS, TABLE_FILE, Method, evaluate,
-                                   model_methods, run_methods, write_evaluation)
+from ddim_denoise.evaluate import (GRID_FILE, METRICS_FILE, NOISY, NOISY_INPUT, TABLE_COLUMNS, TABLE_FILE, Method,
+                                   build_methods, evaluate, method_label, model_methods, run_methods, write_evaluation)
 from ddim_denoise.metrics import make_noisy, psnr_ssim, to_float
 from ddim_denoise.report import ORIGIN_REPORT, findings, write_report
 
@@ -137,9 +137,11 @@ def test_a_baseline_on_a_prefix_is_paired_with_the_model_on_the_same_images():
 def test_multistep_methods_run_on_a_prefix_when_asked():
     class CountingDenoiser:
         calls: list[tuple[int, int]] = []
+        stops: list[float] = []
 
         def denoise(self, noisy, sigma, steps, eta, batch_size, ddim_stop_sigma=0.0):
             self.calls.append((steps, len(noisy)))
+            self.stops.append(ddim_stop_sigma)
             return noisy
 
     denoiser = CountingDenoiser()
@@ -149,6 +151,24 @@ def test_multistep_methods_run_on_a_prefix_when_asked():
     table = run_methods(clean, [0.1], {name: Method(m.fn, m.max_images) for name, m in methods.items()}, 0).table
     assert denoiser.calls == [(1, 7), (10, 3), (50, 3)]
     assert table.set_index("method").n_images.to_dict() == {"model_1step": 7, "model_ddim10": 3, "model_ddim50": 3}
+
+
+def test_eval_ddim_stop_sigma_reaches_the_ddim_rows_and_names_them():
+    class RecordingDenoiser:
+        stops: list[float] = []
+
+        def denoise(self, noisy, sigma, steps, eta, batch_size, ddim_stop_sigma=0.0):
+            self.stops.append(ddim_stop_sigma)
+            return noisy
+
+    denoiser = RecordingDenoiser()
+    cfg = validate_params({"eval": {"ddim_stop_sigma": 0.05, "bm3d_images": 0, "nlm_images": 0,
+                                    "clipped_images": 0}}).eval
+    methods = build_methods(denoiser, cfg)
+    assert list(methods) == [NOISY, "model_1step", "model_ddim10_stop0.05"]
+    assert method_label("model_ddim10_stop0.05") == "DDIM-10 to σ=0.05" and method_label("model_ddim10") == "DDIM-10"
+    methods["model_ddim10_stop0.05"].fn(np.zeros((1, 8, 8, 3), np.float32), 0.1)
+    assert denoiser.stops == [0.05]
 
 
 @pytest.mark.parametrize("denoise", [bm3d_denoise, nlm_denoise])

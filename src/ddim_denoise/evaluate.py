@@ -69,18 +69,22 @@ class Evaluation:
     samples: dict[float, dict[str, np.ndarray]] = field(default_factory=dict)  # sigma -> method -> images
 
 
-def model_method_name(steps: int) -> str:
-    return ONE_STEP if steps == 1 else f"model_ddim{steps}"
+def model_method_name(steps: int, ddim_stop_sigma: float = 0.0) -> str:
+    if steps == 1:
+        return ONE_STEP
+    return f"model_ddim{steps}" + (f"_stop{ddim_stop_sigma:g}" if ddim_stop_sigma else "")
 
 
 def method_label(name: str) -> str:
-    """Human-readable name for figures and tables: model_ddim10 -> 'DDIM-10', model_1step -> 'one-step'."""
+    """Human-readable name for figures and tables: model_ddim10 -> 'DDIM-10', model_ddim10_stop0.05 -> 'DDIM-10 to
+    σ=0.05', model_1step -> 'one-step'."""
     if name == ONE_STEP:
         return "one-step"
     if name == ONE_STEP_8BIT:
         return "one-step, 8-bit input"
     if name.startswith("model_ddim"):
-        return f"DDIM-{name.removeprefix('model_ddim')}"
+        steps, _, stop = name.removeprefix("model_ddim").partition("_stop")
+        return f"DDIM-{steps}" + (f" to σ={stop}" if stop else "")
     return {"bm3d": "BM3D", "nlm": "NLM", NOISY: "noisy input", CLEAN: "clean"}.get(name, name)
 
 
@@ -104,7 +108,8 @@ def model_methods(denoiser, steps: Iterable[int], batch_size: int,
         return lambda noisy, sigma: denoiser.denoise(noisy, sigma, steps=k, eta=0.0, batch_size=batch_size,
                                                      ddim_stop_sigma=ddim_stop_sigma)
 
-    return {model_method_name(k): Method(run(k), max_images=None if k == 1 else multistep_images, warm_up=True)
+    return {model_method_name(k, ddim_stop_sigma): Method(run(k), max_images=None if k == 1 else multistep_images,
+                                                          warm_up=True)
             for k in dict.fromkeys(steps)}
 
 
@@ -131,7 +136,7 @@ def build_methods(denoiser, cfg: EvalConfig, workers: int = 1) -> dict[str, Meth
     inputs, the baselines."""
     return {
         NOISY: NOISY_INPUT,
-        **model_methods(denoiser, [1, cfg.ddim_steps], cfg.batch_size),
+        **model_methods(denoiser, [1, cfg.ddim_steps], cfg.batch_size, ddim_stop_sigma=cfg.ddim_stop_sigma),
         **clipped_input_method(denoiser, cfg.batch_size, cfg.clipped_images),
         **baseline_methods(cfg.bm3d_images, cfg.nlm_images, workers),
     }
@@ -268,7 +273,7 @@ def evaluate(params: Params, checkpoint_path: str | Path, device: str | None = N
     denoiser = Denoiser.from_checkpoint(checkpoint_path, device=device or params.train.device, amp=cfg.amp)
     methods = build_methods(denoiser, cfg, workers)
     evaluation = run_methods(clean, cfg.sigmas, methods, cfg.noise_seed, keep_images=cfg.grid_images)
-    grid_columns = [CLEAN, NOISY, ONE_STEP, model_method_name(cfg.ddim_steps)]
+    grid_columns = [CLEAN, NOISY, ONE_STEP, model_method_name(cfg.ddim_steps, cfg.ddim_stop_sigma)]
     paths = write_evaluation(evaluation, cfg.out_dir, list(dict.fromkeys(grid_columns)))
     log.info("wrote %s", ", ".join(map(str, paths.values())))
     return evaluation.table

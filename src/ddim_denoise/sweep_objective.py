@@ -64,8 +64,9 @@ class EpochReporter:
 
 
 def ddim_scores(checkpoint: Path, clean: np.ndarray, params: Params, steps: int) -> dict[str, float]:
-    """PSNR/SSIM of ``steps``-step DDIM denoising with the checkpoint's EMA weights, on the validation subset
-    ``clean`` with the same fixed noise seeds as validation, averaged over ``eval.sigmas``."""
+    """PSNR/SSIM of ``steps``-step DDIM denoising (stopping at ``eval.ddim_stop_sigma``) with the checkpoint's EMA
+    weights, on the validation subset ``clean`` with the same fixed noise seeds as validation, averaged over
+    ``eval.sigmas``."""
     from .denoiser import Denoiser
     from .metrics import make_noisy, psnr_ssim
 
@@ -73,7 +74,8 @@ def ddim_scores(checkpoint: Path, clean: np.ndarray, params: Params, steps: int)
     psnrs, ssims = [], []
     for sigma in params.eval.sigmas:
         noisy = make_noisy(clean, sigma, params.eval.noise_seed)
-        psnr, ssim = psnr_ssim(clean, denoiser.denoise(noisy, sigma, steps=steps, batch_size=params.eval.batch_size))
+        psnr, ssim = psnr_ssim(clean, denoiser.denoise(noisy, sigma, steps=steps, batch_size=params.eval.batch_size,
+                                                       ddim_stop_sigma=params.eval.ddim_stop_sigma))
         psnrs.append(psnr.mean())
         ssims.append(ssim.mean())
     return {"ddim_steps": steps, "ddim_images": len(clean), "ddim_psnr_mean": float(np.mean(psnrs)),
