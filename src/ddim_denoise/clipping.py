@@ -32,12 +32,6 @@ def saturated(images: np.ndarray) -> np.ndarray:
     return (images == 0) | (images == 1)
 
 
-def _windows(plane: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Valid 3x3 correlation of (..., H, W) planes (no padding, so no border effects on small images)."""
-    h, w = plane.shape[-2:]
-    return sum(weights[a, b] * plane[..., a:h - 2 + a, b:w - 2 + b] for a in range(3) for b in range(3))
-
-
 def estimate_noise_sigma(image: np.ndarray) -> float:
     """Pixel-scale noise std of one (H, W, C) image: a robust spread of its noise-only filter outputs.
 
@@ -51,9 +45,10 @@ def estimate_noise_sigma(image: np.ndarray) -> float:
     planes = np.moveaxis(np.asarray(image, dtype=np.float64), -1, 0)
     if min(planes.shape[-2:]) < 3:
         return float("nan")
+    # Every 3x3 window of each channel, without padding (no border effects on small images).
     windows = np.lib.stride_tricks.sliding_window_view(planes, (3, 3), axis=(-2, -1))
     noisy = (windows.max(axis=(-2, -1)) > windows.min(axis=(-2, -1))).ravel()
-    values = np.abs(_windows(planes, NOISE_FILTER)).ravel()[noisy]
+    values = np.abs(np.einsum("...ij,ij->...", windows, NOISE_FILTER)).ravel()[noisy]
     if len(values) == 0:  # a noise-free, flat image: sigma is 0
         return 0.0
     sigma = np.median(values) * MAD_TO_STD

@@ -21,9 +21,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .clipping import saturated
-from .grayscale import identical_channels, looks_mono_noise
 from .denoiser import Denoiser, estimate_sigma, max_sigma
 from .errors import InputError
+from .grayscale import identical_channels, looks_mono_noise
 from .image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
 from .schedule import pixel_to_model_sigma
 from .tiling import TileOptions, denoise_tiled, tile_boxes
