@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1
 COMMON=(-S model.base_channels=32 -S model.num_res_blocks=2 -S "model.attention_resolutions=[]" -S model.dropout=0.0
         -S diffusion.prediction=eps -S diffusion.t_sampling=log_uniform -S diffusion.sigma_min=0.05
         -S diffusion.sigma_max=0.6 -S train.batch_size=16 -S train.channels_last=false -S train.val_images=500
-        -S train.checkpoint_every=1)
+        -S train.val_every=1 -S train.checkpoint_every=1)
 PHASE1=(-S train.epochs=${PHASE1_EPOCHS:-10} -S train.lr=${PHASE1_LR:-2e-3} -S train.warmup_epochs=0.2
         -S train.ema_decay=0.999 -S "train.out_dir=$OUT/phase1")
 PHASE1_BEST=${PHASE1_FROM:-$OUT/phase1/best.pt}

@@ -18,7 +18,7 @@ def tiny_params():
                   "num_heads": 2, "groups": 4, "dropout": 0.0},
         "diffusion": {"T": 100},
         "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0, "val_images": 8, "log_every": 1,
-                  "checkpoint_every": 1, "amp": "off", "device": "cpu", "channels_last": False},
+                  "checkpoint_every": 1, "val_every": 1, "amp": "off", "device": "cpu", "channels_last": False},
         "eval": {"n_images": 8, "bm3d_images": 2, "nlm_images": 4, "sigmas": [0.1, 0.3], "ddim_steps": 3,
                  "batch_size": 4, "grid_images": 2},
     })

@@ -10,8 +10,8 @@ from denoise_fixtures import write_tiny_checkpoint
 from ddim_denoise import runtime
 from ddim_denoise.checkpoint import load_checkpoint, save_checkpoint
 from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.runtime import (configure_cudnn, resolve_channels_last, resolve_inference_precision,
-                                  resolve_precision)
+from ddim_denoise.runtime import (configure_cudnn, resolve_channels_last, resolve_compile, resolve_compile_mode,
+                                  resolve_inference_precision, resolve_precision)
 
 CPU = torch.device("cpu")
 EPYC_FLAGS = "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n"  # AVX512-BF16, no AMX
@@ -31,6 +31,21 @@ def test_auto_picks_bf16_wherever_the_cpu_has_bf16_dot_products(monkeypatch, fla
 def test_channels_last_auto_is_on_for_gpus_only_and_an_explicit_setting_wins():
     assert resolve_channels_last("auto", torch.device("cuda")) and not resolve_channels_last("auto", CPU)
     assert resolve_channels_last(True, CPU) and not resolve_channels_last(False, torch.device("cuda"))
+
+
+def test_compile_auto_is_on_for_gpus_only_and_an_explicit_setting_wins():
+    assert resolve_compile("auto", torch.device("cuda")) and not resolve_compile("auto", CPU)
+    assert resolve_compile(True, CPU) and not resolve_compile(False, torch.device("cuda"))
+
+
+def test_cuda_graphs_are_asked_for_on_one_gpu_only(caplog):
+    gpu = torch.device("cuda")
+    assert resolve_compile_mode("reduce-overhead", gpu, world=1) == "reduce-overhead"
+    assert resolve_compile_mode("reduce-overhead", CPU, world=1) == "default"
+    assert resolve_compile_mode("max-autotune", gpu, world=2) == "max-autotune"  # no CUDA graphs asked for: kept
+    with caplog.at_level("WARNING"):
+        assert resolve_compile_mode("reduce-overhead", gpu, world=2) == "default"
+    assert "DDP" in caplog.text and "128218" in caplog.text
 
 
 @pytest.mark.parametrize("benchmark", [True, False])

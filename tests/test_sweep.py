@@ -99,10 +99,21 @@ def test_shipped_space_file_is_valid_and_samples_valid_trials():
         sampled = space.sample(trial)
         params = space.trial_params(base, sampled, "sweeps/x/models")
         assert params.train.epochs == space.budget["train.epochs"] and params.train.resume == "never"
+        # the pruners compare trials epoch by epoch, and a short trial never wins back a compilation
+        assert params.train.val_every == 1 and params.train.compile is False
         # conditional entries are sampled only on their branch
         assert ("diffusion.beta_end" in sampled) == (sampled["diffusion.schedule"] == "linear")
         assert ("diffusion.p_std" in sampled) == (sampled["diffusion.t_sampling"] == "log_normal")
         study.tell(trial, 0.0)
+
+
+def test_trials_validate_every_epoch_unless_the_budget_says_otherwise():
+    base = load_params(REPO / "params.yaml")
+    assert base.train.val_every > 1  # params.yaml validates every few epochs: a trial must not inherit that
+    space = load_space(REPO / "pipelines" / "sweep" / "space.yaml", base)
+    assert space.trial_params(base, {}, "m").train.val_every == 1
+    space.budget["train.val_every"] = 2
+    assert space.trial_params(base, {}, "m").train.val_every == 2
 
 
 def test_baseline_trial_is_params_yaml_values_or_none_outside_the_space():

@@ -55,24 +55,24 @@ class TrainConfig(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     epochs: int = Field(60, ge=1)
     max_train_images: int | None = Field(None, ge=1)  # a subset per epoch, for quick runs and sweeps
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(512, ge=1)
+    lr: float = Field(8e-4, gt=0)
     min_lr: float = Field(1e-6, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
+    warmup_epochs: float = Field(2.0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     hflip: bool = True
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: Literal["auto"] | bool = "auto"  # see runtime.resolve_channels_last
-    compile: bool = False
-    # torch.compile's mode; reduce-overhead replays each step as CUDA graphs (GPU only; elsewhere it acts as default)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile: Literal["auto"] | bool = "auto"  # see runtime.resolve_compile
+    # torch.compile's mode; reduce-overhead replays each step as CUDA graphs (one GPU only: runtime.resolve_compile_mode)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "reduce-overhead"
     cudnn_benchmark: bool = True  # GPU: time cuDNN's convolution algorithms once per shape and keep the fastest
     num_workers: int = Field(0, ge=0)
     pin_memory: bool = True
     checkpoint_every: int = Field(10, ge=1)
-    val_every: int = Field(1, ge=1)
+    val_every: int = Field(5, ge=1)
     val_images: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)  # steps between loss/LR points logged to MLflow
     max_nonfinite_steps: int = Field(20, ge=1)

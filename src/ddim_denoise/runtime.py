@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -75,6 +78,27 @@ def resolve_channels_last(setting: str | bool, device: torch.device) -> bool:
     """``train.channels_last``: ``auto`` is on for GPUs (tensor-core convolutions want NHWC) and off on CPUs, where
     channels_last cost bf16 training 40% of its speed (benchmarks/train_speed.py, bf16 against bf16_cl)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def resolve_compile(setting: str | bool, device: torch.device) -> bool:
+    """``train.compile``: ``auto`` compiles on GPUs, where it doubled the training rate (README, *Full-size recipe on a
+    GPU*), and not on CPUs, where compiling the step takes minutes that a short CPU run never wins back."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def resolve_compile_mode(mode: str, device: torch.device, world: int) -> str:
+    """``train.compile_mode`` as torch.compile gets it. ``reduce-overhead`` records CUDA graphs, so it means
+    ``default`` off a GPU, and also under DDP: CUDA graphs with DDP's gradient all-reduce are untested here and have
+    crashed elsewhere (pytorch/pytorch#128218)."""
+    if mode != "reduce-overhead":
+        return mode
+    if device.type != "cuda":
+        return "default"
+    if world > 1:
+        log.warning("train.compile_mode=reduce-overhead: CUDA graphs are not used with %d DDP processes (untested "
+                    "with DDP, pytorch/pytorch#128218); compiling with mode 'default'", world)
+        return "default"
+    return mode
 
 
 def configure_cudnn(device: torch.device, benchmark: bool) -> None:

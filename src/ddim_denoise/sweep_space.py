@@ -207,8 +207,10 @@ class SearchSpace:
         return chosen
 
     def trial_params(self, base: Params, sampled: dict[str, Any], out_dir: str | Path) -> Params:
-        """params.yaml + budget + sampled values, writing checkpoints to ``out_dir`` and never resuming."""
-        overrides = {**self.budget, **sampled, "train.out_dir": str(out_dir), "train.resume": "never"}
+        """params.yaml + budget + sampled values, writing checkpoints to ``out_dir`` and never resuming. Trials
+        validate every epoch unless the budget says otherwise: the pruners' steps are epochs."""
+        overrides = {"train.val_every": 1, **self.budget, **sampled, "train.out_dir": str(out_dir),
+                     "train.resume": "never"}
         return validate_params(with_overrides(base, overrides), source="trial params")
 
     def budget_params(self, base: Params) -> Params:

@@ -33,7 +33,8 @@ from .errors import DivergedError, TrainingError
 from .diffusion import SigmaSampler
 from .metrics import make_noisy, psnr_ssim, to_float
 from .precond import DenoisingLoss, Preconditioner
-from .runtime import configure_cudnn, resolve_channels_last, resolve_device, resolve_precision
+from .runtime import (configure_cudnn, resolve_channels_last, resolve_compile, resolve_compile_mode, resolve_device,
+                      resolve_precision)
 from .unet import count_parameters
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.amp, self.device)
         self.channels_last = resolve_channels_last(self.cfg.channels_last, self.device)
+        self.compile = resolve_compile(self.cfg.compile, self.device)
         configure_cudnn(self.device, self.cfg.cudnn_benchmark)
         self.out_dir = Path(self.cfg.out_dir)
         torch.manual_seed(params.seed + rank)
@@ -248,7 +250,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return torch.compile(wrapped, mode=self.cfg.compile_mode) if self.cfg.compile else wrapped
+        if not self.compile:
+            return wrapped
+        return torch.compile(wrapped, mode=resolve_compile_mode(self.cfg.compile_mode, self.device, self.world))
 
     @property
     def is_main(self) -> bool:
@@ -410,7 +414,7 @@ class Trainer:
         ``found_inf`` is set (under fp16 the GradScaler sets it from the gradients, which a non-finite loss makes
         non-finite too). ``_check_nonfinite`` stops the run on the host when that goes on too long.
         """
-        if self.cfg.compile:
+        if self.compile:
             # A new step: CUDA graphs (compile_mode reduce-overhead) may now reuse the last step's buffers. No-op else.
             torch.compiler.cudagraph_mark_step_begin()
         with self.precision.autocast(self.device):
