@@ -28,6 +28,17 @@ def test_auto_picks_bf16_wherever_the_cpu_has_bf16_dot_products(monkeypatch, fla
     assert resolve_inference_precision("bf16", CPU).name == "bf16"
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_picks_fp16_on_gpus_that_only_emulate_bf16(monkeypatch, capability, expected):
+    """A T4 (7.5, the origin report's GPU) passes torch.cuda.is_bf16_supported() by emulation, without tensor cores."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    precision = resolve_precision("auto", torch.device("cuda"))
+    assert precision.name == expected and precision.use_grad_scaler == (expected == "fp16")
+    assert resolve_inference_precision("auto", torch.device("cuda")).name == expected
+
+
 def test_channels_last_auto_is_on_for_gpus_only_and_an_explicit_setting_wins():
     assert resolve_channels_last("auto", torch.device("cuda")) and not resolve_channels_last("auto", CPU)
     assert resolve_channels_last(True, CPU) and not resolve_channels_last(False, torch.device("cuda"))

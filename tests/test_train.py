@@ -248,6 +248,30 @@ def test_compiled_training_uses_train_compile_mode_and_marks_every_step(workspac
     assert Trainer(with_train(workspace, epochs=1, compile="auto")).compile is False
 
 
+@pytest.mark.parametrize("setting", ["auto", True])
+def test_a_failing_compiler_falls_back_to_eager_under_auto_and_stops_an_explicit_compile(workspace, monkeypatch,
+                                                                                          setting):
+    """compile: auto is params.yaml's default on GPUs; a machine whose compiler fails (no C compiler, an unsupported
+    GPU) must still train, eager. A compiler backend that always fails stands in for it, on the CPU."""
+    import ddim_denoise.train as train_module
+
+    def broken_compiler(graph, example_inputs):
+        raise RuntimeError("no working C compiler")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(train_module, "resolve_compile", lambda setting, device: True)  # compile on this CPU
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: real_compile(module, backend=broken_compiler))
+    torch._dynamo.reset()  # no compiled (or given-up) code from earlier tests
+    trainer = Trainer(with_train(workspace, epochs=1, compile=setting))
+    if setting == "auto":
+        summary = trainer.fit()
+        assert summary["epochs"] == 1 and np.isfinite(summary["best_val_psnr"])
+    else:
+        with pytest.raises(Exception, match="no working C compiler"):
+            trainer.fit()
+    torch._dynamo.reset()
+
+
 def test_batches_of_data_on_an_accelerator_are_indexed_on_its_device(workspace):
     """Indexing GPU data with a host index makes every step wait for the GPU (the index copy blocks): the index
     batches must live where the data does. A stand-in for GPU data (device 'meta') records what indexes it."""

@@ -68,10 +68,15 @@ def resolve_precision(amp: str, device: torch.device, key: str = "train.amp") ->
     if amp == "bf16":
         return Precision(torch.bfloat16, False)
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return Precision(torch.bfloat16, False)
-        return Precision(torch.float16, True)
+        return Precision(torch.bfloat16, False) if gpu_has_bf16(device) else Precision(torch.float16, True)
     return Precision(torch.bfloat16, False) if cpu_has_bf16_dot() else Precision(None, False)
+
+
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 natively: NVIDIA from Ampere (compute capability 8.0) on, and ROCm GPUs.
+    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated, as on the origin report's T4 or a
+    V100, whose tensor cores take fp16 alone."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def resolve_channels_last(setting: str | bool, device: torch.device) -> bool:
@@ -99,6 +104,15 @@ def resolve_compile_mode(mode: str, device: torch.device, world: int) -> str:
                     "with DDP, pytorch/pytorch#128218); compiling with mode 'default'", world)
         return "default"
     return mode
+
+
+def compile_fallback(setting: str | bool, compiling: bool) -> contextlib.AbstractContextManager:
+    """Around a compiled run: ``train.compile: auto`` must not stop a run that eager mode can do, so where compiling
+    fails (no C compiler on the machine, a GPU Triton does not support) that code runs eager, and torch._dynamo logs
+    why. An explicit ``true`` lets the error stop the run."""
+    if compiling and setting == "auto":
+        return torch._dynamo.config.patch(suppress_errors=True)
+    return contextlib.nullcontext()
 
 
 def configure_cudnn(device: torch.device, benchmark: bool) -> None:

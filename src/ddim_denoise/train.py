@@ -33,8 +33,8 @@ from .errors import DivergedError, TrainingError
 from .diffusion import SigmaSampler
 from .metrics import make_noisy, psnr_ssim, to_float
 from .precond import DenoisingLoss, Preconditioner
-from .runtime import (configure_cudnn, resolve_channels_last, resolve_compile, resolve_compile_mode, resolve_device,
-                      resolve_precision)
+from .runtime import (compile_fallback, configure_cudnn, resolve_channels_last, resolve_compile, resolve_compile_mode,
+                      resolve_device, resolve_precision)
 from .unet import count_parameters
 
 log = logging.getLogger(__name__)
@@ -499,7 +499,8 @@ class Trainer:
         self.clock = EpochClock()
         try:
             while self.epoch < self.cfg.epochs:
-                mean_loss = self.train_epoch(data)
+                with compile_fallback(self.cfg.compile, self.compile):
+                    mean_loss = self.train_epoch(data)
                 self.epoch += 1
                 out_of_time = self._out_of_time()
                 metrics = {"epoch_loss": mean_loss}
