@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+import torch._inductor.config as inductor_config
 import yaml
 from torch.autograd import DeviceType
 
@@ -36,6 +37,9 @@ MODES = {  # name: (autocast dtype, channels_last, torch.compile mode or None fo
     "bf16_cl_compile": (torch.bfloat16, True, "default"),
     # CUDA graphs: replays the compiled step's kernels without a launch each (pays off when launches bound a step).
     "bf16_cl_compile_cg": (torch.bfloat16, True, "reduce-overhead"),
+    "bf16_compile_cg": (torch.bfloat16, False, "reduce-overhead"),  # NCHW: no layout copies, slower convolutions
+    # Inductor times its own convolution / matmul templates against cuDNN / cuBLAS (minutes of compiling), CUDA graphs
+    "bf16_cl_compile_ma": (torch.bfloat16, True, "max-autotune"),
     "fp16_cl": (torch.float16, True, None),
 }
 
@@ -70,15 +74,27 @@ def build_step(params, mode: str, batch: int, device):
     return step
 
 
-def measure(step, batch: int, steps: int, warmup: int, device) -> float:
+def measure(step, batch: int, steps: int, warmup: int, device) -> tuple[float, float]:
+    """(images/s over ``steps`` timed steps, seconds the ``warmup`` steps took: compilation and graph capture)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     synchronize(device)
+    warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step()
     synchronize(device)
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - start), warmup_seconds
+
+
+def inductor_settings(pairs: list[str]) -> dict:
+    """``--inductor KEY=VALUE`` pairs as torch._inductor.config settings (values parsed as YAML: True, 8, ...)."""
+    settings = {k: yaml.safe_load(v) for k, _, v in (pair.partition("=") for pair in pairs)}
+    unknown = [k for k in settings if not hasattr(inductor_config, k)]
+    if unknown:
+        raise ValueError(f"--inductor: torch._inductor.config has no {', '.join(unknown)}; see its module for the keys")
+    return settings
 
 
 # The profile's summary of where the time went: (family, lower-case name fragments), first match wins. GPU kernels
@@ -158,7 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="after the last row, profile this many of its steps and print where the time went")
     ap.add_argument("--profile-rows", type=int, default=30)
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="a torch._inductor.config setting for the compiled modes, e.g. coordinate_descent_tuning=True")
     args = ap.parse_args(argv)
+    try:
+        inductor = inductor_settings(args.inductor)
+    except ValueError as e:
+        ap.error(str(e))
     cudnn_settings = args.cudnn_benchmark.split(",")
     if not set(cudnn_settings) <= {"on", "off"}:
         ap.error(f"--cudnn-benchmark takes on, off or both comma-separated, not {args.cudnn_benchmark!r}")
@@ -168,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     model, _ = build_model(params)
     batches = [int(b) for b in args.batch.split(",")]
     print(f"device {device}, threads {torch.get_num_threads()}, {count_parameters(model):,} parameters, "
-          f"batch {args.batch}")
+          f"batch {args.batch}" + (f", inductor {inductor}" if inductor else ""))
     flops = flops_per_image(params, device)
     peaks = PeakTable(device)
     print(f"training FLOPs per image (fwd+bwd): {flops / 1e9:.3f} GFLOP")
@@ -179,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = cudnn == "on"
         try:
             step = build_step(params, mode, batch, device)
-            rate = measure(step, batch, args.steps, args.warmup, device)
+            with inductor_config.patch(inductor):  # read when the first step compiles
+                rate, warmup_seconds = measure(step, batch, args.steps, args.warmup, device)
         except Exception as e:  # e.g. torch.compile without a working compiler: report and go on
             print(f"{label:>24}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
             step = None
@@ -188,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         tflops, dtype = rate * flops / 1e12, MODES[mode][0]
         print(f"{label:>24}: {rate:9.1f} img/s  ({rate / baseline:.2f}x the first row), "
               f"{tflops:.3f} TFLOP/s, {peaks.share(tflops, dtype):.1f}% of the "
-              f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')} matmul peak", flush=True)
+              f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')} matmul peak; "
+              f"warm-up {warmup_seconds:.1f} s", flush=True)
     if args.profile and step is not None:
         print(f"profile of the last row ({label}):\n{profile(step, args.profile, device, args.profile_rows)}", flush=True)
     print(f"measured matmul peaks: {peaks.describe()}")

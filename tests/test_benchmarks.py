@@ -110,6 +110,25 @@ def test_train_speed_compares_cudnn_benchmark_settings_and_profiles_the_last_row
     assert re.search(r"convolution / matmul +[\d.]+ ms +[\d.]+%", out)
 
 
+def test_train_speed_applies_inductor_settings_and_times_the_warm_up(tmp_path, tiny_params, capsys, monkeypatch):
+    import train_speed
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
+    seen = []
+    real_measure = train_speed.measure
+    monkeypatch.setattr(train_speed, "measure", lambda *a: seen.append(
+        train_speed.inductor_config.coordinate_descent_tuning) or real_measure(*a))
+    args = ["--params", str(params_file), "--batch", "2", "--steps", "1", "--warmup", "1", "--modes", "fp32",
+            "--device", "cpu"]
+    train_speed.main(args + ["--inductor", "coordinate_descent_tuning=True"])
+    assert seen == [True] and train_speed.inductor_config.coordinate_descent_tuning is False  # set for the row only
+    assert re.search(r"fp32: +[\d.]+ img/s .* peak; warm-up [\d.]+ s", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        train_speed.main(args + ["--inductor", "no_such_setting=1"])
+    assert "torch._inductor.config has no no_such_setting" in capsys.readouterr().err
+
+
 def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
     """channels_last selects a fused CPU attention kernel that torch's flop counter has no formula for."""
     from throughput import count_flops
