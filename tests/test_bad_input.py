@@ -43,6 +43,17 @@ def test_the_shipped_params_yaml_and_the_code_defaults_agree():
     assert {key: (value, defaults[key]) for key, value in shipped.items() if defaults[key] != value} == {}
 
 
+def test_a_key_that_takes_auto_or_a_value_is_one_problem_naming_both():
+    """pydantic reports each branch of 'auto' | int apart, under tags such as literal['auto']: one key, one problem."""
+    with pytest.raises(ParamsError) as caught:
+        validate_params({"train": {"compile": "yes please"}, "eval": {"workers": 0}, "model": {"channel_mult": [1, "x"]}})
+    message = str(caught.value)
+    assert message.startswith("params: 3 problem(s): ") and "literal" not in message
+    assert "train.compile: Input should be 'auto' or a valid boolean" in message
+    assert "eval.workers: Input should be 'auto' or greater than or equal to 1" in message
+    assert "model.channel_mult.1: Input should be a valid integer" in message
+
+
 def write_bad_params(root):
     """params.yaml with two problems: a misspelt key and a value of the wrong type."""
     text = (root / "params.yaml").read_text()

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from ddim_denoise.baselines import bm3d_denoise, nlm_denoise
+from ddim_denoise.baselines import bm3d_denoise, nlm_denoise, resolve_workers
 from ddim_denoise.checkpoint import save_checkpoint
 from ddim_denoise.cli import app
 from ddim_denoise.config import validate_params
@@ -181,6 +181,19 @@ def test_baselines_denoise_a_smooth_image(denoise):
     assert out.shape == clean.shape and out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
     gain = psnr_ssim(clean, out)[0].item() - psnr_ssim(clean, noisy)[0].item()
     assert gain > 5, f"{denoise.__name__} gained only {gain:.2f} dB on a smooth image"
+
+
+def test_eval_workers_auto_is_one_per_core_this_process_may_use(monkeypatch):
+    import os
+
+    from ddim_denoise.config import ParamsError
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)  # e.g. a container's share
+    assert resolve_workers("auto") == 3 and resolve_workers(4) == 4
+    assert validate_params({}).eval.workers == "auto"
+    for bad in (0, "many"):
+        with pytest.raises(ParamsError, match="eval.workers"):
+            validate_params({"eval": {"workers": bad}})
 
 
 def test_cli_evaluate_and_report_log_into_the_training_run(workspace, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Callable
@@ -42,6 +43,14 @@ def _nlm_one(image: np.ndarray, sigma: float, h_factor: float, patch_size: int, 
 
     return denoise_nl_means(image, h=h_factor * sigma, sigma=sigma, fast_mode=fast_mode, patch_size=patch_size,
                             patch_distance=patch_distance, channel_axis=-1)
+
+
+def resolve_workers(setting: str | int) -> int:
+    """``eval.workers``: ``auto`` is one process per CPU core this process may run on (a container's or taskset's
+    share, where the OS tells it), else the number given."""
+    if setting != "auto":
+        return int(setting)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def map_images(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, workers: int = 1) -> np.ndarray:

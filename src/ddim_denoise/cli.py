@@ -137,10 +137,11 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
                      workers: Optional[int] = typer.Option(None, "--workers", min=1,
                                                            help="processes for BM3D/NLM (default: eval.workers)")):
     """Score the model, the noisy input, BM3D and NLM on the test split; write eval.out_dir."""
+    from .baselines import resolve_workers
     from .evaluate import GRID_FILE, METRICS_FILE, TABLE_FILE, evaluate, mlflow_metrics
 
     cfg = load(params, set_)
-    table = evaluate(cfg, checkpoint, device=device, workers=workers or cfg.eval.workers)
+    table = evaluate(cfg, checkpoint, device=device, workers=workers or resolve_workers(cfg.eval.workers))
     out = Path(cfg.eval.out_dir)
     files = [out / name for name in (METRICS_FILE, TABLE_FILE, GRID_FILE) if (out / name).is_file()]
     metrics = mlflow_metrics(table)

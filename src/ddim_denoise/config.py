@@ -7,7 +7,7 @@ hour of training. Unknown keys are errors (``extra='forbid'``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -102,7 +102,8 @@ class EvalConfig(_Section):
     unclip_passes_estimated: int = Field(4, ge=0)  # the same when sigma is estimated (re-estimated every pass)
     clipped_images: int = Field(1000, ge=0)  # one-step also on these first noisy images stored as 8-bit; 0 = off
     grid_images: int = Field(6, ge=1)
-    workers: int = Field(2, ge=1)  # processes for the classical baselines (BM3D is ~1 s per image per core)
+    # processes for the classical baselines (BM3D is ~1 s per image per core); auto: one per CPU core this process may use
+    workers: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
 
     @field_validator("sigmas")
     @classmethod
@@ -165,8 +166,31 @@ def validate_params(raw: dict, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ParamsError(f"{source}: {len(e.errors())} problem(s): {problems}") from None
+        problems: dict[str, list[str]] = {}  # one entry per key: a union's branches (e.g. 'auto' or an int) each fail
+        for err in e.errors():
+            problems.setdefault(_params_key(err["loc"]), []).append(err["msg"])
+        text = "; ".join(f"{key}: {_either(messages)}" for key, messages in problems.items())
+        raise ParamsError(f"{source}: {len(problems)} problem(s): {text}") from None
+
+
+def _params_key(loc: tuple) -> str:
+    """The dotted params key an error's location names, without pydantic's union-branch tags ('literal[...]', 'int')."""
+    model, key = Params, []
+    for part in loc:
+        if model is None and not isinstance(part, int):  # below a leaf key: a list index stays, a branch tag goes
+            break
+        key.append(str(part))
+        field = model.model_fields.get(part) if model is not None else None  # None: a misspelt key, or a list item
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return ".".join(key)
+
+
+def _either(messages: list[str]) -> str:
+    """'Input should be 'auto'' and 'Input should be a valid boolean' -> 'Input should be 'auto' or a valid boolean'."""
+    prefix = "Input should be "
+    rest = [m.removeprefix(prefix) if m.startswith(prefix) and i else m for i, m in enumerate(messages)]
+    return " or ".join(dict.fromkeys(rest))
 
 
 def set_dotted(tree: dict, dotted_key: str, value: object) -> None:
