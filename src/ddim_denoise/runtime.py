@@ -87,7 +87,8 @@ def resolve_channels_last(setting: str | bool, device: torch.device) -> bool:
 
 def resolve_compile(setting: str | bool, device: torch.device) -> bool:
     """``train.compile``: ``auto`` compiles on GPUs, where it doubled the training rate (README, *Full-size recipe on a
-    GPU*), and not on CPUs, where compiling the step takes minutes that a short CPU run never wins back."""
+    GPU*), and not on CPUs, where it added nothing after a minute or more of compiling (README, *CPU training speed*:
+    33.5 img/s compiled against 35.5 eager in bf16, the default model)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
