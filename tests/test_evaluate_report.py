@@ -171,6 +171,13 @@ def test_eval_ddim_stop_sigma_reaches_the_ddim_rows_and_names_them():
     assert denoiser.stops == [0.05]
 
 
+def test_eval_ddim_images_limits_the_ddim_rows_alone():
+    cfg = validate_params({"eval": {"ddim_images": 3, "bm3d_images": 0, "nlm_images": 0, "clipped_images": 0}}).eval
+    methods = build_methods(None, cfg)  # building the methods calls nothing
+    assert methods["model_ddim10"].max_images == 3 and methods["model_1step"].max_images is None
+    assert build_methods(None, validate_params({}).eval)["model_ddim10"].max_images is None  # default: all images
+
+
 @pytest.mark.parametrize("denoise", [bm3d_denoise, nlm_denoise])
 def test_baselines_denoise_a_smooth_image(denoise):
     ramp = np.linspace(0.2, 0.8, 32, dtype=np.float32)

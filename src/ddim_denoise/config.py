@@ -93,6 +93,7 @@ class EvalConfig(_Section):
     sigmas: list[float] = [0.1, 0.2, 0.3, 0.5]
     ddim_steps: int = Field(10, ge=1)
     ddim_stop_sigma: float = Field(0.0, ge=0, lt=1)  # where the DDIM rows stop walking down (Denoiser.denoise)
+    ddim_images: int | None = Field(None, ge=1)  # the DDIM rows on the first N images only (ddim_steps calls each)
     bm3d_images: int = Field(200, ge=0)
     nlm_images: int = Field(1000, ge=0)
     batch_size: int = Field(250, ge=1)

@@ -136,7 +136,8 @@ def build_methods(denoiser, cfg: EvalConfig, workers: int = 1) -> dict[str, Meth
     inputs, the baselines."""
     return {
         NOISY: NOISY_INPUT,
-        **model_methods(denoiser, [1, cfg.ddim_steps], cfg.batch_size, ddim_stop_sigma=cfg.ddim_stop_sigma),
+        **model_methods(denoiser, [1, cfg.ddim_steps], cfg.batch_size, multistep_images=cfg.ddim_images,
+                        ddim_stop_sigma=cfg.ddim_stop_sigma),
         **clipped_input_method(denoiser, cfg.batch_size, cfg.clipped_images),
         **baseline_methods(cfg.bm3d_images, cfg.nlm_images, workers),
     }
