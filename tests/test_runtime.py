@@ -39,6 +39,13 @@ def test_auto_picks_fp16_on_gpus_that_only_emulate_bf16(monkeypatch, capability,
     assert resolve_inference_precision("auto", torch.device("cuda")).name == expected
 
 
+def test_device_name_reads_the_cpu_model(monkeypatch):
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: "processor\t: 0\nmodel name\t: AMD EPYC 9B14\n" + EPYC_FLAGS)
+    assert runtime.device_name(CPU) == "AMD EPYC 9B14"
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: "")  # no /proc/cpuinfo
+    assert runtime.device_name(CPU) == "cpu"
+
+
 def test_channels_last_auto_is_on_for_gpus_only_and_an_explicit_setting_wins():
     assert resolve_channels_last("auto", torch.device("cuda")) and not resolve_channels_last("auto", CPU)
     assert resolve_channels_last(True, CPU) and not resolve_channels_last(False, torch.device("cuda"))

@@ -138,6 +138,12 @@ def test_outputs_and_summary(workspace):
     summary = Trainer(workspace).fit()
     assert summary["epochs"] == 2 and summary["parameters"] > 0 and summary["images_per_s"] > 0
     assert summary["steady_images_per_s"] > 0  # epoch 2's rate
+    # what the auto settings resolved to, so that runs on different machines compare (here: eager, NCHW, a CPU)
+    assert summary["compile"] is None and summary["channels_last"] is False and summary["device_name"]
+    import mlflow
+
+    tags = mlflow.MlflowClient().get_run(summary["mlflow_run_id"]).data.tags
+    assert tags["compile"] == "off" and tags["channels_last"] == "False" and tags["device_name"] == summary["device_name"]
     on_disk = json.loads(open("training/summary.json").read())
     assert on_disk["best_val_psnr"] == summary["best_val_psnr"] and np.isfinite(on_disk["best_val_psnr"])
     assert open("training/steps.csv").readline().strip() == "step,epoch,loss,lr"

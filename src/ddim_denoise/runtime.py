@@ -31,6 +31,14 @@ def _cpu_flags() -> str:
         return ""
 
 
+def device_name(device: torch.device) -> str:
+    """The hardware's own name ('NVIDIA H200', 'AMD EPYC 9B14'), so runs compared in MLflow say what they ran on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    names = [line.partition(":")[2].strip() for line in _cpu_flags().splitlines() if line.startswith("model name")]
+    return names[0] if names else device.type
+
+
 def cpu_has_bf16_dot() -> bool:
     """True on CPUs with AVX512-BF16 (or AMX) bf16 dot products, where bf16 autocast speeds up training and denoising.
 

@@ -33,8 +33,8 @@ from .errors import DivergedError, TrainingError
 from .diffusion import SigmaSampler
 from .metrics import make_noisy, psnr_ssim, to_float
 from .precond import DenoisingLoss, Preconditioner
-from .runtime import (compile_fallback, configure_cudnn, resolve_channels_last, resolve_compile, resolve_compile_mode,
-                      resolve_device, resolve_precision)
+from .runtime import (compile_fallback, configure_cudnn, device_name, resolve_channels_last, resolve_compile,
+                      resolve_compile_mode, resolve_device, resolve_precision)
 from .unet import count_parameters
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,8 @@ class Trainer:
         self.precision = resolve_precision(self.cfg.amp, self.device)
         self.channels_last = resolve_channels_last(self.cfg.channels_last, self.device)
         self.compile = resolve_compile(self.cfg.compile, self.device)
+        # the mode torch.compile gets; None: eager
+        self.compile_mode = resolve_compile_mode(self.cfg.compile_mode, self.device, world) if self.compile else None
         configure_cudnn(self.device, self.cfg.cudnn_benchmark)
         self.out_dir = Path(self.cfg.out_dir)
         torch.manual_seed(params.seed + rank)
@@ -250,9 +252,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if not self.compile:
-            return wrapped
-        return torch.compile(wrapped, mode=resolve_compile_mode(self.cfg.compile_mode, self.device, self.world))
+        return torch.compile(wrapped, mode=self.compile_mode) if self.compile else wrapped
 
     @property
     def is_main(self) -> bool:
@@ -567,7 +567,8 @@ class Trainer:
                 "images_per_s": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 # without this process's first epoch (compilation, CUDA-graph capture): null if it ran one epoch
                 "steady_images_per_s": None if (steady := self.clock.steady_rate()) is None else round(steady, 2),
-                "precision": self.precision.name, "device": str(self.device), "world_size": self.world,
+                "precision": self.precision.name, "device": str(self.device), "device_name": device_name(self.device),
+                "compile": self.compile_mode, "channels_last": self.channels_last, "world_size": self.world,
                 "best_val_psnr": round(self.best_psnr, 4), "best_epoch": self.best_epoch,
                 "nonfinite_steps": self.nonfinite_steps, "stopped_early": self.stopped_early}
 
@@ -578,7 +579,10 @@ class Trainer:
             self.run.log_params(flatten(self.params))
             self.run.set_tags({"git_commit": git_commit(), "dataset_sha256": self.dataset_hash,
                                "parameters": str(count_parameters(self.model)), "precision": self.precision.name,
-                               "device": str(self.device), "fingerprint": self.fingerprint})
+                               "device": str(self.device), "device_name": device_name(self.device),
+                               # what train.compile / channels_last: auto resolved to on this machine
+                               "compile": self.compile_mode or "off", "channels_last": str(self.channels_last),
+                               "fingerprint": self.fingerprint})
 
     def _finish_tracking(self, summary: dict) -> None:
         atomic_write_text(self.training_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
