@@ -7,6 +7,7 @@ use the 1000 bit-exact original test images instead. Same noise convention and t
 ``--cache-dir`` and computed once.
 
     python benchmarks/eval_lossless.py --checkpoint models/best.pt --device cuda --workers 16
+    python benchmarks/eval_lossless.py --split train --bm3d-images 0 --ddim-steps ""   # over-fitting? (train 0-999)
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default="models/best.pt")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="npz with uint8 x_test (N, 32, 32, 3)")
     parser.add_argument("--n-images", type=int, default=1000)
+    parser.add_argument("--split", choices=["test", "train"], default="test",
+                        help="the subset's test images, or its original-pixel training images (official train "
+                             "0-3999, most of them in the training split): the same figures there show over-fitting")
     parser.add_argument("--bm3d-images", type=int, default=300, help="BM3D on the first this many (0: none)")
     parser.add_argument("--sigmas", type=parse_list, default=None,
                         help="e.g. 0.1,0.2 (default: the checkpoint's eval.sigmas)")
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    clean = to_float(load_images_npz(args.data, "x_test", args.n_images))
+    clean = to_float(load_images_npz(args.data, f"x_{args.split}", args.n_images))
     denoiser = Denoiser.from_checkpoint(args.checkpoint, device=args.device, amp=args.amp, weights=args.weights)
     defaults = denoiser.params.eval  # the params.yaml the checkpoint was trained under
     batch_size, sigmas = args.batch_size or defaults.batch_size, args.sigmas or defaults.sigmas
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     methods |= model_methods(denoiser, [1, *args.ddim_steps], batch_size, args.ddim_images, args.ddim_stop_sigma)
 
     table = run_methods(clean, sigmas, methods, seed).table
-    print(f"\n### {args.checkpoint} on {len(clean)} lossless CIFAR-10 test images ({args.data.name}), "
+    print(f"\n### {args.checkpoint} on {len(clean)} lossless CIFAR-10 {args.split} images ({args.data.name}), "
           f"PSNR (dB) / SSIM, noise seed {seed}, model in {denoiser.precision.name}, {args.weights} weights"
           + (f", DDIM stopping at sigma {args.ddim_stop_sigma:g}" if args.ddim_stop_sigma else "") + "\n")
     print(results_table(table, origin=None))

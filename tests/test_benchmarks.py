@@ -145,6 +145,24 @@ def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
     assert channels_last == contiguous
 
 
+def test_eval_lossless_scores_the_training_images_with_split_train(tmp_path, tiny_params, capsys):
+    """--split train reads x_train: the same table on images the model trained on shows over-fitting."""
+    import eval_lossless
+
+    checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 3, 8)
+    with np.load(data) as archive:
+        test = archive["x_test"]
+    np.savez(data, x_test=test, x_train=np.full_like(test, 128))  # flat gray training images: unlike the test ones
+    args = ["--checkpoint", checkpoint, "--data", data, "--n-images", "3", "--bm3d-images", "0", "--ddim-steps", "",
+            "--sigmas", "0.1", "--device", "cpu"]
+    for split in ("test", "train"):
+        eval_lossless.main(args + ["--split", split])
+    out = capsys.readouterr().out
+    assert "3 lossless CIFAR-10 test images" in out and "3 lossless CIFAR-10 train images" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 0.1 |")]
+    assert len(rows) == 2 and rows[0] != rows[1]  # different images, different scores
+
+
 @pytest.mark.parametrize("script", ["gray_noise", "mono_noise"])
 def test_noise_probe_prints_a_row_per_sigma_with_every_method(tmp_path, tiny_params, capsys, script):
     probe = importlib.import_module(script)
