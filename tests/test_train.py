@@ -152,6 +152,23 @@ def test_outputs_and_summary(workspace):
         assert load_checkpoint(f"models/{name}")["format"]
 
 
+def test_running_out_of_device_memory_names_a_smaller_batch_and_keeps_the_checkpoint(workspace, monkeypatch):
+    """params.yaml's batch of 512 (the GPU recipe) does not fit every GPU: one line with the fix, not a traceback."""
+    trainer = Trainer(with_train(workspace, epochs=2))  # batch 8, lr 1e-3
+    real_step = trainer.train_step
+
+    def step(x0):
+        if trainer.epoch >= 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(x0)
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    with pytest.raises(TrainingError, match=r"out of memory on .* at train.batch_size=8: .*"
+                                            r"-S train.batch_size=4 -S train.lr=0.0005 \(models/last.pt holds"):
+        trainer.fit()
+    assert load_checkpoint("models/last.pt")["epoch"] == 1
+
+
 def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(workspace, monkeypatch):
     trainer = Trainer(with_train(workspace, epochs=3, max_nonfinite_steps=2))
     real_loss = trainer.loss_fn

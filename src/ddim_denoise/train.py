@@ -500,7 +500,7 @@ class Trainer:
         try:
             while self.epoch < self.cfg.epochs:
                 with compile_fallback(self.cfg.compile, self.compile):
-                    mean_loss = self.train_epoch(data)
+                    mean_loss = self._train_epoch_or_explain_oom(data)
                 self.epoch += 1
                 out_of_time = self._out_of_time()
                 metrics = {"epoch_loss": mean_loss}
@@ -526,6 +526,18 @@ class Trainer:
         if self.is_main:
             self._finish_tracking(summary)
         return summary
+
+    def _train_epoch_or_explain_oom(self, data: torch.Tensor) -> float:
+        """``train_epoch``, with running out of device memory turned into one line naming the fix: params.yaml's batch
+        (512, the GPU recipe) needs a large GPU."""
+        try:
+            return self.train_epoch(data)
+        except torch.OutOfMemoryError as e:
+            batch, lr = self.cfg.batch_size, self.cfg.lr
+            raise TrainingError(
+                f"out of memory on {device_name(self.device)} at train.batch_size={batch}: train with a smaller batch "
+                f"and the LR scaled with it, e.g. -S train.batch_size={max(batch // 2, 1)} -S train.lr={lr / 2:g} "
+                f"({self.out_dir / 'last.pt'} holds the last finished epoch)") from e
 
     def _out_of_time(self) -> bool:
         """Whether another epoch (at this process's epoch time so far, EpochClock) would overrun ``train.max_minutes``.
