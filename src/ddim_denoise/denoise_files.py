@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .clipping import saturated
-from .denoiser import Denoiser, estimate_sigma, max_sigma
+from .denoiser import Denoiser, check_denoise_options, estimate_sigma, max_sigma
 from .errors import InputError
 from .grayscale import identical_channels, looks_mono_noise
 from .image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
@@ -62,12 +62,12 @@ class DenoiseOptions:
             raise InputError(f"steps must be at least 1, got {self.steps}")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise InputError(f"eta must be a finite number >= 0, got {self.eta}")
-        if self.mono_noise not in (True, False, "auto"):
-            raise InputError(f"mono_noise must be true, false or auto, got {self.mono_noise!r}")
         if not 1 <= self.quality <= 100:
             raise InputError(f"quality must lie in [1, 100], got {self.quality}")
-        if not (math.isfinite(self.ddim_stop_sigma) and 0 <= self.ddim_stop_sigma < 1):
-            raise InputError(f"the DDIM stop sigma must lie in [0, 1) on the pixel scale, got {self.ddim_stop_sigma}")
+        try:
+            check_denoise_options(self.mono_noise, self.ddim_stop_sigma)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         self.tiles.validate()
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,15 @@ def check_sigma(sigma: np.ndarray, gray: bool = False) -> None:
                          f"got {sigma.ravel()[:4]}")
 
 
+def check_denoise_options(mono_noise: bool | str, ddim_stop_sigma: float) -> None:
+    """The checks ``Denoiser.denoise`` and the file / serving options (``DenoiseOptions``) share."""
+    if mono_noise not in (True, False, "auto"):
+        raise ValueError(f"mono_noise must be True, False or 'auto', got {mono_noise!r}")
+    if not (math.isfinite(ddim_stop_sigma) and 0 <= ddim_stop_sigma < 1):
+        raise ValueError(f"ddim_stop_sigma must lie in [0, 1) on the pixel scale (the DDIM stop sigma; 0: walk to 0, "
+                         f"the model's training floor diffusion.sigma_min: keep more PSNR), got {ddim_stop_sigma}")
+
+
 class Denoiser:
     """A trained diffusion model used as a Gaussian denoiser.
 
@@ -100,8 +110,7 @@ class Denoiser:
         image (``grayscale.looks_mono_noise``). ``ddim_stop_sigma`` (pixel scale, as the model sees the noise): where
         multi-step DDIM stops walking down, 0 = all the way; the model's training floor is diffusion.sigma_min."""
         noisy = np.asarray(noisy)
-        if mono_noise not in (True, False, "auto"):
-            raise ValueError(f"mono_noise must be True, False or 'auto', got {mono_noise!r}")
+        check_denoise_options(mono_noise, ddim_stop_sigma)
         if noisy.ndim != 4 or noisy.shape[-1] not in (1, 3):
             raise ValueError(f"expected images of shape (N, H, W, 3), or (N, H, W, 1) for gray ones, got "
                              f"{noisy.shape}; drop the alpha channel first")
@@ -109,9 +118,6 @@ class Denoiser:
             raise ValueError(f"expected float images on the [0, 1] scale, got dtype {noisy.dtype}; divide integers by 255")
         options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed, mono_noise=mono_noise,
                        ddim_stop_sigma=ddim_stop_sigma)
-        if not (np.isfinite(ddim_stop_sigma) and 0 <= ddim_stop_sigma < 1):
-            raise ValueError(f"ddim_stop_sigma must lie in [0, 1) on the pixel scale (0: walk to 0; the model's training "
-                             f"floor is diffusion.sigma_min = {self.params.diffusion.sigma_min:g}), got {ddim_stop_sigma}")
         stop = float(pixel_to_model_sigma(torch.tensor(float(ddim_stop_sigma))))
         if noisy.shape[-1] == 3:
             gray = identical_channels(noisy)

@@ -173,9 +173,10 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.amp, self.device)
         self.channels_last = resolve_channels_last(self.cfg.channels_last, self.device)
-        self.compile = resolve_compile(self.cfg.compile, self.device)
         # the mode torch.compile gets; None: eager
-        self.compile_mode = resolve_compile_mode(self.cfg.compile_mode, self.device, world) if self.compile else None
+        self.compile_mode = (resolve_compile_mode(self.cfg.compile_mode, self.device, world)
+                             if resolve_compile(self.cfg.compile, self.device) else None)
+        self.device_name = device_name(self.device)
         configure_cudnn(self.device, self.cfg.cudnn_benchmark)
         self.out_dir = Path(self.cfg.out_dir)
         torch.manual_seed(params.seed + rank)
@@ -253,6 +254,10 @@ class Trainer:
 
             wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return torch.compile(wrapped, mode=self.compile_mode) if self.compile else wrapped
+
+    @property
+    def compile(self) -> bool:
+        return self.compile_mode is not None
 
     @property
     def is_main(self) -> bool:
@@ -535,7 +540,7 @@ class Trainer:
         except torch.OutOfMemoryError as e:
             batch, lr = self.cfg.batch_size, self.cfg.lr
             raise TrainingError(
-                f"out of memory on {device_name(self.device)} at train.batch_size={batch}: train with a smaller batch "
+                f"out of memory on {self.device_name} at train.batch_size={batch}: train with a smaller batch "
                 f"and the LR scaled with it, e.g. -S train.batch_size={max(batch // 2, 1)} -S train.lr={lr / 2:g} "
                 f"({self.out_dir / 'last.pt'} holds the last finished epoch)") from e
 
@@ -579,7 +584,7 @@ class Trainer:
                 "images_per_s": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 # without this process's first epoch (compilation, CUDA-graph capture): null if it ran one epoch
                 "steady_images_per_s": None if (steady := self.clock.steady_rate()) is None else round(steady, 2),
-                "precision": self.precision.name, "device": str(self.device), "device_name": device_name(self.device),
+                "precision": self.precision.name, "device": str(self.device), "device_name": self.device_name,
                 "compile": self.compile_mode, "channels_last": self.channels_last, "world_size": self.world,
                 "best_val_psnr": round(self.best_psnr, 4), "best_epoch": self.best_epoch,
                 "nonfinite_steps": self.nonfinite_steps, "stopped_early": self.stopped_early}
@@ -591,7 +596,7 @@ class Trainer:
             self.run.log_params(flatten(self.params))
             self.run.set_tags({"git_commit": git_commit(), "dataset_sha256": self.dataset_hash,
                                "parameters": str(count_parameters(self.model)), "precision": self.precision.name,
-                               "device": str(self.device), "device_name": device_name(self.device),
+                               "device": str(self.device), "device_name": self.device_name,
                                # what train.compile / channels_last: auto resolved to on this machine
                                "compile": self.compile_mode or "off", "channels_last": str(self.channels_last),
                                "fingerprint": self.fingerprint})
