@@ -24,7 +24,7 @@ from ddim_denoise.config import load_params
 from ddim_denoise.denoiser import build_model
 from ddim_denoise.diffusion import SigmaSampler
 from ddim_denoise.precond import DenoisingLoss
-from ddim_denoise.runtime import Precision, resolve_device
+from ddim_denoise.runtime import Precision, check_inductor_settings, resolve_device
 from ddim_denoise.unet import count_parameters
 
 MODES = {  # name: (autocast dtype, channels_last, torch.compile mode or None for eager)
@@ -90,11 +90,8 @@ def measure(step, batch: int, steps: int, warmup: int, device) -> tuple[float, f
 
 def inductor_settings(pairs: list[str]) -> dict:
     """``--inductor KEY=VALUE`` pairs as torch._inductor.config settings (values parsed as YAML: True, 8, ...)."""
-    settings = {k: yaml.safe_load(v) for k, _, v in (pair.partition("=") for pair in pairs)}
-    unknown = [k for k in settings if not hasattr(inductor_config, k)]
-    if unknown:
-        raise ValueError(f"--inductor: torch._inductor.config has no {', '.join(unknown)}; see its module for the keys")
-    return settings
+    return check_inductor_settings({k: yaml.safe_load(v) for k, _, v in (pair.partition("=") for pair in pairs)},
+                                   "--inductor")
 
 
 # The profile's summary of where the time went: (family, lower-case name fragments), first match wins. GPU kernels
@@ -175,10 +172,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="after the last row, profile this many of its steps and print where the time went")
     ap.add_argument("--profile-rows", type=int, default=30)
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                    help="a torch._inductor.config setting for the compiled modes, e.g. coordinate_descent_tuning=True")
+                    help="a torch._inductor.config setting for the compiled modes on top of params' train.inductor "
+                         "(as the Trainer applies it), e.g. coordinate_descent_tuning=True")
     args = ap.parse_args(argv)
     try:
-        inductor = inductor_settings(args.inductor)
+        inductor_overrides = inductor_settings(args.inductor)
     except ValueError as e:
         ap.error(str(e))
     cudnn_settings = args.cudnn_benchmark.split(",")
@@ -186,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--cudnn-benchmark takes on, off or both comma-separated, not {args.cudnn_benchmark!r}")
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
     params = load_params(args.params, overrides)
+    inductor = {**params.train.inductor, **inductor_overrides}
     device = resolve_device(args.device)
     model, _ = build_model(params)
     batches = [int(b) for b in args.batch.split(",")]

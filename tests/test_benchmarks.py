@@ -117,12 +117,16 @@ def test_train_speed_applies_inductor_settings_and_times_the_warm_up(tmp_path, t
     params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
     seen = []
     real_measure = train_speed.measure
+    config = train_speed.inductor_config
     monkeypatch.setattr(train_speed, "measure", lambda *a: seen.append(
-        train_speed.inductor_config.coordinate_descent_tuning) or real_measure(*a))
+        (config.coordinate_descent_tuning, config.force_layout_optimization)) or real_measure(*a))
     args = ["--params", str(params_file), "--batch", "2", "--steps", "1", "--warmup", "1", "--modes", "fp32",
             "--device", "cpu"]
-    train_speed.main(args + ["--inductor", "coordinate_descent_tuning=True"])
-    assert seen == [True] and train_speed.inductor_config.coordinate_descent_tuning is False  # set for the row only
+    train_speed.main(args + ["--inductor", "coordinate_descent_tuning=True"])  # on top of params' train.inductor
+    train_speed.main(args + ["--inductor", "force_layout_optimization=False"])  # overriding it
+    assert tiny_params.train.inductor == {"force_layout_optimization": True}
+    assert seen == [(True, True), (False, False)]
+    assert not config.coordinate_descent_tuning and not config.force_layout_optimization  # set for the row only
     assert re.search(r"fp32: +[\d.]+ img/s .* peak; warm-up [\d.]+ s", capsys.readouterr().out)
     with pytest.raises(SystemExit):
         train_speed.main(args + ["--inductor", "no_such_setting=1"])

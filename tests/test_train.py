@@ -8,7 +8,7 @@ import torch
 
 from cifar_fixtures import write_cifar_npz
 from ddim_denoise.checkpoint import CheckpointError, load_checkpoint
-from ddim_denoise.config import validate_params
+from ddim_denoise.config import ParamsError, validate_params
 from ddim_denoise.data import prepare
 from ddim_denoise.errors import TrainingError
 from ddim_denoise.train import EpochClock, Trainer, format_duration, lr_factor
@@ -114,6 +114,9 @@ def test_changed_params_start_a_new_run(workspace):
     assert other.try_resume() is None
     same = Trainer(with_train(workspace, epochs=1, log_every=7))  # operational keys do not matter
     assert same.try_resume() is not None
+    # nor do the Inductor settings, a mapping whose flattened keys sit below train.inductor
+    for inductor in ({}, {"force_layout_optimization": False, "coordinate_descent_tuning": True}):
+        assert Trainer(with_train(workspace, epochs=1, inductor=inductor)).try_resume() is not None
 
 
 def test_init_from_starts_from_the_checkpoints_ema_weights(workspace):
@@ -260,15 +263,32 @@ def test_training_batches_have_the_memory_format_train_channels_last_asks_for(wo
 def test_compiled_training_uses_train_compile_mode_and_marks_every_step(workspace, monkeypatch):
     """compile_mode reaches torch.compile, and each step is marked as new: under CUDA graphs (reduce-overhead) a
     step that is not marked would find the last step's output buffers still in use."""
-    modes, marks = [], []
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
+    import torch._inductor.config as inductor_config
+
+    modes, marks, settings_in_steps = [], [], set()
+
+    def stand_in_compile(module, mode=None):  # records the Inductor settings each training step's forward runs under
+        modes.append(mode)
+        module.register_forward_pre_hook(lambda *_: torch.is_grad_enabled() and settings_in_steps.add(
+            (inductor_config.force_layout_optimization, inductor_config.coordinate_descent_tuning)))
+        return module
+
+    monkeypatch.setattr(torch, "compile", stand_in_compile)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    trainer = Trainer(with_train(workspace, epochs=1, compile=True, compile_mode="max-autotune-no-cudagraphs"))
+    trainer = Trainer(with_train(workspace, epochs=1, compile=True, compile_mode="max-autotune-no-cudagraphs",
+                                 inductor={"force_layout_optimization": True, "coordinate_descent_tuning": True}))
     trainer.fit()
     assert modes == ["max-autotune-no-cudagraphs"]
     assert len(marks) == trainer.step == trainer.batches_per_epoch
+    assert settings_in_steps == {(True, True)}  # train.inductor while compiling: the backward compiles lazily too
+    assert not inductor_config.force_layout_optimization and not inductor_config.coordinate_descent_tuning  # restored
     # params.yaml's compile: auto leaves a CPU run eager (compiling would cost minutes), steps unmarked
     assert Trainer(with_train(workspace, epochs=1, compile="auto")).compile is False
+
+
+def test_a_misspelt_inductor_setting_stops_before_any_work_even_where_nothing_compiles(workspace):
+    with pytest.raises(ParamsError, match="train.inductor: torch._inductor.config has no force_layout_optimisation"):
+        Trainer(with_train(workspace, compile=False, inductor={"force_layout_optimisation": True}))
 
 
 @pytest.mark.parametrize("setting", ["auto", True])

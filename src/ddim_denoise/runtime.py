@@ -115,13 +115,30 @@ def resolve_compile_mode(mode: str, device: torch.device, world: int) -> str:
     return mode
 
 
-def compile_fallback(setting: str | bool, compiling: bool) -> contextlib.AbstractContextManager:
-    """Around a compiled run: ``train.compile: auto`` must not stop a run that eager mode can do, so where compiling
-    fails (no C compiler on the machine, a GPU Triton does not support) that code runs eager, and torch._dynamo logs
-    why. An explicit ``true`` lets the error stop the run."""
-    if compiling and setting == "auto":
-        return torch._dynamo.config.patch(suppress_errors=True)
-    return contextlib.nullcontext()
+def check_inductor_settings(settings: dict, where: str, error: type[Exception] = ValueError) -> dict:
+    """``settings`` for torch._inductor.config, or a one-line ``error`` naming the keys it does not have: a misspelt
+    key would otherwise fail at the first step, on the GPU box, after a minute of compiling."""
+    import torch._inductor.config as inductor_config  # imported on demand: a second or more
+
+    unknown = [key for key in settings if not hasattr(inductor_config, key)]
+    if unknown:
+        raise error(f"{where}: torch._inductor.config has no {', '.join(unknown)}; see that module for its keys")
+    return settings
+
+
+def compile_context(setting: str | bool, compiling: bool, inductor: dict) -> contextlib.AbstractContextManager:
+    """Around a compiled run (torch.compile compiles at the first call, and the backward at the first backward):
+    ``train.inductor``'s settings, and, with ``train.compile: auto``, eager mode where compiling fails (no C
+    compiler on the machine, a GPU Triton does not support; torch._dynamo logs why), since auto must not stop a run
+    that eager mode can do. An explicit ``true`` lets the error stop the run."""
+    stack = contextlib.ExitStack()
+    if compiling:
+        import torch._inductor.config as inductor_config
+
+        stack.enter_context(inductor_config.patch(inductor))
+        if setting == "auto":
+            stack.enter_context(torch._dynamo.config.patch(suppress_errors=True))
+    return stack
 
 
 def configure_cudnn(device: torch.device, benchmark: bool) -> None:

@@ -34,7 +34,7 @@ from .sweep_storage import (SweepError, default_storage_url, fail_dead_local_tri
                             redact)
 from . import sweep_tracking
 from .tracking import project_root
-from .train import OPERATIONAL_KEYS
+from .train import is_operational
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def study_settings(base: Params, space: SearchSpace, dataset_sha256: str) -> dic
     flat = flatten(space.budget_params(base))
     kept = {key: value for key, value in flat.items()
             if (key.split(".")[0] in TRAINING_SECTIONS or key in OBJECTIVE_EVAL_KEYS)
-            and key not in OPERATIONAL_KEYS and key not in space.parameters}
+            and not is_operational(key) and key not in space.parameters}
     return {"params": kept, "space": space.describe(), "dataset_sha256": dataset_sha256}
 
 

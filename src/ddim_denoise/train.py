@@ -33,8 +33,8 @@ from .errors import DivergedError, TrainingError
 from .diffusion import SigmaSampler
 from .metrics import make_noisy, psnr_ssim, to_float
 from .precond import DenoisingLoss, Preconditioner
-from .runtime import (compile_fallback, configure_cudnn, device_name, resolve_channels_last, resolve_compile,
-                      resolve_compile_mode, resolve_device, resolve_precision)
+from .runtime import (check_inductor_settings, compile_context, configure_cudnn, device_name, resolve_channels_last,
+                      resolve_compile, resolve_compile_mode, resolve_device, resolve_precision)
 from .unet import count_parameters
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,20 @@ STALE_WRITE_SUFFIX = ".pt.tmp"  # how checkpoint.save_checkpoint names a checkpo
 # Keys that change how a run executes or reports, not what it learns: a resume ignores them.
 OPERATIONAL_KEYS = ("train.out_dir", "train.device", "train.resume", "train.num_workers", "train.pin_memory",
                     "train.log_every", "train.val_every", "train.checkpoint_every", "train.compile",
-                    "train.compile_mode", "train.cudnn_benchmark",
+                    "train.compile_mode", "train.inductor", "train.cudnn_benchmark",
                     "train.max_nonfinite_steps", "train.divergence_factor", "train.max_diverged_steps",
                     "train.max_minutes")
+
+
+def is_operational(key: str) -> bool:
+    """A flattened params key (train.inductor.force_layout_optimization too) that a resume and a study ignore."""
+    return any(key == k or key.startswith(k + ".") for k in OPERATIONAL_KEYS)
 
 
 def run_fingerprint(params: Params, dataset_hash: str) -> str:
     """Hash of everything that defines what a run learns; a checkpoint is resumed only if it matches."""
     flat = {k: v for k, v in flatten(params).items()
-            if k.split(".")[0] in ("seed", "model", "diffusion", "train") and k not in OPERATIONAL_KEYS}
+            if k.split(".")[0] in ("seed", "model", "diffusion", "train") and not is_operational(k)}
     blob = json.dumps(flat, sort_keys=True, default=str) + dataset_hash
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -176,6 +181,7 @@ class Trainer:
         # the mode torch.compile gets; None: eager
         self.compile_mode = (resolve_compile_mode(self.cfg.compile_mode, self.device, world)
                              if resolve_compile(self.cfg.compile, self.device) else None)
+        check_inductor_settings(self.cfg.inductor, "train.inductor", ParamsError)  # on a CPU too: before the GPU box
         self.device_name = device_name(self.device)
         configure_cudnn(self.device, self.cfg.cudnn_benchmark)
         self.out_dir = Path(self.cfg.out_dir)
@@ -504,7 +510,7 @@ class Trainer:
         self.clock = EpochClock()
         try:
             while self.epoch < self.cfg.epochs:
-                with compile_fallback(self.cfg.compile, self.compile):
+                with compile_context(self.cfg.compile, self.compile, self.cfg.inductor):
                     mean_loss = self._train_epoch_or_explain_oom(data)
                 self.epoch += 1
                 out_of_time = self._out_of_time()
