@@ -93,9 +93,10 @@ def test_interrupted_run_resumes_to_the_same_state(workspace, tmp_path):
     first._start_tracking(None)
     first.train_epoch(torch.from_numpy(first.train_x))
     first.epoch += 1
+    first.validation_seconds = 100.0  # time spent before the kill counts on
     first._end_of_epoch({"epoch_loss": 0.0})
     resumed = Trainer(with_train(workspace, epochs=3, out_dir="resumed"))
-    resumed.fit()
+    assert resumed.fit()["validation_seconds"] > 100
 
     a, b = load_checkpoint("straight/last.pt"), load_checkpoint("resumed/last.pt")
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 3
@@ -141,6 +142,8 @@ def test_outputs_and_summary(workspace):
     summary = Trainer(workspace).fit()
     assert summary["epochs"] == 2 and summary["parameters"] > 0 and summary["images_per_s"] > 0
     assert summary["steady_images_per_s"] > 0  # epoch 2's rate
+    # where the time outside the training steps went: two validations, two rounds of checkpoint writes
+    assert summary["validation_seconds"] > 0 and summary["checkpoint_seconds"] > 0
     # what the auto settings resolved to, so that runs on different machines compare (here: eager, NCHW, a CPU)
     assert summary["compile"] is None and summary["channels_last"] is False and summary["device_name"]
     import mlflow

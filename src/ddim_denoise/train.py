@@ -227,6 +227,8 @@ class Trainer:
         self.history, self.epoch, self.step = History(), 0, 0
         self.best_psnr, self.best_epoch = -math.inf, 0
         self.train_seconds, self.images_seen = 0.0, 0
+        # Where the rest of a run's time goes (its first epoch's compilation is part of train_seconds)
+        self.validation_seconds, self.checkpoint_seconds = 0.0, 0.0
         self.stopped_early: str | None = None  # why fit() ended before train.epochs (train.max_minutes)
         # Device-side counters: train_step updates them without reading anything back (see _check_nonfinite).
         self.nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
@@ -304,7 +306,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
             "best_psnr": self.best_psnr, "best_epoch": self.best_epoch, "train_seconds": self.train_seconds,
-            "images_seen": self.images_seen, "nonfinite_steps": self.nonfinite_steps,
+            "images_seen": self.images_seen, "validation_seconds": self.validation_seconds,
+            "checkpoint_seconds": self.checkpoint_seconds, "nonfinite_steps": self.nonfinite_steps,
             "lowest_interval_loss": self.lowest_interval_loss, "diverged_steps": self.diverged_steps,
             "history": {"steps": self.history.steps, "val": self.history.val},
             "mlflow_run_id": self.run.run_id if self.run else None,
@@ -330,6 +333,8 @@ class Trainer:
         self.nonfinite_total.fill_(state["nonfinite_steps"])
         self.lowest_interval_loss = state.get("lowest_interval_loss", math.inf)  # absent before the guard existed
         self.diverged_steps = state.get("diverged_steps", 0)
+        self.validation_seconds = state.get("validation_seconds", 0.0)  # absent before they were timed
+        self.checkpoint_seconds = state.get("checkpoint_seconds", 0.0)
         self.history = History(state["history"]["steps"], state["history"]["val"])
         log.info("resumed from %s at epoch %d (step %d)", last, self.epoch, self.step)
         return state.get("mlflow_run_id")
@@ -351,11 +356,13 @@ class Trainer:
 
     def save(self, names: list[str]) -> None:
         """Write the checkpoints and histories; a failed write (disk full) leaves every earlier file as it was."""
+        started = time.perf_counter()
         state = self.state()
         try:
             for name in names:
                 save_checkpoint(self.out_dir / name, state)
             self.history.write(self.training_dir)
+            self.checkpoint_seconds += time.perf_counter() - started
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
             reason = (e.strerror if isinstance(e, OSError) else None) or str(e).splitlines()[0]
             raise TrainingError(f"could not write the epoch {self.epoch} checkpoint to {self.out_dir}/ ({reason}): "
@@ -484,6 +491,7 @@ class Trainer:
     # ---- validation ----------------------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
         """One-step PSNR/SSIM of the EMA model on the fixed validation subset with fixed noise seeds."""
+        started = time.perf_counter()
         denoiser = Denoiser(self.ema.model, self.schedule, self.params, self.device)
         results = {}
         for sigma in self.params.eval.sigmas:
@@ -492,6 +500,7 @@ class Trainer:
             results[f"val_psnr_sigma{sigma:g}"], results[f"val_ssim_sigma{sigma:g}"] = psnr.mean(), ssim.mean()
             self.history.val.append([self.epoch, sigma, float(psnr.mean()), float(ssim.mean())])
         results["val_psnr_mean"] = float(np.mean([v for k, v in results.items() if k.startswith("val_psnr_sigma")]))
+        self.validation_seconds += time.perf_counter() - started
         return results
 
     # ---- the whole run -------------------------------------------------------------------------------------------
@@ -588,6 +597,8 @@ class Trainer:
                 "epochs": self.epoch, "steps": self.step, "train_images_seen": self.images_seen,
                 "train_seconds": round(self.train_seconds, 2),
                 "images_per_s": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
+                "validation_seconds": round(self.validation_seconds, 2),
+                "checkpoint_seconds": round(self.checkpoint_seconds, 2),
                 # without this process's first epoch (compilation, CUDA-graph capture): null if it ran one epoch
                 "steady_images_per_s": None if (steady := self.clock.steady_rate()) is None else round(steady, 2),
                 "precision": self.precision.name, "device": str(self.device), "device_name": self.device_name,
@@ -613,7 +624,9 @@ class Trainer:
         if not self.run or self.run.run_id is None:
             return
         metrics = {"parameters": summary["parameters"], "train_images_per_s": summary["images_per_s"],
-                   "train_seconds": summary["train_seconds"], "best_val_psnr": summary["best_val_psnr"]}
+                   "train_seconds": summary["train_seconds"], "best_val_psnr": summary["best_val_psnr"],
+                   "validation_seconds": summary["validation_seconds"],
+                   "checkpoint_seconds": summary["checkpoint_seconds"]}
         if summary["steady_images_per_s"] is not None:
             metrics["train_images_per_s_steady"] = summary["steady_images_per_s"]
         self.run.log_metrics(metrics, step=self.step)
