@@ -1,11 +1,12 @@
-"""Where and in which precision the model runs: device choice and the autocast policies behind ``train.amp`` and
-``eval.amp``."""
+"""Where, in which precision and how the model runs: device choice, the autocast policies behind ``train.amp`` and
+``eval.amp``, memory format, and the compile policy (``train.compile``, ``train.compile_mode``, ``train.inductor``)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -126,19 +127,20 @@ def check_inductor_settings(settings: dict, where: str, error: type[Exception] =
     return settings
 
 
-def compile_context(setting: str | bool, compiling: bool, inductor: dict) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def compile_context(setting: str | bool, compiling: bool, inductor: dict) -> Iterator[None]:
     """Around a compiled run (torch.compile compiles at the first call, and the backward at the first backward):
     ``train.inductor``'s settings, and, with ``train.compile: auto``, eager mode where compiling fails (no C
     compiler on the machine, a GPU Triton does not support; torch._dynamo logs why), since auto must not stop a run
     that eager mode can do. An explicit ``true`` lets the error stop the run."""
-    stack = contextlib.ExitStack()
-    if compiling:
-        import torch._inductor.config as inductor_config
+    if not compiling:
+        yield
+        return
+    import torch._inductor.config as inductor_config
 
-        stack.enter_context(inductor_config.patch(inductor))
-        if setting == "auto":
-            stack.enter_context(torch._dynamo.config.patch(suppress_errors=True))
-    return stack
+    fallback = torch._dynamo.config.patch(suppress_errors=True) if setting == "auto" else contextlib.nullcontext()
+    with inductor_config.patch(inductor), fallback:
+        yield
 
 
 def configure_cudnn(device: torch.device, benchmark: bool) -> None:
