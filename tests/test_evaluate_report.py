@@ -60,7 +60,7 @@ def write_training_files(training_dir, run_id):
                   "ssim": [0.6, 0.4, 0.7, 0.5]}).to_csv(training_dir / "val.csv", index=False)
     summary = {"mlflow_run_id": run_id, "parameters": 12345, "epochs": 2, "steps": 20, "train_images_seen": 160,
                "train_seconds": 3.5, "images_per_s": 45.7, "precision": "fp32", "device": "cpu",
-               "best_val_psnr": 22.0, "best_epoch": 2}
+               "validation_seconds": 1.25, "checkpoint_seconds": 0.5, "best_val_psnr": 22.0, "best_epoch": 2}
     (training_dir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -225,6 +225,7 @@ def test_cli_evaluate_and_report_log_into_the_training_run(workspace, tmp_path):
     for psnr, ssim in ORIGIN_REPORT.values():
         assert f"{psnr:.2f} / {ssim:.4f}" in text
     assert "12,345" in text and "45.7 images/s" in text  # from training/summary.json
+    assert "| validation / checkpoint writes | 1.2 s / 0.5 s |" in text
     assert "DDIM-3 minus one-step" in text
     for name in ("psnr_vs_sigma", "loss", "lr", "val_psnr", "grid"):
         assert (report_dir / "figures" / f"{name}.png").is_file()

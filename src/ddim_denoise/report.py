@@ -231,6 +231,10 @@ def training_section(summary: dict | None, steps: pd.DataFrame | None, val: pd.D
             ("training images seen", f"{summary.get('train_images_seen', 0):,}"),
             ("training time", f"{summary.get('train_seconds', float('nan')):.0f} s ({hours:.2f} h)"),
             ("throughput", f"{summary.get('images_per_s', float('nan')):.1f} images/s"),
+            # outside the training steps; summaries written before they were timed lack them
+            ("validation / checkpoint writes",
+             f"{summary['validation_seconds']:.1f} s / {summary['checkpoint_seconds']:.1f} s"
+             if "validation_seconds" in summary and "checkpoint_seconds" in summary else "–"),
             ("precision / device", f"{summary.get('precision')} / {summary.get('device')}"),
             ("best validation PSNR",
              f"{best:.2f} dB (epoch {summary.get('best_epoch')})" if best is not None else "–"),
