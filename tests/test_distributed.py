@@ -207,7 +207,8 @@ def test_ranks_stay_identical_and_checkpoints_move_between_world_sizes(workspace
     assert all(torch.equal(final[k], written["model"][k]) for k in final)
     assert written["step"] == 3 * steps_per_epoch[WORLD] and written["nonfinite_steps"] == len(skipped)
 
-    # N -> M: the 2-rank checkpoint after epoch 1 resumes in one process, continuing the step count and MLflow run.
+    # N -> M: the 2-rank checkpoint after epoch 1 resumes in one process, continuing the step count and MLflow run;
+    # its LR goes on as an uninterrupted 1-process run's does (the schedule follows epochs, not the step count).
     shutil.copytree("two", "one_from_two", ignore=lambda folder, names: [n for n in names if n != "epoch_0001.pt"])
     os.replace("one_from_two/epoch_0001.pt", "one_from_two/last.pt")
     resumed = Trainer(with_train(per_rank, out_dir="one_from_two"))
@@ -218,13 +219,25 @@ def test_ranks_stay_identical_and_checkpoints_move_between_world_sizes(workspace
     assert logged == sorted(set(logged)) and len(logged) == result["steps"] - result["nonfinite_steps"]
     assert result["nonfinite_steps"] == 1  # the skipped step of the 2-rank epoch 1 is remembered
 
+    uninterrupted = Trainer(with_train(per_rank, out_dir="one"))
+    uninterrupted.fit()
+    assert lrs_of_epochs(resumed.history.steps, {2, 3}) == lrs_of_epochs(uninterrupted.history.steps, {2, 3})
+
     # M -> N: a 1-process checkpoint after epoch 1 resumes on 2 ranks; rank 1 gets rank 0's state over the wire.
-    Trainer(with_train(per_rank, out_dir="one")).fit()
     shutil.copytree("one", "two_from_one", ignore=lambda folder, names: [n for n in names if n != "epoch_0001.pt"])
     os.replace("two_from_one/epoch_0001.pt", "two_from_one/last.pt")
     run_ranks(WORLD, with_train(per_rank, out_dir="two_from_one"))
     assert_ranks_hold_identical_weights(WORLD)
-    assert load_checkpoint("two_from_one/last.pt")["step"] == steps_per_epoch[1] + 2 * steps_per_epoch[WORLD]
+    two_from_one = load_checkpoint("two_from_one/last.pt")
+    assert two_from_one["step"] == steps_per_epoch[1] + 2 * steps_per_epoch[WORLD]
+    # Its LR schedule ends where the 2-rank run's from scratch ended, not one 1-process epoch's steps beyond it.
+    assert two_from_one["scheduler"]["last_epoch"] == written["scheduler"]["last_epoch"] == 3 * steps_per_epoch[WORLD]
+    assert two_from_one["history"]["steps"][-1][3] == written["history"]["steps"][-1][3]
+
+
+def lrs_of_epochs(steps: list, epochs: set[int]) -> list[float]:
+    """The logged LR of each step of the given epochs (history rows: step, epoch, loss, lr)."""
+    return [lr for _, epoch, _, lr in steps if epoch in epochs]
 
 
 def test_compiled_ranks_take_the_eager_ranks_steps(workspace):

@@ -328,6 +328,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
+        self._align_lr_schedule()
         self.best_psnr, self.best_epoch = state["best_psnr"], state["best_epoch"]
         self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
         self.nonfinite_total.fill_(state["nonfinite_steps"])
@@ -338,6 +339,15 @@ class Trainer:
         self.history = History(state["history"]["steps"], state["history"]["val"])
         log.info("resumed from %s at epoch %d (step %d)", last, self.epoch, self.step)
         return state.get("mlflow_run_id")
+
+    def _align_lr_schedule(self) -> None:
+        """Put the LR schedule where this run's epoch puts it. Its warm-up and cosine are laid out in this process
+        count's steps per epoch, so a run resumed on another number of processes (another number of steps per epoch)
+        would otherwise go on from its step count: from 1 process to 2, the LR fell to min_lr halfway."""
+        position = self.epoch * self.batches_per_epoch
+        if self.scheduler.last_epoch != position:
+            self.scheduler.last_epoch = position - 1
+            self.scheduler.step()  # sets every group's LR for ``position``
 
     def _read_last_checkpoint(self, last: Path) -> dict | None:
         """``last.pt`` when resuming is on and it exists, else None. Rank 0 reads it and sends it to the other
