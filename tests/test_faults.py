@@ -132,6 +132,29 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(workspace, monk
     assert not list((root / "models").glob(".*.tmp"))
 
 
+def test_a_lost_best_checkpoint_write_is_redone_by_the_rerun(workspace, monkeypatch):
+    """The disk fills while best.pt is written: last.pt must still be the previous epoch's, so that the rerun
+    redoes the epoch and writes the best.pt its summary names (else evaluate would score an older model)."""
+    root, params = workspace
+    save = torch.save
+    failed = []
+
+    def full_while_writing_the_epoch_2_best(obj, path, *args, **kwargs):
+        if Path(path).name.startswith(".best.pt.") and obj.get("epoch") == 2 and not failed:
+            failed.append(path)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_while_writing_the_epoch_2_best)
+    first = Trainer(with_train(params, epochs=2, checkpoint_every=5))  # epoch 2 writes best.pt and last.pt only
+    with pytest.raises(TrainingError, match="could not write the epoch 2 checkpoint.*intact"):
+        first.fit()
+    assert failed and first.best_epoch == 2  # epoch 2 was a new best, and its write failed
+    assert load_checkpoint(root / "models" / "last.pt")["epoch"] == 1
+    summary = Trainer(with_train(params, epochs=2, checkpoint_every=5)).fit()
+    assert load_checkpoint(root / "models" / "best.pt")["epoch"] == summary["best_epoch"]
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 4 MiB tmpfs mounted for the test (root only), so the disk can really fill up."""

@@ -582,14 +582,15 @@ class Trainer:
         return stop
 
     def _end_of_epoch(self, metrics: dict) -> None:
-        names = ["last.pt"]
+        names = []
         if self.epoch % self.cfg.checkpoint_every == 0:
             names.append(f"epoch_{self.epoch:04d}.pt")
         new_best = metrics.get("val_psnr_mean", -math.inf) > self.best_psnr
         if new_best:
             self.best_psnr, self.best_epoch = metrics["val_psnr_mean"], self.epoch
             names.append("best.pt")
-        self.save(names)
+        # last.pt last: it is what a rerun resumes from, so it must not record a best.pt that a failed write lost
+        self.save([*names, "last.pt"])
         if self.run:
             self.run.log_metrics(metrics, step=self.step)
             if self.params.mlflow.log_checkpoints:  # periodic ones now; the best once, at the end (it changes often)
