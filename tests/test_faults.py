@@ -240,6 +240,47 @@ def test_tracking_server_down_mid_run_buffers_and_replays(workspace, monkeypatch
         assert len((root / "training" / "steps.csv").read_text().splitlines()) == 1 + result["steps"]
 
 
+def test_an_artifact_the_server_always_refuses_holds_back_no_metric(workspace, monkeypatch, caplog):
+    """A proxy that refuses large uploads (HTTP 413) fails every checkpoint upload: the metrics logged after one
+    must still arrive, the run must close normally, and the refused file stays on disk."""
+    root, params = workspace
+
+    def refuse(self, run_id, local_path, artifact_path=None):
+        raise mlflow.exceptions.MlflowException("413 Request Entity Too Large (simulated proxy)")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", refuse)
+    with caplog.at_level(logging.WARNING):
+        result = Trainer(with_train(params, epochs=3, checkpoint_every=1)).fit()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("epoch_0001.pt" in w and "stays on disk" in w for w in warnings), warnings
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    losses = client.get_metric_history(result["mlflow_run_id"], "train_loss")
+    assert sorted(m.step for m in losses) == list(range(1, result["steps"] + 1))
+    assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+    assert (root / "models" / "epoch_0001.pt").is_file()
+
+
+def test_a_resume_whose_mlflow_run_is_gone_logs_to_a_new_run(workspace, monkeypatch, caplog):
+    """last.pt names an MLflow run that this tracking store does not hold (the run was purged, or the checkpoint came
+    from another machine's store): the resumed run is tracked in a new MLflow run, with its params."""
+    root, params = workspace
+
+    def crash_after_epoch_1(epoch, metrics):
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(with_train(params, epochs=2), on_epoch_end=crash_after_epoch_1).fit()
+    old_run = load_checkpoint(root / "models" / "last.pt")["mlflow_run_id"]
+    other_store = f"sqlite:///{root / 'other-mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other_store)
+    with caplog.at_level(logging.WARNING):
+        result = Trainer(with_train(params, epochs=2)).fit()
+    assert result["epochs"] == 2 and result["mlflow_run_id"] not in (None, old_run)
+    assert any(old_run in r.getMessage() and "new run" in r.getMessage() for r in caplog.records)
+    new_run = mlflow.MlflowClient(other_store).get_run(result["mlflow_run_id"])
+    assert new_run.data.params["train.epochs"] == "2" and new_run.info.status == "FINISHED"
+
+
 # --- an interrupted dvc repro ----------------------------------------------------------------------------------------
 DVC_PIPELINE = """\
 stages:

@@ -66,7 +66,9 @@ class SafeRun:
     """Logs to one MLflow run; if the tracking store fails, warns once and keeps training.
 
     Failed calls are kept in a local buffer and replayed on the next successful call, so a short outage loses no
-    metric points. ``run_id`` is None when tracking could not start at all.
+    metric points. Artifacts are sent once, not buffered: a file the server always refuses (one too large for a
+    proxy) would otherwise hold back every metric behind it, and the file stays on disk anyway. ``run_id`` is None
+    when tracking could not start at all.
     """
 
     def __init__(self, run_id: str | None):
@@ -121,10 +123,21 @@ class SafeRun:
         self._call("log_batch", tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", str(path), artifact_path)
+        self._upload("log_artifact", path, artifact_path)
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call("log_artifacts", str(path), artifact_path)
+        self._upload("log_artifacts", path, artifact_path)
+
+    def _upload(self, method: str, path: str | Path, artifact_path: str | None) -> None:
+        if self.run_id is None:
+            return
+        from mlflow import MlflowClient
+
+        try:
+            getattr(MlflowClient(), method)(self.run_id, str(path), artifact_path)
+        except Exception as e:  # training goes on, and so do the metrics
+            log.warning("MLflow did not store %s (%s: %s); it stays on disk", path, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

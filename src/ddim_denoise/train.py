@@ -620,6 +620,11 @@ class Trainer:
     def _start_tracking(self, run_id: str | None) -> None:
         self.run = tracking.start_run(self.params.mlflow.experiment, run_name=self.run_name, run_id=run_id,
                                       tags=self.run_tags)
+        if run_id is not None and self.run.run_id is None:  # deleted, or last.pt came from another tracking store
+            log.warning("MLflow run %s of %s cannot be reopened: logging to a new run", run_id,
+                        self.out_dir / "last.pt")
+            run_id = None
+            self.run = tracking.start_run(self.params.mlflow.experiment, run_name=self.run_name, tags=self.run_tags)
         if run_id is None:
             self.run.log_params(flatten(self.params))
             self.run.set_tags({"git_commit": git_commit(), "dataset_sha256": self.dataset_hash,
