@@ -54,6 +54,17 @@ def test_a_key_that_takes_auto_or_a_value_is_one_problem_naming_both():
     assert "model.channel_mult.1: Input should be a valid integer" in message
 
 
+@pytest.mark.parametrize("train, names", [
+    ({"lr": 1e-4, "min_lr": 1e-3}, "train.min_lr at or below train.lr"),
+    ({"epochs": 10, "warmup_epochs": 100}, "train.warmup_epochs at most train.epochs"),
+])
+def test_an_lr_schedule_that_cannot_work_is_refused_naming_the_fix(train, names):
+    """Both ran without a word before: an LR that rose during its cosine decay, or a warm-up that never ended."""
+    with pytest.raises(ParamsError, match=names):
+        validate_params({"train": train})
+    validate_params({"train": {"lr": 1e-3, "min_lr": 1e-3, "epochs": 2, "warmup_epochs": 2}})  # the edges are fine
+
+
 def write_bad_params(root):
     """params.yaml with two problems: a misspelt key and a value of the wrong type."""
     text = (root / "params.yaml").read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -89,6 +89,17 @@ class TrainConfig(_Section):
     # says fits (that epoch validated and checkpointed; rerun to go on). The LR schedule still spans train.epochs.
     max_minutes: float | None = Field(None, gt=0)
     init_from: str | None = None  # start from this checkpoint's EMA weights (fine-tuning); optimizer starts fresh
+
+    @model_validator(mode="after")
+    def _lr_schedule_makes_sense(self) -> "TrainConfig":
+        # Both were accepted before and ran without a word: an LR that rose during its "decay", or never peaked.
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}, so the cosine decay would raise the "
+                             "LR: set train.min_lr at or below train.lr")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs:g} is longer than epochs={self.epochs}, so the LR "
+                             "would never reach train.lr: set train.warmup_epochs at most train.epochs")
+        return self
 
 
 class EvalConfig(_Section):
