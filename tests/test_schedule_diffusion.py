@@ -6,7 +6,7 @@ from denoise_fixtures import write_tiny_checkpoint
 from ddim_denoise.denoiser import Denoiser
 from ddim_denoise.diffusion import SigmaSampler, ddim_timesteps, denoise_ddim
 from ddim_denoise.precond import PREDICTIONS, DenoisingLoss, Preconditioner, precond_coefficients
-from ddim_denoise.schedule import NoiseSchedule
+from ddim_denoise.schedule import NoiseSchedule, model_to_pixel_sigma
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -93,6 +93,21 @@ def test_the_denoiser_stops_ddim_where_asked(tmp_path, tiny_params):
     assert not np.allclose(stopped, to_zero, atol=1e-4) and not np.allclose(stopped, one_step, atol=1e-4)
     with pytest.raises(ValueError, match="ddim_stop_sigma must lie in"):
         denoiser.denoise(noisy, 0.1, steps=4, ddim_stop_sigma=-0.1)
+
+
+def test_multi_step_ddim_serves_noise_below_the_schedules_lowest_level(tmp_path, tiny_params):
+    """The cosine schedule's lowest level is pixel sigma ~0.003, and a clean-looking photo estimates lower: such an
+    input gets the one-step answer from any number of steps (it raised before), and a stop below that level walks
+    to the schedule's end like no stop."""
+    denoiser = Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params), device="cpu")
+    floor = float(model_to_pixel_sigma(torch.tensor(denoiser.schedule.sigma_min)))
+    noisy = np.random.default_rng(0).uniform(0.2, 0.8, (2, 16, 16, 3)).astype(np.float32)
+    below = np.array([floor / 2, 0.1], dtype=np.float32)
+    walked = denoiser.denoise(noisy, below, steps=4)
+    np.testing.assert_allclose(walked[0], denoiser.denoise(noisy[:1], below[0])[0], atol=1e-5)
+    np.testing.assert_allclose(walked[1], denoiser.denoise(noisy[1:], 0.1, steps=4)[0], atol=1e-5)
+    np.testing.assert_allclose(denoiser.denoise(noisy, 0.1, steps=4, ddim_stop_sigma=floor / 2),
+                               denoiser.denoise(noisy, 0.1, steps=4), atol=1e-5)
 
 
 def test_log_uniform_sampler_stays_in_range_and_loss_is_finite():

@@ -25,7 +25,6 @@ from .denoiser import Denoiser, check_denoise_options, estimate_sigma, max_sigma
 from .errors import InputError
 from .grayscale import identical_channels, looks_mono_noise
 from .image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
-from .schedule import pixel_to_model_sigma
 from .tiling import TileOptions, denoise_tiled, tile_boxes
 
 log = logging.getLogger(__name__)
@@ -130,19 +129,10 @@ def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOpt
     try:
         sigma, estimated = image_sigma(denoiser, rgb, options.sigma, options.tiles.tile, options.mono_noise)
         out = denoise_tiled(batch, rgb, sigma, options.tiles, on_tiles)
-    except ValueError as e:  # Denoiser's refusals: a sigma or step count its noise schedule cannot serve
+    except ValueError as e:  # Denoiser's refusals: a sigma it cannot serve (check_sigma)
         raise InputError(str(e)) from None
     out[transparent] = image.rgb[transparent]
     return DenoisedImage(out, sigma, estimated, options.mono_noise)
-
-
-def check_schedule_covers(denoiser: Denoiser, sigma: float, steps: int) -> None:
-    """Multi-step DDIM walks the noise schedule down from sigma: refuse a level it does not cover before any work."""
-    if steps > 1:
-        try:
-            denoiser.schedule.sigma_to_timestep(pixel_to_model_sigma(sigma))
-        except ValueError as e:
-            raise InputError(f"sigma {sigma} with {steps} steps: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -188,8 +178,6 @@ def denoise_files(denoiser: Denoiser, inputs: Sequence[str | Path], out_dir: str
 
     options.validate()
     pairs = plan_outputs(inputs, out_dir)
-    if options.sigma is not None:
-        check_schedule_covers(denoiser, options.sigma, options.steps)
     done: list[DenoisedFile] = []
     with tqdm(total=len(pairs), unit="file", disable=not progress, position=0) as files_bar:
         for source, output in pairs:

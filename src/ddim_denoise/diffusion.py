@@ -44,11 +44,18 @@ class SigmaSampler:
 def ddim_timesteps(schedule: NoiseSchedule, model_sigma: torch.Tensor, steps: int,
                    stop_sigma: float = 0.0) -> torch.Tensor:
     """(steps + 1, N) fractional timesteps from t* (where the input sits) down to 0, evenly spaced in t; or down to
-    the timestep of the model-scale ``stop_sigma``, for inputs above it (the others stay at t*: one step)."""
-    t_start = schedule.sigma_to_timestep(model_sigma)
+    the timestep of the model-scale ``stop_sigma``, for inputs above it (the others stay at t*: one step).
+
+    The walk visits the schedule's own levels only: an input below its lowest level (clean-looking photos estimate
+    down to pixel sigma 0.001) sits at t* = 0, one above its highest at t* = T - 1 (``denoise_ddim`` takes the
+    first step from the input's own sigma either way)."""
+    def timestep(sigma: torch.Tensor) -> torch.Tensor:
+        return schedule.sigma_to_timestep(sigma.clamp(schedule.sigma_min, schedule.sigma_max))
+
+    t_start = timestep(torch.as_tensor(model_sigma, dtype=torch.float32))
     t_end = torch.zeros_like(t_start)
     if stop_sigma > 0:
-        t_stop = schedule.sigma_to_timestep(torch.tensor(float(stop_sigma))).to(t_start)
+        t_stop = timestep(torch.tensor(float(stop_sigma))).to(t_start)
         t_end = torch.minimum(t_start, t_stop.expand_as(t_start))
     frac = torch.linspace(1, 0, steps + 1, device=t_start.device).reshape(-1, 1)
     return t_end.reshape(1, -1) + frac * (t_start - t_end).reshape(1, -1)
@@ -73,15 +80,17 @@ def denoise_ddim(model: Preconditioner, schedule: NoiseSchedule, y: torch.Tensor
     sigma = torch.as_tensor(model_sigma, dtype=torch.float32, device=y.device).expand(y.shape[0]).contiguous()
     if steps == 1:
         return model(y, sigma)
-    ts = ddim_timesteps(schedule, sigma.cpu(), steps, stop_sigma).to(y.device)
+    # The levels each step sees: never above the input's own (an input below the schedule's floor stays there, and
+    # its steps repeat the one-step estimate, as an input below the stop does).
+    sigmas = torch.minimum(schedule.model_sigma(ddim_timesteps(schedule, sigma.cpu(), steps, stop_sigma)),
+                           sigma.cpu()).to(y.device)
+    sigmas[0] = sigma
     x = y
     for i in range(steps):
-        s_now = sigma if i == 0 else schedule.model_sigma(ts[i]).to(y.device)
-        x0 = model(x, s_now)
+        x0 = model(x, sigmas[i])
         if i == steps - 1:
             return x0
-        s_next = schedule.model_sigma(ts[i + 1]).to(y.device)
-        x = _ddim_step(x, x0, s_now, s_next, eta, generator)
+        x = _ddim_step(x, x0, sigmas[i], sigmas[i + 1], eta, generator)
     raise AssertionError("unreachable")
 
 
