@@ -137,12 +137,12 @@ def main(argv: list[str] | None = None) -> None:
         # Only methods that ran on more images than BM3D run again (on its images); the rest (BM3D itself, DDIM
         # on --ddim-images <= --bm3d-images) already saw exactly those images, and DDIM-50 is slow.
         covered = table.groupby("method").n_images.max()
-        rerun = {name: m for name, m in methods.items() if covered[name] > n_bm3d}
+        rerun = {name: m for name, m in methods.items() if covered.get(name, 0) > n_bm3d}  # absent: ran on none
         order = {name: i for i, name in enumerate(methods)}
         paired = pd.concat([run_methods(clean[:n_bm3d], sigmas, rerun, seed).table,
                             table[~table.method.isin(list(rerun))]])
         paired = paired.sort_values("method", key=lambda names: names.map(order), kind="stable")
-        print(f"\n### The same, all methods on BM3D's {n_bm3d} images\n")
+        print(f"\n### The same on BM3D's {n_bm3d} images (a method run on fewer keeps its own n)\n")
         print(results_table(paired, origin=None))
 
 

@@ -167,6 +167,18 @@ def test_eval_lossless_scores_the_training_images_with_split_train(tmp_path, tin
     assert len(rows) == 2 and rows[0] != rows[1]  # different images, different scores
 
 
+def test_eval_lossless_pairs_with_bm3d_when_a_ddim_row_ran_on_no_image(tmp_path, tiny_params, capsys):
+    """--ddim-images 0 leaves the DDIM rows out of the first table; the BM3D-paired table must still print."""
+    import eval_lossless
+
+    checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 3, 16)  # BM3D crashes on 8x8 images
+    eval_lossless.main(["--checkpoint", checkpoint, "--data", data, "--n-images", "3", "--bm3d-images", "1",
+                        "--ddim-steps", "3", "--ddim-images", "0", "--sigmas", "0.1", "--device", "cpu",
+                        "--workers", "1", "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert "on BM3D's 1 images" in out and "DDIM" not in out
+
+
 @pytest.mark.parametrize("script", ["gray_noise", "mono_noise"])
 def test_noise_probe_prints_a_row_per_sigma_with_every_method(tmp_path, tiny_params, capsys, script):
     probe = importlib.import_module(script)
