@@ -192,6 +192,45 @@ def test_a_pickle_that_runs_code_is_refused_without_side_effects(tmp_path, paylo
     assert not (tmp_path / "prepared").exists()
 
 
+class _DtypeWithForgedState:
+    """Pickles as numpy.dtype('u1') copied, with a state whose flags (63) say it holds Python object pointers."""
+
+    def __reduce__(self):
+        return np.dtype, ("u1", False, True), (3, "|", None, None, None, -1, -1, 63)
+
+
+class _ArrayOfForgedDtype:
+    def __reduce__(self):
+        reconstruct = np.empty(0).__reduce__()[0]
+        return reconstruct, (np.ndarray, (0,), b"b"), (1, (2, 3072), _DtypeWithForgedState(), False, b"A" * 6144)
+
+
+def test_a_pickled_dtype_cannot_rewrite_numpys_internals():
+    """Only allowed globals, yet a dtype copy that took the pickle's state would have numpy treat uint8 bytes as
+    object pointers (numpy 2.4 crashed with SystemError; older ones may do worse): the batch gets numpy's own uint8."""
+    batch = data._unpickle_batch(pickle.dumps({b"data": _ArrayOfForgedDtype(), b"labels": [0, 1]}, protocol=4),
+                                 "data_batch_2")
+    assert batch[b"data"].dtype is np.dtype("u1") and batch[b"data"].dtype.flags == 0
+    assert not np.dtype("u1").hasobject
+
+
+def test_a_prepare_killed_midway_leaves_no_manifest_over_a_mixed_split(tmp_path, monkeypatch):
+    write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
+    data.prepare(params_for(tmp_path))
+    save = data._save_npy
+
+    def killed_at_the_validation_images(path, array):
+        if path.name.startswith("val_x"):
+            raise KeyboardInterrupt
+        save(path, array)
+
+    monkeypatch.setattr(data, "_save_npy", killed_at_the_validation_images)
+    with pytest.raises(KeyboardInterrupt):  # another split: train_x is rewritten before the kill, val_x is not
+        data.prepare(params_for(tmp_path, seed=1))
+    with pytest.raises(DataError, match="run `ddim-denoise prepare`"):
+        data.load_split(tmp_path / "prepared", "val")
+
+
 def test_truncated_archive_is_reported_as_such(tmp_path):
     archive = write_cifar_tar(tmp_path)
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])

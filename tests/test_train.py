@@ -120,6 +120,17 @@ def test_changed_params_start_a_new_run(workspace):
         assert Trainer(with_train(workspace, epochs=1, inductor=inductor)).try_resume() is not None
 
 
+def test_another_validation_split_starts_a_new_run(workspace):
+    """A larger data.val_size moves images the checkpoint trained on into validation: no resume across it."""
+    Trainer(with_train(workspace, epochs=1)).fit()
+    resplit = workspace.model_copy(deep=True)
+    resplit.data.val_size = 12
+    prepare(resplit)
+    assert Trainer(with_train(resplit, epochs=1)).try_resume() is None
+    prepare(workspace)
+    assert Trainer(with_train(workspace, epochs=1)).try_resume() is not None
+
+
 def test_init_from_starts_from_the_checkpoints_ema_weights(workspace):
     Trainer(with_train(workspace, epochs=1, out_dir="first")).fit()
     ema = load_checkpoint("first/best.pt")["ema"]

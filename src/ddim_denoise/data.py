@@ -190,8 +190,20 @@ def _numpy_array_reconstructors() -> dict[tuple[str, str], object]:
         ("numpy.core.multiarray", "_reconstruct"): reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): reconstruct,
         ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "dtype"): _builtin_dtype,
     }
+
+
+def _builtin_dtype(spec: object, align: bool = False, copy: bool = False) -> np.dtype:
+    """``numpy.dtype`` for a pickle: plain numbers only, and always numpy's shared instance (never a copy, as a pickle
+    asks for), whose ``__setstate__`` numpy ignores; a copy would take the pickle's state, which can mark uint8 as
+    holding object pointers."""
+    if isinstance(spec, bytes):  # Python 2 pickles (the official batches) name it in a byte string
+        spec = spec.decode("ascii", errors="replace")
+    dtype = np.dtype(spec) if isinstance(spec, str) else None
+    if dtype is None or dtype.kind not in "biuf":
+        raise _ForbiddenGlobal(f"numpy.dtype({spec!r})")
+    return dtype
 
 
 def _plain_builtins() -> dict[tuple[str, str], type]:
@@ -469,6 +481,8 @@ def prepare(params) -> dict:
         "test": (data.x_test, data.y_test),
     }
     prepared_dir = Path(cfg.prepared_dir)
+    # Gone first: a prepare killed midway must not leave the last manifest vouching for a mix of two splits.
+    (prepared_dir / MANIFEST_NAME).unlink(missing_ok=True)
     for split, (x, y) in splits.items():
         x_path, y_path = _split_paths(prepared_dir, split)
         _save_npy(x_path, x)
@@ -490,6 +504,12 @@ def prepare(params) -> dict:
     atomic_write_text(prepared_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     log.info("prepared %s from %s into %s", manifest["counts"], source.describe(), prepared_dir)
     return manifest
+
+
+def data_identity(manifest: dict) -> str:
+    """What a run trains and validates on: the data set and how prepare split it. Runs and sweep studies resume only
+    on the same; a larger data.val_size would move images a checkpoint trained on into validation."""
+    return f"{manifest['dataset_sha256']}/seed {manifest['seed']}/val_size {manifest['val_size']}"
 
 
 def read_manifest(prepared_dir: str | Path) -> dict:

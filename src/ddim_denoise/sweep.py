@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Params, flatten, load_params
-from .data import read_manifest
+from .data import data_identity, read_manifest
 from .sweep_objective import TrialObjective
 from .sweep_report import BASELINE_ATTR, chosen_trial, describe, dvc_exp_command, write_reports
 from .sweep_space import DEFAULT_SPACE_FILE, SearchSpace, load_space
@@ -71,14 +71,14 @@ class SweepSetup:
     settings: dict = field(repr=False)
 
 
-def study_settings(base: Params, space: SearchSpace, dataset_sha256: str) -> dict:
+def study_settings(base: Params, space: SearchSpace, data: str) -> dict:
     """Everything that defines what a trial measures: budget-applied params (less the searched keys and the purely
-    operational ones), the space and objective, and the prepared data."""
+    operational ones), the space and objective, and the prepared data (``data.data_identity``)."""
     flat = flatten(space.budget_params(base))
     kept = {key: value for key, value in flat.items()
             if (key.split(".")[0] in TRAINING_SECTIONS or key in OBJECTIVE_EVAL_KEYS)
             and not is_operational(key) and key not in space.parameters}
-    return {"params": kept, "space": space.describe(), "dataset_sha256": dataset_sha256}
+    return {"params": kept, "space": space.describe(), "data": data}
 
 
 def fingerprint_of(settings: dict) -> str:
@@ -90,7 +90,7 @@ def prepare_setup(options: SweepOptions, need_fingerprint: bool = True) -> Sweep
     space = load_space(options.space_path, base)
     settings, fingerprint = {}, ""
     if need_fingerprint or options.study is None:
-        settings = study_settings(base, space, read_manifest(base.data.prepared_dir)["dataset_sha256"])
+        settings = study_settings(base, space, data_identity(read_manifest(base.data.prepared_dir)))
         fingerprint = fingerprint_of(settings)
     name = options.study or f"{STUDY_NAME_PREFIX}{fingerprint[:10]}"
     return SweepSetup(base, space, name, fingerprint, settings)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import tracking
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model_weights, save_checkpoint
 from .config import Params, ParamsError, flatten
-from .data import load_split, read_manifest
+from .data import data_identity, load_split, read_manifest
 from .denoiser import Denoiser, build_model
 from .errors import DivergedError, TrainingError
 from .diffusion import SigmaSampler
@@ -54,11 +54,12 @@ def is_operational(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in OPERATIONAL_KEYS)
 
 
-def run_fingerprint(params: Params, dataset_hash: str) -> str:
-    """Hash of everything that defines what a run learns; a checkpoint is resumed only if it matches."""
+def run_fingerprint(params: Params, data: str) -> str:
+    """Hash of everything that defines what a run learns (``data``: ``data.data_identity``); a checkpoint is resumed
+    only if it matches."""
     flat = {k: v for k, v in flatten(params).items()
             if k.split(".")[0] in ("seed", "model", "diffusion", "train") and not is_operational(k)}
-    blob = json.dumps(flat, sort_keys=True, default=str) + dataset_hash
+    blob = json.dumps(flat, sort_keys=True, default=str) + data
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -197,7 +198,8 @@ class Trainer:
                               "or raise train.max_train_images")
         val_x, _ = load_split(params.data.prepared_dir, "val")
         self.val_clean = to_float(val_x[: self.cfg.val_images])
-        self.dataset_hash = read_manifest(params.data.prepared_dir)["dataset_sha256"]
+        manifest = read_manifest(params.data.prepared_dir)
+        self.dataset_hash = manifest["dataset_sha256"]
         if self.is_main:
             self._prepare_output_folders()  # after the inputs check out, before any work
 
@@ -223,7 +225,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, warmup, total, self.cfg.lr, self.cfg.min_lr))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
         self.noise_gen = torch.Generator(self.device).manual_seed(params.seed * 7919 + rank)
-        self.fingerprint = run_fingerprint(params, self.dataset_hash)
+        self.fingerprint = run_fingerprint(params, data_identity(manifest))
         self.history, self.epoch, self.step = History(), 0, 0
         self.best_psnr, self.best_epoch = -math.inf, 0
         self.train_seconds, self.images_seen = 0.0, 0
