@@ -139,6 +139,7 @@ def test_space_errors_are_listed_together(workspace):
                                     "condition": {"diffusion.t_samplin": "log_uniform"}},
             "train.out_dir": {"type": "categorical", "choices": ["a", "b"]},
             "diffusion.T": {"type": "integer", "low": 10, "high": 100},
+            "model.base_channels": {"type": "float", "low": 16, "high": 64},  # an integer key: 16.0 passes, 16.1 not
         },
         "budget": {"train.epochz": 3},
         "pruner": {"median": {"n_startup": 3}},
@@ -151,9 +152,26 @@ def test_space_errors_are_listed_together(workspace):
     for expected in ("unknown params.yaml key (did you mean 'train.lr'?)", "train.ema_decay: value 1.5 rejected",
                      "low (2.0) must be below high (1.0)", "log: true needs low > 0", "'diffusion.t_samplin' must be "
                      "a categorical parameter", "train.out_dir: set by the sweep", "diffusion.T: needs type",
-                     "budget.train.epochz: unknown params.yaml key (did you mean 'train.epochs'?)", "pruner.median"):
+                     "budget.train.epochz: unknown params.yaml key (did you mean 'train.epochs'?)", "pruner.median",
+                     "model.base_channels: value 16.000000000000004 rejected"):
         assert expected in message, expected
-    assert "9 problem(s)" in message
+    assert "10 problem(s)" in message
+
+
+def test_the_parent_run_is_recorded_before_the_baseline_trial_is_queued(workspace, monkeypatch):
+    """Another worker waits for the parent run's id only while the study holds no trial: a queued baseline trial
+    without it sent that worker off to start a parent run of its own."""
+    parent_when_queued = []
+    enqueue = optuna.Study.enqueue_trial
+
+    def recording(study, *args, **kwargs):
+        parent_when_queued.append(study.user_attrs.get(PARENT_RUN_ATTR))
+        return enqueue(study, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", recording)
+    write_space(workspace / "space.yaml", objective={"baseline": True})
+    run_sweep(options(trials=1, pruner="none"))
+    assert len(parent_when_queued) == 1 and parent_when_queued[0] is not None
 
 
 # ---- a sweep, end to end ----------------------------------------------------------------------------------------

@@ -155,11 +155,13 @@ def run_sweep(options: SweepOptions) -> dict:
     directions = ["maximize", "maximize"] if options.multi_objective else ["maximize"]
     study, created = open_study(storage, setup.study_name, directions, setup.fingerprint, setup.settings,
                                 pruner=pruner)
+    # The parent run before any trial: another worker waits for its id only while the study holds no trial, so one
+    # that found the queued baseline first started a parent run of its own.
+    parent = sweep_tracking.open_parent_run(study, base.mlflow.experiment, created, redact(storage_url))
     baseline = space.baseline(base) if created and space.objective.baseline else None
     if baseline is not None:  # the defaults as trial 0: the reference every sampled trial is judged against
         study.enqueue_trial(baseline, user_attrs={BASELINE_ATTR: True})
     study.sampler = space.build_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
-    parent = sweep_tracking.open_parent_run(study, base.mlflow.experiment, created, redact(storage_url))
     fail_dead_local_trials(study, on_failed=sweep_tracking.record_dead_trial)
 
     trials_dir = sweep_folder(setup.study_name)

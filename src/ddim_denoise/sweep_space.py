@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,9 @@ class FloatSpec(_ParamSpec):
         return self
 
     def candidates(self) -> list[Any]:
-        return [self.low, self.high]
+        # and a value with a fraction, as the sampler draws: an integer key (diffusion.T) takes 500.0 but not those
+        inner = self.low + self.step if self.step is not None else math.nextafter(self.low, self.high)
+        return [self.low, min(inner, self.high), self.high]
 
     def suggest(self, trial, name: str) -> float:
         return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
