@@ -124,6 +124,89 @@ def test_unsupported_arrays_and_modes_are_refused(tmp_path):
         decode_image(buffer.getvalue())
 
 
+def test_an_mpo_jpeg_is_read_as_its_main_image_and_written_as_a_plain_jpeg(tmp_path, caplog):
+    """Ultra HDR phone photos (a gain map) and depth photos are JPEGs with images appended (MPF): Pillow opens them
+    as two-frame MPO, which was refused as animated. Animated WebP and PNG (APNG) stay refused."""
+    import io
+
+    from PIL import Image
+
+    main, gain_map = quantize(PHOTO, np.uint8), np.full((8, 8, 3), 200, np.uint8)
+    path = tmp_path / "ultra_hdr.jpg"
+    Image.fromarray(main).save(path, "MPO", quality=95, save_all=True, append_images=[Image.fromarray(gain_map)])
+    with caplog.at_level("WARNING"):
+        image = read_image(path)
+    assert "dropping the 1 extra image" in caplog.text
+    assert image.layout.format == "jpeg" and image.layout.shape == main.shape
+    assert np.abs(image.rgb - main / 255).mean() < 0.05  # the main image, up to JPEG's losses on noise
+    write_image(tmp_path / "out.jpg", image.rgb, image)
+    with Image.open(tmp_path / "out.jpg") as written:
+        assert written.format == "JPEG" and getattr(written, "n_frames", 1) == 1
+    frames = [Image.fromarray(main), Image.fromarray(255 - main)]
+    for fmt in ("WEBP", "PNG"):
+        buffer = io.BytesIO()
+        frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:])
+        with pytest.raises(InputError, match="animated images are not supported"):
+            decode_image(buffer.getvalue(), source=f"animated.{fmt.lower()}")
+
+
+@pytest.mark.parametrize("fmt", ["npy", "tiff"])
+def test_floats_on_another_scale_than_0_1_are_refused(fmt):
+    """A float image on the 0-255 scale was taken as nearly all white (sigma estimated at 1.0)."""
+    with pytest.raises(InputError, match=r"floats must be on the \[0, 1\] scale: divide by 255"):
+        decode_image(encode_with_reference(fmt, (PHOTO * 255).astype(np.float32)), source=f"f.{fmt}")
+    noisy = noisy_photo(H, W, sigma=0.2).astype(np.float32)  # noise strays a little outside [0, 1]: still fine
+    assert noisy.min() < 0 < 1 < noisy.max()
+    np.testing.assert_array_equal(decode_image(encode_with_reference(fmt, noisy)).rgb, noisy)
+
+
+def test_a_big_endian_npy_reads_as_its_values():
+    pixels = quantize(PHOTO, np.uint16)
+    image = decode_image(encode_with_reference("npy", pixels.astype(">u2")), source="big_endian.npy")
+    assert image.layout.dtype == np.uint16
+    np.testing.assert_array_equal(image.rgb, decode_image(encode_with_reference("npy", pixels)).rgb)
+
+
+def srgb_profile() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+@pytest.mark.parametrize("pixels", [quantize(np.dstack([PHOTO, ALPHA]), np.uint8), quantize(GRAY, np.uint16)],
+                         ids=["rgba8", "gray16"])
+def test_png_keeps_the_icc_profile_and_the_orientation(tmp_path, pixels):
+    """PNG outputs lost the input's iCCP (colour profile) and eXIf (orientation: a phone photo turned sideways)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[274] = 6  # Orientation: rotate 90 degrees to view
+    Image.fromarray(pixels).save(tmp_path / "in.png", icc_profile=srgb_profile(), exif=exif.tobytes())
+    image = read_image(tmp_path / "in.png")
+    write_image(tmp_path / "out.png", image.rgb, image)
+    with Image.open(tmp_path / "out.png") as written:
+        assert written.info["icc_profile"] == srgb_profile() and written.getexif()[274] == 6
+    np.testing.assert_array_equal(decode_with_reference(tmp_path / "out.png"), pixels)  # bit-exact, 16-bit too
+
+
+@pytest.mark.parametrize("alpha_kind", ["assocalpha", "unassalpha"])
+def test_tiff_keeps_the_icc_profile_the_orientation_and_the_kind_of_alpha(tmp_path, alpha_kind):
+    """Premultiplied (associated) alpha was written back labelled unassociated, and the profile and orientation
+    were dropped."""
+    import tifffile
+
+    pixels = quantize(np.dstack([PHOTO, ALPHA]), np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", pixels, photometric="rgb", extrasamples=[alpha_kind],
+                     iccprofile=srgb_profile(), extratags=[(274, "H", 1, 8, True)])
+    image = read_image(tmp_path / "in.tif")
+    write_image(tmp_path / "out.tif", image.rgb, image)
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        page = tif.pages[0]
+        assert page.iccprofile == srgb_profile() and page.tags[274].value == 8
+        assert [sample.name.lower() for sample in page.extrasamples] == [alpha_kind]
+        np.testing.assert_array_equal(page.asarray(), pixels)
+
+
 # --- tiling --------------------------------------------------------------------------------------------------------
 
 def identity(tiles, sigma):
@@ -256,6 +339,18 @@ def test_estimate_prints_a_sigma_near_the_true_one(tmp_path, checkpoint):
     line = next(line for line in result.output.splitlines() if "estimated sigma" in line)
     assert abs(float(line.split("estimated sigma ")[1].split()[0]) - 0.1) < 0.03
     assert (tmp_path / "out" / "photo.tif").is_file()
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_any_image_is_denoised(tmp_path, checkpoint, monkeypatch):
+    """``-o a_file/sub`` denoised the first image, then failed with a NotADirectoryError traceback."""
+    import ddim_denoise.denoise_files as denoise_files_module
+
+    monkeypatch.setattr(denoise_files_module, "denoise_decoded", lambda *args, **kwargs: pytest.fail("denoised"))
+    inputs = [str(write_kind(tmp_path, name)) for name in ("png8_rgb", "jpeg_rgb")]
+    (tmp_path / "a_file").write_text("")
+    result = CliRunner().invoke(app, ["denoise", *inputs, "-o", str(tmp_path / "a_file" / "sub"), "--sigma", "0.1",
+                                      "-c", str(checkpoint), "--no-progress"])
+    assert "cannot create or write to this folder (Not a directory)" in one_line_error(result)
 
 
 @pytest.mark.parametrize("sigma", ["nan", "0", "-0.1", "1.5", "inf", "abc"])

@@ -174,6 +174,33 @@ def test_denoise_command_takes_the_checkpoint_from_a_run_or_a_registered_model(m
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
 
 
+def test_the_pyfunc_model_takes_base64_wrapped_in_lines(checkpoint):
+    """Plain ``base64`` (not ``base64 -w0``) wraps its output every 76 characters: it was refused as not base64."""
+    from types import SimpleNamespace
+
+    from ddim_denoise.serving import CHECKPOINT_ARTIFACT, DenoiserModel
+
+    model = DenoiserModel()
+    model.load_context(SimpleNamespace(artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)}))
+    png = rgb_png16(8, 8)
+    wrapped = base64.encodebytes(png).decode("ascii")
+    assert wrapped.strip().count("\n") >= 2
+    out = model.predict(None, pd.DataFrame({"image": [wrapped], "sigma": [0.1]}))
+    expected = model.predict(None, pd.DataFrame({"image": [base64.b64encode(png).decode("ascii")], "sigma": [0.1]}))
+    assert out["image"][0] == expected["image"][0]
+
+
+def test_a_run_artifact_without_a_run_id_is_refused(tmp_path, checkpoint):
+    """``--run-artifact`` names a checkpoint in a training run; without ``--run-id`` it was silently ignored."""
+    image = tmp_path / "photo.png"
+    image.write_bytes(rgb_png16())
+    result = CliRunner().invoke(app, ["denoise", str(image), "-o", str(tmp_path / "out"), "--sigma", "0.1",
+                                      "-c", str(checkpoint), "--run-artifact", "checkpoints/last.pt"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "give --run-id too" in lines[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
 # --- REST serving ---------------------------------------------------------------------------------------------------
 
 def free_port() -> int:

@@ -123,6 +123,23 @@ def test_a_gray_file_goes_the_gray_way(tiny_denoiser, seen):
     assert identical_channels(result.rgb[None]).all()
 
 
+@pytest.mark.parametrize("flat", ["transparent", "white"])
+def test_every_tile_of_a_colour_picture_goes_the_colour_way(tiny_denoiser, seen, flat):
+    """A colour picture's tiles lying wholly in a transparent area (shown to the model as flat gray) or a flat white
+    one have three equal channels. They went the gray way, whose sigma limit (0.577) refused the 0.6 that the
+    picture itself is served at; whether a picture is gray is now decided once, for the whole picture."""
+    rng = np.random.default_rng(7)
+    rgba = np.dstack([rng.integers(0, 256, (32, 80, 3)), np.full((32, 80), 255)]).astype(np.uint8)
+    if flat == "transparent":
+        rgba[:, 40:, 3] = 0
+    else:
+        rgba[:, 40:, :3] = 255
+    options = DenoiseOptions(sigma=0.6, tiles=TileOptions(tile=32, overlap=8)).validate()  # the last tile: x 48-79
+    denoise_decoded(tiny_denoiser, split_channels(rgba, "png", "cutout.png"), options)
+    colour_sigma = float(pixel_to_model_sigma(torch.tensor(0.6)))  # not sqrt(3) times it, as for gray images
+    assert seen and all(torch.allclose(sigma, torch.full_like(sigma, colour_sigma)) for _, sigma in seen)
+
+
 def test_multistep_ddim_denoises_gray_images_too(tiny_denoiser):
     noisy = gray_noise(2, 16, 0.1, seed=4)
     one, three = (tiny_denoiser.denoise(noisy, 0.1, steps=steps) for steps in (1, 3))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -90,6 +91,12 @@ class DenoisedImage:
     mono_noise: bool = False  # whether the image was denoised as having monochromatic noise
 
 
+def is_gray_picture(rgb: np.ndarray) -> bool:
+    """Whether a whole (H, W, 3) image is gray (three equal channels): decided once per image, never per tile, as a
+    colour picture's flat white or transparent tile is gray too, and gray images have a lower sigma limit."""
+    return bool(identical_channels(rgb[None])[0])
+
+
 def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: int,
                 mono_noise: bool = False) -> tuple[float, bool]:
     """(sigma to use, whether it was estimated): the given one, or the image's own estimate (raised if not positive).
@@ -103,11 +110,12 @@ def image_sigma(denoiser: Denoiser, rgb: np.ndarray, sigma: float | None, tile: 
     if not (math.isfinite(estimate) and estimate > 0):
         raise InputError(f"the noise level estimated from the image is {estimate:.3g}; the image looks noise-free or "
                          "flat: pass --sigma instead")
+    gray = is_gray_picture(rgb)
     if saturated(rgb).any():
         top, left = max(0, (rgb.shape[0] - tile) // 2), max(0, (rgb.shape[1] - tile) // 2)
-        denoiser.denoise(rgb[None, top:top + tile, left:left + tile], None, mono_noise=mono_noise)
+        denoiser.denoise(rgb[None, top:top + tile, left:left + tile], None, mono_noise=mono_noise, colour=not gray)
         estimate = float(denoiser.last_sigma[0])
-    return min(estimate, max_sigma(mono_noise or rgb.shape[-1] == 1 or bool(identical_channels(rgb[None])[0]))), True
+    return min(estimate, max_sigma(mono_noise or gray)), True
 
 
 def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOptions,
@@ -125,7 +133,8 @@ def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOpt
     if options.mono_noise == "auto":
         options = replace(options, mono_noise=bool(looks_mono_noise(rgb[None], options.sigma)[0]))
     batch = partial(denoiser.denoise, steps=options.steps, eta=options.eta, batch_size=options.tiles.batch,
-                    mono_noise=options.mono_noise, ddim_stop_sigma=options.ddim_stop_sigma)
+                    mono_noise=options.mono_noise, ddim_stop_sigma=options.ddim_stop_sigma,
+                    colour=not is_gray_picture(rgb))  # the tiles go the way the whole image does
     try:
         sigma, estimated = image_sigma(denoiser, rgb, options.sigma, options.tiles.tile, options.mono_noise)
         out = denoise_tiled(batch, rgb, sigma, options.tiles, on_tiles)
@@ -167,6 +176,17 @@ def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tupl
     return pairs
 
 
+def make_out_dir(out_dir: str | Path) -> None:
+    """Create the output folder and check that it takes files: before the first image is denoised, not after."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:  # a file where a parent folder should be, no permission, a read-only disk
+        raise InputError(f"--out {out_dir}: cannot create or write to this folder ({e.strerror or e}); choose "
+                         "another --out folder") from None
+
+
 def denoise_files(denoiser: Denoiser, inputs: Sequence[str | Path], out_dir: str | Path,
                   options: DenoiseOptions = DenoiseOptions(), progress: bool = True,
                   report: Callable[[DenoisedFile], None] | None = None) -> list[DenoisedFile]:
@@ -178,6 +198,7 @@ def denoise_files(denoiser: Denoiser, inputs: Sequence[str | Path], out_dir: str
 
     options.validate()
     pairs = plan_outputs(inputs, out_dir)
+    make_out_dir(out_dir)
     done: list[DenoisedFile] = []
     with tqdm(total=len(pairs), unit="file", disable=not progress, position=0) as files_bar:
         for source, output in pairs:

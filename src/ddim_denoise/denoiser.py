@@ -104,11 +104,13 @@ class Denoiser:
 
     def denoise(self, noisy: np.ndarray, sigma: float | np.ndarray | None = None, steps: int = 1, eta: float = 0.0,
                 batch_size: int = 64, seed: int = 0, mono_noise: bool | str = False,
-                ddim_stop_sigma: float = 0.0) -> np.ndarray:
+                ddim_stop_sigma: float = 0.0, colour: bool = False) -> np.ndarray:
         """Denoised (N, H, W, C) float images on [0, 1]. ``sigma`` None: estimated per image (``last_sigma``).
         ``mono_noise``: True when each colour image's noise is one draw copied to R, G and B; "auto" decides per
         image (``grayscale.looks_mono_noise``). ``ddim_stop_sigma`` (pixel scale, as the model sees the noise): where
-        multi-step DDIM stops walking down, 0 = all the way; the model's training floor is diffusion.sigma_min."""
+        multi-step DDIM stops walking down, 0 = all the way; the model's training floor is diffusion.sigma_min.
+        ``colour``: the images are parts of colour pictures, denoised as colour even where their three channels are
+        equal (a tile of flat white or transparent area), so that every tile of a picture goes the same way."""
         noisy = np.asarray(noisy)
         check_denoise_options(mono_noise, ddim_stop_sigma)
         if noisy.ndim != 4 or noisy.shape[-1] not in (1, 3):
@@ -117,10 +119,10 @@ class Denoiser:
         if not np.issubdtype(noisy.dtype, np.floating):
             raise ValueError(f"expected float images on the [0, 1] scale, got dtype {noisy.dtype}; divide integers by 255")
         options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed, mono_noise=mono_noise,
-                       ddim_stop_sigma=ddim_stop_sigma)
+                       ddim_stop_sigma=ddim_stop_sigma, colour=colour)
         stop = float(pixel_to_model_sigma(torch.tensor(float(ddim_stop_sigma))))
         if noisy.shape[-1] == 3:
-            gray = identical_channels(noisy)
+            gray = np.zeros(len(noisy), dtype=bool) if colour else identical_channels(noisy)
             if gray.any():  # as (N, H, W, 1) gray images, replicated back
                 return self._denoise_groups(noisy, sigma, [(gray, noisy[gray][..., :1], options),
                                                            (~gray, noisy[~gray], options)])

@@ -9,30 +9,38 @@ output keeps the input's format and bit depth.
 The format is recognised from the file's first bytes, not its name, so a renamed file still reads and a text file
 called ``x.png`` fails with one clear line. Decoders are chosen for full bit depth: Pillow reads a 16-bit RGB PNG as
 8-bit, so PNG goes through ``imagecodecs`` (libpng) and TIFF through ``tifffile``; JPEG and WebP (8-bit only)
-go through Pillow, which keeps their ICC profile and EXIF.
+go through Pillow, which keeps their ICC profile and EXIF. PNG and TIFF outputs keep the input's ICC profile and
+orientation too (``extras``), and TIFF its kind of alpha (associated or not).
 
-Palette and 1/2/4-bit PNGs are expanded on reading, so their output is an 8-bit RGB(A) or grayscale PNG.
+Palette and 1/2/4-bit PNGs are expanded on reading, so their output is an 8-bit RGB(A) or grayscale PNG. A JPEG
+with extra images appended (MPO: an Ultra HDR gain map, a depth map) is read as its main image, and written back as
+a plain JPEG. Floats must be on the [0, 1] scale: a float image on the 0-255 scale is refused, not whitened.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .checkpoint import atomic_path
 from .errors import InputError
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("png", "jpeg", "tiff", "webp", "npy")
 DEFAULT_QUALITY = 95  # JPEG / lossy WebP quality of the written result
 INTEGER_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 CHANNEL_LAYOUTS = {1: "grayscale", 2: "grayscale + alpha", 3: "RGB", 4: "RGBA"}
+# Floats beyond these are on another scale (0-255, 0-65535), not [0, 1] with noise straying a little outside it
+FLOAT_RANGE = (-1.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class ImageLayout:
     format: str  # one of FORMATS
     dtype: np.dtype  # uint8, uint16, float32 or float64 (floats: TIFF and .npy only, on the [0, 1] scale)
     shape: tuple[int, ...]  # the stored array's shape: (H, W) or (H, W, C)
-    extras: dict = field(default_factory=dict)  # codec details carried across: ICC profile, EXIF, WebP lossless
+    extras: dict = field(default_factory=dict)  # codec details carried across: ICC profile, EXIF, orientation, ...
 
     @property
     def channels(self) -> int:
@@ -90,6 +98,8 @@ def _scale(dtype: np.dtype) -> float:
 
 def split_channels(pixels: np.ndarray, fmt: str, source: str, extras: dict | None = None) -> DecodedImage:
     """Stored pixels (H, W) or (H, W, C) -> float RGB for the model, alpha set aside, and the layout to undo it."""
+    if not pixels.dtype.isnative:  # a big-endian .npy: the same values in this machine's byte order
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
     if pixels.dtype not in INTEGER_DTYPES + FLOAT_DTYPES:
         raise InputError(f"{source}: pixel type {pixels.dtype} is not supported (use 8- or 16-bit integers, or "
                          "floats on the [0, 1] scale)")
@@ -104,6 +114,9 @@ def split_channels(pixels: np.ndarray, fmt: str, source: str, extras: dict | Non
     rgb = color.astype(np.float32) / np.float32(_scale(pixels.dtype))
     if not np.all(np.isfinite(rgb)):
         raise InputError(f"{source}: the image holds NaN or infinite values")
+    if pixels.dtype.kind == "f" and not FLOAT_RANGE[0] <= rgb.min() <= rgb.max() <= FLOAT_RANGE[1]:
+        raise InputError(f"{source}: float pixels range from {rgb.min():.4g} to {rgb.max():.4g}; floats must be on "
+                         "the [0, 1] scale: divide by 255 (8-bit data) or 65535 (16-bit data)")
     if layout.gray:
         rgb = np.repeat(rgb, 3, axis=2)
     alpha = planes[..., -1].copy() if layout.has_alpha else None
@@ -124,19 +137,45 @@ def merge_channels(rgb: np.ndarray, layout: ImageLayout, alpha: np.ndarray | Non
 
 # --- codecs: bytes <-> stored pixel arrays --------------------------------------------------------------------------
 
+# Chunks copied from the input PNG to the output as they are: the colour space (ICC profile, sRGB, gamma, primaries,
+# cICP) and EXIF, which holds the orientation. imagecodecs (libpng) neither returns nor writes them, and Pillow, which
+# does, cannot write 16-bit colour PNGs; all of them may sit between IHDR and the pixels, where they are written.
+PNG_KEPT_CHUNKS = (b"iCCP", b"sRGB", b"gAMA", b"cHRM", b"cICP", b"eXIf")
+PNG_IHDR_END = 8 + 12 + 13  # the signature, then IHDR: length, type, its 13 bytes, CRC
+
+
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, contents) of each chunk of a PNG file, in order."""
+    offset = 8  # past the signature
+    while offset + 8 <= len(data):
+        size = int.from_bytes(data[offset:offset + 4], "big")
+        yield data[offset + 4:offset + 8], data[offset + 8:offset + 8 + size]
+        offset += 12 + size  # length, type, contents, CRC
+
+
+def _png_chunk(kind: bytes, contents: bytes) -> bytes:
+    return len(contents).to_bytes(4, "big") + kind + contents + zlib.crc32(kind + contents).to_bytes(4, "big")
+
+
 def _decode_png(data: bytes, source: str) -> tuple[np.ndarray, dict]:
     import imagecodecs
 
+    chunks = list(_png_chunks(data))
+    if any(kind == b"acTL" for kind, _ in chunks):  # APNG: libpng would quietly give its first frame
+        raise InputError(f"{source}: animated images are not supported")
     try:
-        return imagecodecs.png_decode(data), {}
+        pixels = imagecodecs.png_decode(data)
     except Exception as e:  # libpng's errors come as several exception types
         raise InputError(f"{source}: cannot decode the PNG ({e})") from None
+    return pixels, {"png_chunks": [(kind, contents) for kind, contents in chunks if kind in PNG_KEPT_CHUNKS]}
 
 
 def _encode_png(pixels: np.ndarray, extras: dict, quality: int) -> bytes:
     import imagecodecs
 
-    return bytes(imagecodecs.png_encode(pixels))
+    png = bytes(imagecodecs.png_encode(pixels))
+    kept = b"".join(_png_chunk(kind, contents) for kind, contents in extras.get("png_chunks", ()))
+    return png[:PNG_IHDR_END] + kept + png[PNG_IHDR_END:]
 
 
 @contextmanager
@@ -165,6 +204,9 @@ def _decode_tiff(data: bytes, source: str) -> tuple[np.ndarray, dict]:
             if photometric not in ("MINISBLACK", "RGB"):
                 raise InputError(f"{source}: TIFF photometric {photometric} is not supported (use grayscale or RGB)")
             pixels, axes = series.asarray(), series.axes
+            extras = {"iccprofile": page.iccprofile, "extrasamples": page.extrasamples}
+            if 274 in page.tags:  # Orientation: how viewers turn the stored pixels
+                extras["orientation"] = page.tags[274].value
     except InputError:
         raise
     except Exception as e:
@@ -173,16 +215,19 @@ def _decode_tiff(data: bytes, source: str) -> tuple[np.ndarray, dict]:
         pixels = np.moveaxis(pixels, 0, -1)
     elif axes not in ("YX", "YXS"):
         raise InputError(f"{source}: TIFF axes {axes} are not one 2-D image")
-    return pixels, {}
+    return pixels, extras
 
 
 def _encode_tiff(pixels: np.ndarray, extras: dict, quality: int) -> bytes:
     import tifffile
 
     channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    alpha_kind = (extras.get("extrasamples") or ["unassalpha"]) if channels in (2, 4) else None  # premultiplied or not
+    orientation = extras.get("orientation")
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, pixels, photometric="minisblack" if channels <= 2 else "rgb",
-                     extrasamples=["unassalpha"] if channels in (2, 4) else None, compression="zlib")
+    tifffile.imwrite(buffer, pixels, photometric="minisblack" if channels <= 2 else "rgb", extrasamples=alpha_kind,
+                     iccprofile=extras.get("iccprofile"), compression="zlib",
+                     extratags=[(274, "H", 1, orientation, True)] if orientation else None)
     return buffer.getvalue()
 
 
@@ -194,7 +239,10 @@ def _decode_pillow(data: bytes, source: str) -> tuple[np.ndarray, dict]:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if getattr(im, "n_frames", 1) > 1:
+            if im.format == "MPO":  # a JPEG photo with images appended after it, open at the photo (frame 0)
+                log.warning("%s: keeping the main image and dropping the %d extra image(s) stored with it (a gain "
+                            "map or depth map); the output is a plain JPEG", source, im.n_frames - 1)
+            elif getattr(im, "n_frames", 1) > 1:
                 raise InputError(f"{source}: animated images are not supported")
             if im.mode not in PILLOW_MODES:
                 raise InputError(f"{source}: image mode {im.mode} is not supported (use grayscale, RGB or RGBA)")

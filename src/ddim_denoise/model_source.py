@@ -54,13 +54,15 @@ def checkpoint_in_model_dir(model_dir: Path, source: str) -> Path:
 
 @contextlib.contextmanager
 def resolved_checkpoint(checkpoint: str | Path | None = None, run_id: str | None = None,
-                        model_uri: str | None = None,
-                        run_artifact: str = DEFAULT_RUN_ARTIFACT) -> Iterator[Path]:
-    """Yield a local checkpoint path from exactly one of the three sources (none given: ``models/best.pt``)."""
+                        model_uri: str | None = None, run_artifact: str | None = None) -> Iterator[Path]:
+    """Yield a local checkpoint path from exactly one of the three sources (none given: ``models/best.pt``).
+    ``run_artifact``: the checkpoint's path among the ``run_id``'s artifacts (default ``checkpoints/best.pt``)."""
     given = [name for name, value in (("--checkpoint", checkpoint), ("--run-id", run_id), ("--model-uri", model_uri))
              if value]
     if len(given) > 1:
         raise InputError(f"give one model source, not {' and '.join(given)}")
+    if run_artifact and not run_id:
+        raise InputError(f"--run-artifact {run_artifact} names a checkpoint in a training run: give --run-id too")
     if not run_id and not model_uri:
         yield Path(checkpoint or DEFAULT_CHECKPOINT)
         return
@@ -71,8 +73,8 @@ def resolved_checkpoint(checkpoint: str | Path | None = None, run_id: str | None
         try:
             if run_id:
                 source = f"--run-id {run_id}"
-                path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=run_artifact,
-                                                                dst_path=tmp))
+                artifact = run_artifact or DEFAULT_RUN_ARTIFACT
+                path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp))
             else:
                 source = f"--model-uri {model_uri}"
                 model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))

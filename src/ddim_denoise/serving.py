@@ -84,7 +84,7 @@ def _row_bytes(value, row: int) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     try:
-        return base64.b64decode(str(value), validate=True)
+        return base64.b64decode("".join(str(value).split()), validate=True)  # `base64` wraps its lines at 76
     except (binascii.Error, ValueError):
         raise _invalid(f"row {row}: 'image' is not the base64 text of an image file") from None
 
