@@ -11,6 +11,7 @@ from ddim_denoise.checkpoint import CheckpointError, load_checkpoint
 from ddim_denoise.config import ParamsError, validate_params
 from ddim_denoise.data import prepare
 from ddim_denoise.errors import TrainingError
+from ddim_denoise import train as train_module
 from ddim_denoise.train import EpochClock, Trainer, format_duration, lr_factor
 
 
@@ -118,6 +119,15 @@ def test_changed_params_start_a_new_run(workspace):
     # nor do the Inductor settings, a mapping whose flattened keys sit below train.inductor
     for inductor in ({}, {"force_layout_optimization": False, "coordinate_descent_tuning": True}):
         assert Trainer(with_train(workspace, epochs=1, inductor=inductor)).try_resume() is not None
+
+
+def test_other_training_code_starts_a_new_run(workspace, monkeypatch):
+    """dvc repro reruns the train stage when its code changes: resuming the finished run would record the old model
+    against the new code."""
+    Trainer(with_train(workspace, epochs=1)).fit()
+    assert Trainer(with_train(workspace, epochs=1)).try_resume() is not None
+    monkeypatch.setattr(train_module, "code_digest", lambda stage: "other code")
+    assert Trainer(with_train(workspace, epochs=1)).try_resume() is None
 
 
 def test_another_validation_split_starts_a_new_run(workspace):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .config import Params, flatten, load_params
 from .data import data_identity, read_manifest
+from .stage_code import code_digest
 from .sweep_objective import TrialObjective
 from .sweep_report import BASELINE_ATTR, chosen_trial, describe, dvc_exp_command, write_reports
 from .sweep_space import DEFAULT_SPACE_FILE, SearchSpace, load_space
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 SWEEPS_DIR = "sweeps"  # <project root>/sweeps/<study>/trial_NNNN/: each trial's checkpoints and histories
 STUDY_NAME_PREFIX = "sweep-"
 # params.yaml keys that define what a trial measures, besides the seed/model/diffusion/train sections.
-OBJECTIVE_EVAL_KEYS = ("eval.sigmas", "eval.noise_seed", "eval.ddim_steps")
+OBJECTIVE_EVAL_KEYS = ("eval.sigmas", "eval.noise_seed", "eval.ddim_steps", "eval.ddim_stop_sigma", "eval.amp")
 TRAINING_SECTIONS = ("seed", "model", "diffusion", "train")
 
 
@@ -73,12 +74,12 @@ class SweepSetup:
 
 def study_settings(base: Params, space: SearchSpace, data: str) -> dict:
     """Everything that defines what a trial measures: budget-applied params (less the searched keys and the purely
-    operational ones), the space and objective, and the prepared data (``data.data_identity``)."""
+    operational ones), the space and objective, the prepared data (``data.data_identity``) and the code."""
     flat = flatten(space.budget_params(base))
     kept = {key: value for key, value in flat.items()
             if (key.split(".")[0] in TRAINING_SECTIONS or key in OBJECTIVE_EVAL_KEYS)
             and not is_operational(key) and key not in space.parameters}
-    return {"params": kept, "space": space.describe(), "data": data}
+    return {"params": kept, "space": space.describe(), "data": data, "code": code_digest("sweep")}
 
 
 def fingerprint_of(settings: dict) -> str:

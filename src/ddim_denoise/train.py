@@ -35,6 +35,7 @@ from .metrics import make_noisy, psnr_ssim, to_float
 from .precond import DenoisingLoss, Preconditioner
 from .runtime import (check_inductor_settings, compile_context, configure_cudnn, device_name, resolve_channels_last,
                       resolve_compile, resolve_compile_mode, resolve_device, resolve_precision)
+from .stage_code import code_digest
 from .unet import count_parameters
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,11 @@ def is_operational(key: str) -> bool:
 
 
 def run_fingerprint(params: Params, data: str) -> str:
-    """Hash of everything that defines what a run learns (``data``: ``data.data_identity``); a checkpoint is resumed
-    only if it matches."""
+    """Hash of everything that defines what a run learns (``data``: ``data.data_identity``), its code included
+    (``stage_code``); a checkpoint is resumed only if it matches."""
     flat = {k: v for k, v in flatten(params).items()
             if k.split(".")[0] in ("seed", "model", "diffusion", "train") and not is_operational(k)}
-    blob = json.dumps(flat, sort_keys=True, default=str) + data
+    blob = json.dumps(flat, sort_keys=True, default=str) + data + code_digest("train")
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
