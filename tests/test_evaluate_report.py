@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from ddim_denoise.baselines import bm3d_denoise, nlm_denoise, resolve_workers
+from ddim_denoise import evaluate as evaluate_module
 from ddim_denoise.checkpoint import save_checkpoint
 from ddim_denoise.cli import app
 from ddim_denoise.config import validate_params
@@ -90,6 +91,22 @@ def test_evaluate_writes_metrics_table_and_grid_with_analytic_noisy_psnr(workspa
         csv.psnr[(csv.method == "model_1step") & np.isclose(csv.sigma, 0.1)].item(), abs=1e-3)
     assert metrics["mean_psnr_1step"] == pytest.approx(csv.psnr[csv.method == "model_1step"].mean(), abs=1e-3)
     assert open(f"{out}/{GRID_FILE}", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_denoises_under_this_runs_eval_settings_not_the_checkpoints(workspace, monkeypatch):
+    """eval.unclip_passes (the 8-bit row) is read from the Denoiser's params: those must be params.yaml's now, not
+    the ones the checkpoint was trained under, or changing them reruns the stage to the same result."""
+    from ddim_denoise.denoiser import Denoiser
+
+    used = []
+    build_methods = evaluate_module.build_methods
+    monkeypatch.setattr(evaluate_module, "build_methods",
+                        lambda denoiser, *args: used.append(denoiser.params.eval) or build_methods(denoiser, *args))
+    changed = workspace.model_copy(deep=True)
+    changed.eval.unclip_passes = workspace.eval.unclip_passes + 3
+    assert Denoiser.from_checkpoint("models/best.pt").params.eval.unclip_passes == workspace.eval.unclip_passes
+    evaluate(changed, "models/best.pt")
+    assert used == [changed.eval]
 
 
 def test_every_method_sees_the_same_noisy_input():

@@ -272,6 +272,8 @@ def evaluate(params: Params, checkpoint_path: str | Path, device: str | None = N
                     cfg.n_images, len(test))
     clean = to_float(test[: cfg.n_images])
     denoiser = Denoiser.from_checkpoint(checkpoint_path, device=device or params.train.device, amp=cfg.amp)
+    # The checkpoint's params describe its model; how to evaluate it (eval.unclip_passes) is this run's to say
+    denoiser.params = denoiser.params.model_copy(update={"eval": cfg})
     methods = build_methods(denoiser, cfg, workers)
     evaluation = run_methods(clean, cfg.sigmas, methods, cfg.noise_seed, keep_images=cfg.grid_images)
     grid_columns = [CLEAN, NOISY, ONE_STEP, model_method_name(cfg.ddim_steps, cfg.ddim_stop_sigma)]
