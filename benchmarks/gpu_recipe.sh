@@ -55,7 +55,7 @@ limit() {  # limit WANT RESERVE: seconds for a step that wants WANT while RESERV
 }
 if [ -n "${SMOKE:-}" ]; then
   RECIPE=(-S model.base_channels=8 -S model.channel_mult=[1,2] -S model.groups=4 -S model.num_heads=2
-          -S train.epochs=1 -S train.max_train_images=64 -S train.batch_size=16 -S train.val_images=8
+          -S train.epochs=1 -S train.warmup_epochs=0 -S train.max_train_images=64 -S train.batch_size=16 -S train.val_images=8
           -S train.device=cpu -S mlflow.log_model=false -S data.val_size=8)
   PHASE2+=(-S train.epochs=1 -S train.val_every=1 -S train.max_train_images=32 -S train.batch_size=16)
   SPEED_CUDNN=(-S model.base_channels=8 --batch 4 --steps 1 --warmup 1 --modes bf16_cl --cudnn-benchmark off,on)
@@ -67,7 +67,7 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-time python3 benchmarks/gpu_prepare_data.py unpack .gpu data/raw/cifar10.npz
+time python3 benchmarks/gpu_prepare_data.py unpack .gpu data/raw/cifar10.npz || exit 1  # else prepare goes online
 python3 -m ddim_denoise.cli prepare "${RECIPE[@]}" -S data.val_size=5000 ${SMOKE:+-S data.val_size=8} || exit 1
 
 echo "=== full recipe"
