@@ -100,9 +100,37 @@ def test_every_command_reads_params_the_same_way(workspace, command):
     ("train.amp=fp8", "train.amp: Input should be 'auto', 'bf16', 'fp16' or 'off'"),
     ("eval.sigmas=[0, 1.5]", "eval.sigmas: Value error, every sigma must lie in (0, 1]"),
     ("train.lr", "expected KEY=VALUE"),
+    ("train.lr.x=1", "train.lr.x: train.lr is a value, not a section"),  # was a TypeError traceback
 ])
 def test_bad_overrides_are_one_line(workspace, override, message):
     assert message in one_error_line(CliRunner().invoke(app, ["train", "-S", override]))
+
+
+def test_amp_off_means_off_as_yaml_1_1_reads_it(tmp_path):
+    """PyYAML and DVC's -S read a bare `off` as False: `amp: off`, the documented way to train without AMP, was
+    refused as "should be 'auto', 'bf16', 'fp16' or 'off'"."""
+    from ddim_denoise.cli import parse_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  amp: off\neval:\n  amp: off\n")
+    params = load_params(path)
+    assert params.train.amp == params.eval.amp == "off"
+    assert load_params(path, parse_overrides(["train.amp=off", "eval.amp=bf16"])).train.amp == "off"
+    with pytest.raises(ParamsError, match="train.amp"):
+        validate_params({"train": {"amp": True}})  # `on` is no setting
+
+
+def test_a_negative_export_tolerance_is_refused_before_exporting(tmp_path):
+    result = CliRunner().invoke(app, ["export", "--atol", "-1", "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "--atol" in result.output and not (tmp_path / "m.onnx").exists()
+
+
+def test_an_empty_override_is_the_empty_string(tmp_path):
+    """mlflow.registered_model: "" turns registering off; `-S mlflow.registered_model=` read as null was refused."""
+    from ddim_denoise.cli import parse_overrides
+
+    assert parse_overrides(["mlflow.registered_model=", "train.max_minutes=null"]) == {
+        "mlflow.registered_model": "", "train.max_minutes": None}
 
 
 @pytest.mark.parametrize("override, where", [("train.lr=.inf", "train.lr"), ("diffusion.p_mean=.nan", "diffusion.p_mean"),

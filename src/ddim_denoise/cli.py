@@ -48,7 +48,7 @@ def parse_overrides(items: Optional[list[str]]) -> dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""  # `key=` is the empty string
     return overrides
 
 
@@ -239,7 +239,7 @@ def export_command(
     out: Path = typer.Option(..., "--out", "-o", help="file to write, e.g. denoiser.onnx"),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)"),
     check: bool = typer.Option(True, "--check/--no-check", help="compare with PyTorch on noisy photos afterwards"),
-    atol: Optional[float] = typer.Option(None, "--atol", help="parity tolerance on [0,1] pixels (default 1e-4)"),
+    atol: Optional[float] = typer.Option(None, "--atol", min=0.0, help="parity tolerance on [0,1] pixels (default 1e-4)"),
 ):
     """Export the one-step denoiser (images in [0,1] NCHW + per-image sigma -> denoised), dynamic batch and size."""
     from .export import DEFAULT_PARITY_ATOL, export_model, verify_export

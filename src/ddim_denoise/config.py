@@ -10,11 +10,20 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+def _off_as_written(value: object) -> object:
+    # YAML 1.1 (PyYAML, and DVC's -S) reads a bare `off` as False: `amp: off` means the setting "off"
+    return "off" if value is False else value
+
+
+Precision = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_off_as_written)]
 
 
 class DataConfig(_Section):
@@ -63,7 +72,7 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     hflip: bool = True
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    amp: Precision = "auto"
     channels_last: Literal["auto"] | bool = "auto"  # see runtime.resolve_channels_last
     compile: Literal["auto"] | bool = "auto"  # see runtime.resolve_compile
     # torch.compile's mode; reduce-overhead replays each step as CUDA graphs (one GPU only: runtime.resolve_compile_mode)
@@ -112,7 +121,7 @@ class EvalConfig(_Section):
     bm3d_images: int = Field(200, ge=0)
     nlm_images: int = Field(1000, ge=0)
     batch_size: int = Field(250, ge=1)
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # denoising precision; see runtime.resolve_inference_precision
+    amp: Precision = "auto"  # denoising precision; see runtime.resolve_inference_precision
     noise_seed: int = 1234
     unclip_passes: int = Field(2, ge=0)  # extra one-step passes for images with clipped noise (pixels at 0 or 1)
     unclip_passes_estimated: int = Field(4, ge=0)  # the same when sigma is estimated (re-estimated every pass)
@@ -212,8 +221,13 @@ def _either(messages: list[str]) -> str:
 def set_dotted(tree: dict, dotted_key: str, value: object) -> None:
     node = tree
     *parents, leaf = dotted_key.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
+    for depth, key in enumerate(parents):
+        if node.get(key) is None:  # absent, or a section left empty in the file
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            section = ".".join(parents[:depth + 1])
+            raise ParamsError(f"{dotted_key}: {section} is a value, not a section: set {section} itself")
     node[leaf] = value
 
 
