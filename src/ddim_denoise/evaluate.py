@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "psnr_vs_sigma.csv"
 GRID_FILE = "grid.png"
-# psnr_1step_same_images: the one-step model's mean PSNR on the images the row covers, so a baseline run on a prefix
-# (BM3D on 200 of 10,000) is compared with the model on the same images, not with its mean over all of them.
+# psnr/ssim_1step_same_images: the one-step model's mean on the images the row covers, so a method run on a prefix
+# (BM3D on 200 of 10,000, DDIM on eval.ddim_images) is compared with the model on the same images, not with its mean
+# over all of them.
 TABLE_COLUMNS = ["sigma", "method", "n_images", "psnr", "psnr_ci95", "ssim", "ssim_ci95", "images_per_s",
-                 "psnr_1step_same_images"]
+                 "psnr_1step_same_images", "ssim_1step_same_images"]
 
 CLEAN = "clean"
 NOISY = "noisy"
@@ -154,7 +155,7 @@ def run_methods(clean: np.ndarray, sigmas: Iterable[float], methods: dict[str, M
     warmed: set[str] = set()
     for sigma in sigmas:
         noisy = make_noisy(clean, sigma, noise_seed)
-        samples[sigma], sigma_rows, per_image_psnr = {}, [], {}
+        samples[sigma], sigma_rows, per_image = {}, [], {}
         for name, method in methods.items():
             n = len(clean) if method.max_images is None else min(method.max_images, len(clean))
             if n == 0:
@@ -170,13 +171,14 @@ def run_methods(clean: np.ndarray, sigmas: Iterable[float], methods: dict[str, M
             speed = n / seconds if method.timed and seconds > 0 else float("nan")
             sigma_rows.append(dict(sigma=sigma, method=name, n_images=n, psnr=psnr_mean, psnr_ci95=psnr_ci,
                                    ssim=ssim_mean, ssim_ci95=ssim_ci, images_per_s=speed))
-            samples[sigma][name], per_image_psnr[name] = np.clip(estimate[:keep_images], 0, 1), psnr
+            samples[sigma][name], per_image[name] = np.clip(estimate[:keep_images], 0, 1), (psnr, ssim)
             log.info("sigma %g  %-14s PSNR %6.2f ± %.2f dB  SSIM %.4f  n=%d  %.1f images/s",
                      sigma, name, psnr_mean, psnr_ci, ssim_mean, n, speed)
-        one_step = per_image_psnr.get(ONE_STEP)
+        one_step = per_image.get(ONE_STEP)
         for row in sigma_rows:
-            row["psnr_1step_same_images"] = float(one_step[: row["n_images"]].mean()) if one_step is not None \
-                else float("nan")
+            for metric, scores in zip(("psnr", "ssim"), one_step or (None, None)):
+                row[f"{metric}_1step_same_images"] = (float(scores[: row["n_images"]].mean()) if scores is not None
+                                                      else float("nan"))
         rows += sigma_rows
     return Evaluation(pd.DataFrame(rows, columns=TABLE_COLUMNS), clean[:keep_images], samples)
 
