@@ -21,6 +21,7 @@ from ddim_denoise.data import prepare
 from ddim_denoise.sweep import SweepOptions, run_sweep
 from ddim_denoise.sweep_objective import DIVERGED_ATTR
 from ddim_denoise.sweep_space import SpaceError, load_space
+from ddim_denoise import sweep_storage
 from ddim_denoise.sweep_storage import FAIL_REASON_ATTR, WORKER_ATTR, default_storage_url
 from ddim_denoise.sweep_tracking import PARENT_RUN_ATTR
 
@@ -289,6 +290,37 @@ def test_changed_settings_refuse_to_resume_a_named_study(workspace):
     cli = CliRunner().invoke(app, ["sweep", "run", "--trials", "1", "--study", "fixed", "--space", "space.yaml"])
     assert cli.exit_code == 2
     assert "created with other settings" in cli.output and "train.epochs: 2 -> 1" in cli.output
+
+
+class ProgrammingError(Exception):
+    """Named as SQLAlchemy names PostgreSQL's refusal of a CREATE TABLE whose table another worker just made."""
+
+
+class IntegrityError(Exception):
+    """Named as SQLAlchemy names the same race lost on the table's row type."""
+
+
+@pytest.mark.parametrize("lost_race", [IntegrityError('duplicate key value violates unique constraint '
+                                                      '"pg_type_typname_nsp_index"'),
+                                       ProgrammingError('relation "studies" already exists')])
+def test_a_worker_that_loses_the_race_to_create_optuna_tables_opens_them_next_time(monkeypatch, lost_race):
+    """Workers started together on an empty PostgreSQL database: the loser's CREATE TABLE fails in either of two
+    ways (the second made the PostgreSQL sweep test flaky); the tables are there a moment later."""
+    attempts = []
+
+    def storage(url, **kwargs):
+        attempts.append(url)
+        if len(attempts) == 1:
+            raise lost_race
+        return "storage"
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", storage)
+    monkeypatch.setattr(sweep_storage.time, "sleep", lambda seconds: None)
+    assert sweep_storage.open_storage("postgresql://db/optuna") == "storage" and len(attempts) == 2
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kwargs: (_ for _ in ()).throw(
+        ProgrammingError('permission denied for schema public')))
+    with pytest.raises(sweep_storage.SweepError, match="permission denied"):  # other errors are not retried
+        sweep_storage.open_storage("postgresql://db/optuna")
 
 
 def test_two_worker_processes_share_one_study(workspace):

@@ -74,12 +74,18 @@ def open_storage(url: str | None, on_stale_trial: StaleTrialCallback | None = No
                                                   heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
                                                   heartbeat_stale_trial_callback=on_stale_trial)
         except Exception as e:  # bad URL, missing driver, unreachable server
-            # Workers started together on an empty database race to create Optuna's tables; PostgreSQL then
-            # refuses the loser's CREATE TABLE (IntegrityError). The tables exist by the next attempt.
-            if type(e).__name__ == "IntegrityError" and attempt < STORAGE_OPEN_ATTEMPTS:
+            if lost_the_race_to_create_tables(e) and attempt < STORAGE_OPEN_ATTEMPTS:
                 time.sleep(attempt)
                 continue
             raise SweepError(f"cannot open Optuna storage {redact(url)}: {type(e).__name__}: {e}") from None
+
+
+def lost_the_race_to_create_tables(error: Exception) -> bool:
+    """Workers started together on an empty database race to create Optuna's tables; PostgreSQL refuses the loser's
+    CREATE TABLE as a duplicate type (IntegrityError) or a duplicate table (ProgrammingError: "relation ... already
+    exists"). The tables exist by the next attempt."""
+    name = type(error).__name__
+    return name == "IntegrityError" or (name == "ProgrammingError" and "already exists" in str(error))
 
 
 def redact(url: str) -> str:
