@@ -11,6 +11,7 @@ import itertools
 import os
 import shutil
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -162,6 +163,9 @@ def _rank_main(rank: int, world: int, port: int, params, nonfinite_steps_on_rank
     def fit_and_keep_weights(trainer):
         result = finish(trainer)
         torch.save(trainer.model.state_dict(), f"weights_rank{trainer.rank}.pt")
+        from torch._dynamo.utils import counters  # graphs torch.compile captured in this rank's process
+
+        Path(f"compiled_graphs_rank{trainer.rank}.txt").write_text(str(counters["stats"]["unique_graphs"]))
         return result
 
     Trainer.fit = fit_and_keep_weights
@@ -240,6 +244,10 @@ def lrs_of_epochs(steps: list, epochs: set[int]) -> list[float]:
     return [lr for _, epoch, _, lr in steps if epoch in epochs]
 
 
+def compiled_graphs(rank: int) -> int:
+    return int(Path(f"compiled_graphs_rank{rank}.txt").read_text())
+
+
 def test_compiled_ranks_take_the_eager_ranks_steps(workspace):
     """torch.compile of the DDP-wrapped model, as on a multi-GPU box with train.compile: auto, here with Inductor's
     CPU backend and params' train.inductor settings: the ranks stay identical, take the eager ranks' steps up to
@@ -250,8 +258,10 @@ def test_compiled_ranks_take_the_eager_ranks_steps(workspace):
     per_rank = with_train(params, batch_size=GLOBAL_BATCH // WORLD, epochs=2)
     run_ranks(WORLD, with_train(per_rank, compile=True, out_dir="compiled"))
     compiled = assert_ranks_hold_identical_weights(WORLD)
+    assert all(compiled_graphs(rank) > 0 for rank in range(WORLD))  # else "the same steps" would prove nothing
     run_ranks(WORLD, with_train(per_rank, compile=False, out_dir="eager"))
     eager = assert_ranks_hold_identical_weights(WORLD)
+    assert all(compiled_graphs(rank) == 0 for rank in range(WORLD))
 
     written = load_checkpoint("compiled/last.pt")
     assert set(written["model"]) == set(eager)  # no '_orig_mod.' or 'module.' prefixes

@@ -73,6 +73,41 @@ def test_ddim_with_a_perfect_oracle_returns_the_clean_image(steps, eta, stop, pr
     assert torch.allclose(out, x0, atol=1e-4)
 
 
+class RecordingOracle(OracleNet):
+    """The oracle, also recording the (y, sigma) each model call sees."""
+
+    def __init__(self, x0, prediction):
+        super().__init__(x0, prediction)
+        self.seen = []
+
+    def forward(self, x_in, c_noise):
+        sigma = torch.exp(4 * c_noise).reshape(-1, 1, 1, 1)
+        self.seen.append((x_in / precond_coefficients(self.prediction, sigma)[2], sigma))
+        return super().forward(x_in, c_noise)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_each_ddim_step_hands_the_next_one_its_noise_level(eta):
+    """A perfect denoiser's last step is right whatever the steps before it did, so the answer cannot catch a wrong
+    update; the inputs the steps see can. With eta 0 each one holds the input's own noise at its level; with eta 1
+    part of it is fresh noise, still of exactly that level."""
+    torch.manual_seed(0)
+    x0, eps = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randn(2, 3, 64, 64)
+    sigma = torch.tensor([0.8, 0.4])
+    net = RecordingOracle(x0, "eps")
+    denoise_ddim(Preconditioner(net, "eps"), NoiseSchedule("cosine"), x0 + sigma.reshape(-1, 1, 1, 1) * eps, sigma,
+                 steps=5, eta=eta, generator=torch.Generator().manual_seed(1))
+    levels = [level.flatten() for _, level in net.seen]
+    assert len(levels) == 5 and all(torch.all(lower < upper) for upper, lower in zip(levels, levels[1:]))
+    for y, level in net.seen[1:]:
+        noise = (y - x0) / level
+        if eta == 0:
+            assert torch.allclose(noise, eps, atol=1e-3)
+        else:
+            assert noise.std().item() == pytest.approx(1.0, abs=0.02)
+            assert torch.corrcoef(torch.stack([noise.flatten(), eps.flatten()]))[0, 1] < 0.99  # fresh noise mixed in
+
+
 def test_a_ddim_walk_can_stop_above_zero_and_an_input_below_the_stop_stays_put():
     schedule = NoiseSchedule("cosine")
     sigma = torch.tensor([0.8, 0.05])

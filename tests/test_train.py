@@ -12,7 +12,7 @@ from ddim_denoise.config import ParamsError, validate_params
 from ddim_denoise.data import prepare
 from ddim_denoise.errors import TrainingError
 from ddim_denoise import train as train_module
-from ddim_denoise.train import EpochClock, Trainer, format_duration, lr_factor
+from ddim_denoise.train import EMA, EpochClock, Trainer, format_duration, lr_factor
 
 
 @pytest.fixture
@@ -82,7 +82,23 @@ def test_short_training_lowers_the_loss(workspace):
     trainer.fit()
     with torch.no_grad():
         after = trainer.loss_fn(trainer.model, x0, gen()).item()
-    assert after < 0.8 * before
+        after_ema = trainer.loss_fn(trainer.ema.model, x0, gen()).item()  # what best.pt, evaluate and export use
+    assert after < 0.8 * before and after_ema < 0.8 * before
+
+
+def test_the_ema_is_the_warmed_up_moving_average_of_the_weights():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9)
+    start = [p.clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=100)  # past the warm-up: the decay itself
+    for averaged, old, new in zip(ema.model.parameters(), start, model.parameters()):
+        assert torch.allclose(averaged, 0.9 * old + 0.1 * new)
+    ema.update(model, step=0)  # warm-up: decay (1 + 0) / (10 + 0), mostly the new weights
+    for averaged, old, new in zip(ema.model.parameters(), start, model.parameters()):
+        assert torch.allclose(averaged, 0.1 * (0.9 * old + 0.1 * new) + 0.9 * new)
 
 
 def test_interrupted_run_resumes_to_the_same_state(workspace, tmp_path):
