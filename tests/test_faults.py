@@ -296,6 +296,23 @@ def test_a_resume_whose_mlflow_run_is_gone_logs_to_a_new_run(workspace, monkeypa
     assert new_run.data.params["train.epochs"] == "2" and new_run.info.status == "FINISHED"
 
 
+def test_tracking_fails_fast_unless_the_user_set_the_http_retries(workspace, monkeypatch):
+    """A dead tracking server must cost training seconds, not MLflow's minutes of retries; a user's value wins."""
+    from ddim_denoise import tracking
+
+    monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: None)  # configure's one global change, not needed
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    for name in names:
+        monkeypatch.setenv(name, "placeholder")  # so that the teardown also removes what configure sets
+        monkeypatch.delenv(name)
+    tracking.configure("fail-fast")
+    assert [os.environ.get(name) for name in names] == ["1", "10"]
+    monkeypatch.setenv(names[0], "5")
+    monkeypatch.setenv(names[1], "120")
+    tracking.configure("fail-fast")
+    assert [os.environ[name] for name in names] == ["5", "120"]
+
+
 # --- an interrupted dvc repro ----------------------------------------------------------------------------------------
 DVC_PIPELINE = """\
 stages:

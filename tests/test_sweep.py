@@ -17,9 +17,11 @@ from typer.testing import CliRunner
 from cifar_fixtures import write_cifar_npz
 from ddim_denoise.cli import app
 from ddim_denoise.config import load_params
-from ddim_denoise.data import prepare
+from ddim_denoise import data as data_module, evaluate as evaluate_module, train as train_module
+from ddim_denoise.data import load_split, prepare
 from ddim_denoise.sweep import SweepOptions, run_sweep
 from ddim_denoise.sweep_objective import DIVERGED_ATTR
+from ddim_denoise.sweep_report import BASELINE_ATTR
 from ddim_denoise.sweep_space import SpaceError, load_space
 from ddim_denoise import sweep_storage
 from ddim_denoise.sweep_storage import FAIL_REASON_ATTR, WORKER_ATTR, default_storage_url
@@ -173,6 +175,56 @@ def test_the_parent_run_is_recorded_before_the_baseline_trial_is_queued(workspac
     write_space(workspace / "space.yaml", objective={"baseline": True})
     run_sweep(options(trials=1, pruner="none"))
     assert len(parent_when_queued) == 1 and parent_when_queued[0] is not None
+
+
+def test_baseline_trial_runs_params_yaml_values_first(workspace):
+    """objective.baseline: trial 0 is params.yaml's own values of the searched keys, marked, and it completes."""
+    write_space(workspace / "space.yaml", objective={"baseline": True})
+    base = load_params("params.yaml")
+    result = run_sweep(options(trials=2, pruner="none"))
+    first, second = load_study(result["study"]).trials
+    assert first.number == 0 and first.user_attrs.get(BASELINE_ATTR) is True
+    assert first.params == {"train.lr": base.train.lr, "diffusion.prediction": base.diffusion.prediction}
+    assert first.state == TrialState.COMPLETE and first.value is not None
+    assert BASELINE_ATTR not in second.user_attrs  # only trial 0 is the reference
+    assert result["baseline"]["trial"] == 0
+
+
+def test_the_sweep_objective_never_loads_the_test_split(workspace, monkeypatch):
+    """Trials are judged on validation data only: a request for the test split raises, and the trial completes."""
+    asked = []
+
+    def guarded(prepared_dir, split):
+        asked.append(split)
+        if split == "test":
+            raise AssertionError("the sweep objective loaded the test split")
+        return load_split(prepared_dir, split)
+
+    for module in (data_module, train_module, evaluate_module):  # everywhere `load_split` is imported
+        monkeypatch.setattr(module, "load_split", guarded)
+    result = run_sweep(options(trials=1, pruner="none"))
+    assert states(load_study(result["study"])) == ["COMPLETE"]
+    assert "val" in asked and "test" not in asked  # the guard was in the path the trial took
+
+
+def test_hyperband_pruner_builds_and_judges_every_epoch(workspace, monkeypatch):
+    """--pruner hyperband: the study runs under a HyperbandPruner sized to the budget's epochs, which is asked
+    after each epoch; every trial finishes (COMPLETE or PRUNED), none FAILs."""
+    asked = []
+    prune = optuna.pruners.HyperbandPruner.prune
+
+    def recording(pruner, study, trial):
+        asked.append((pruner._max_resource, trial.number))
+        return prune(pruner, study, trial)
+
+    monkeypatch.setattr(optuna.pruners.HyperbandPruner, "prune", recording)
+    cli = CliRunner().invoke(app, ["sweep", "run", "--trials", "3", "--pruner", "hyperband", "--space",
+                                   "space.yaml", "--study", "hb"])
+    assert cli.exit_code == 0, cli.output
+    study = load_study("hb")
+    assert len(study.trials) == 3 and set(states(study)) <= {"COMPLETE", "PRUNED"}, states(study)
+    assert {number for _, number in asked} == {0, 1, 2}  # each trial was judged by it (a pruner is not stored)
+    assert {max_resource for max_resource, _ in asked} == {TINY_SPACE["budget"]["train.epochs"]}
 
 
 # ---- a sweep, end to end ----------------------------------------------------------------------------------------
