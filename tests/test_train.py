@@ -146,6 +146,21 @@ def test_other_training_code_starts_a_new_run(workspace, monkeypatch):
     assert Trainer(with_train(workspace, epochs=1)).try_resume() is None
 
 
+def test_a_resume_validating_at_other_sigmas_chooses_best_pt_afresh(workspace, caplog):
+    """eval.sigmas can change without changing what a run learns; a best PSNR from other sigmas (here, lower noise)
+    must not stay the bar that every later validation fails to clear."""
+    def crash_after_epoch_1(epoch, metrics):
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        Trainer(with_train(workspace, epochs=2, val_every=1), on_epoch_end=crash_after_epoch_1).fit()
+    noisier = with_train(workspace, epochs=2, val_every=1)
+    noisier.eval.sigmas = [0.5]
+    result = Trainer(noisier).fit()
+    assert result["best_epoch"] == 2 and load_checkpoint("models/best.pt")["epoch"] == 2
+    assert "best.pt is chosen afresh" in caplog.text
+
+
 def test_another_validation_split_starts_a_new_run(workspace):
     """A larger data.val_size moves images the checkpoint trained on into validation: no resume across it."""
     Trainer(with_train(workspace, epochs=1)).fit()

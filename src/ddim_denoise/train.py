@@ -313,6 +313,7 @@ class Trainer:
             "checkpoint_seconds": self.checkpoint_seconds, "nonfinite_steps": self.nonfinite_steps,
             "lowest_interval_loss": self.lowest_interval_loss, "diverged_steps": self.diverged_steps,
             "history": {"steps": self.history.steps, "val": self.history.val},
+            "validation": self.validation_yardstick(),
             "mlflow_run_id": self.run.run_id if self.run else None,
         }
 
@@ -333,6 +334,7 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self._align_lr_schedule()
         self.best_psnr, self.best_epoch = state["best_psnr"], state["best_epoch"]
+        self._check_validation_yardstick(state.get("validation", self.validation_yardstick()), last)
         self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
         self.nonfinite_total.fill_(state["nonfinite_steps"])
         self.lowest_interval_loss = state.get("lowest_interval_loss", math.inf)  # absent before the guard existed
@@ -342,6 +344,26 @@ class Trainer:
         self.history = History(state["history"]["steps"], state["history"]["val"])
         log.info("resumed from %s at epoch %d (step %d)", last, self.epoch, self.step)
         return state.get("mlflow_run_id")
+
+    def validation_yardstick(self) -> dict:
+        """What a validation PSNR is measured at, besides the validation images (train.val_images is part of the
+        fingerprint): eval.sigmas and eval.noise_seed. They can change without changing what the run learns."""
+        return {"sigmas": list(self.params.eval.sigmas), "noise_seed": self.params.eval.noise_seed}
+
+    def _check_validation_yardstick(self, measured_on: dict, last: Path) -> None:
+        """A best PSNR measured at other sigmas is no bar for the next validation: best.pt is chosen afresh (a finished
+        run keeps its figures, and says at what they were measured)."""
+        if measured_on == self.validation_yardstick():
+            return
+        afresh = self.epoch < self.cfg.epochs
+        log.warning("%s's best validation PSNR (%.2f dB, epoch %d) was measured at sigmas %s with noise seed %s, not "
+                    "at eval.sigmas %s and eval.noise_seed %s: %s", last, self.best_psnr, self.best_epoch,
+                    measured_on["sigmas"], measured_on["noise_seed"], self.params.eval.sigmas,
+                    self.params.eval.noise_seed,
+                    "best.pt is chosen afresh from the next validation" if afresh else
+                    "the run is finished, so training/summary.json keeps those figures")
+        if afresh:
+            self.best_psnr = -math.inf
 
     def _align_lr_schedule(self) -> None:
         """Put the LR schedule where this run's epoch puts it. Its warm-up and cosine are laid out in this process
