@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from ddim_denoise.baselines import bm3d_denoise, nlm_denoise, resolve_workers
+from ddim_denoise.baselines import bm3d_denoise, map_images, nlm_denoise, resolve_workers
 from ddim_denoise import evaluate as evaluate_module
 from ddim_denoise.checkpoint import save_checkpoint
 from ddim_denoise.cli import app
@@ -206,6 +207,22 @@ def test_eval_ddim_images_limits_the_ddim_rows_alone():
     methods = build_methods(None, cfg)  # building the methods calls nothing
     assert methods["model_ddim10"].max_images == 3 and methods["model_1step"].max_images is None
     assert build_methods(None, validate_params({}).eval)["model_ddim10"].max_images is None  # default: all images
+
+
+def _worker_pid_image(image: np.ndarray) -> np.ndarray:
+    """The id of the process that handled the image, as pixels in [0, 1) (Linux pids stay below 2**22)."""
+    return np.full_like(image, os.getpid() / 2**22)
+
+
+def test_baseline_worker_processes_start_once_and_serve_every_call():
+    """Each call used to spawn its own pool: BM3D's measured speed counted seconds of start-up, and every sigma of an
+    evaluation paid them again. Three calls on two workers are served by at most two processes, none of them this
+    one."""
+    images = np.zeros((6, 2, 2, 3), np.float32)
+    pids = set()
+    for _ in range(3):
+        pids |= set(np.round(map_images(_worker_pid_image, images, workers=2) * 2**22).astype(int).ravel())
+    assert len(pids) <= 2 and os.getpid() not in pids
 
 
 @pytest.mark.parametrize("denoise", [bm3d_denoise, nlm_denoise])

@@ -58,7 +58,7 @@ class Method:
     fn: DenoiseFn
     max_images: int | None = None  # only the first max_images images (slow baselines); None: all of them
     timed: bool = True  # False for the noisy input itself, whose "speed" means nothing
-    warm_up: bool = False  # run once on one image before timing (CUDA context, cuDNN autotuning)
+    warm_up: bool = False  # run once on one image before timing (CUDA context, cuDNN autotuning, worker processes)
 
 
 @dataclass
@@ -119,7 +119,8 @@ def baseline_methods(bm3d_images: int, nlm_images: int, workers: int = 1) -> dic
     from .baselines import bm3d_denoise, nlm_denoise
 
     counts = {"bm3d": (bm3d_denoise, bm3d_images), "nlm": (nlm_denoise, nlm_images)}
-    return {name: Method(lambda noisy, sigma, fn=fn: fn(noisy, sigma, workers=workers), max_images=n)
+    # warm_up: the untimed first call starts their worker processes (baselines.worker_pool)
+    return {name: Method(lambda noisy, sigma, fn=fn: fn(noisy, sigma, workers=workers), max_images=n, warm_up=True)
             for name, (fn, n) in counts.items() if n > 0}
 
 
