@@ -16,8 +16,8 @@ import argparse
 import numpy as np
 from eval_lossless import add_probe_arguments, load_probe  # benchmarks/ is on sys.path when this file runs as a script
 
-from ddim_denoise.clipping import as_8bit
-from ddim_denoise.metrics import make_noisy, psnr_ssim
+from ddim_denoise.denoising.clipping import as_8bit
+from ddim_denoise.core.metrics import make_noisy, psnr_ssim
 
 
 def main(argv: list[str] | None = None) -> None:

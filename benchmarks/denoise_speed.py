@@ -19,10 +19,10 @@ import pandas as pd
 from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this file runs as a script
 from throughput import PeakTable, count_flops
 
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.data import load_images_npz
-from ddim_denoise.evaluate import baseline_methods, method_label, model_methods, run_methods
-from ddim_denoise.metrics import make_noisy, to_float
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.data.cifar10 import load_images_npz
+from ddim_denoise.evaluation.evaluate import baseline_methods, method_label, model_methods, run_methods
+from ddim_denoise.core.metrics import make_noisy, to_float
 
 
 def main(argv: list[str] | None = None) -> None:

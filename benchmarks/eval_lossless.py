@@ -22,13 +22,13 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ddim_denoise.baselines import BM3D_PROFILE, bm3d_denoise
-from ddim_denoise.checkpoint import atomic_path
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.data import load_images_npz
-from ddim_denoise.evaluate import NOISY, NOISY_INPUT, Method, model_methods, run_methods
-from ddim_denoise.metrics import to_float
-from ddim_denoise.report import results_table
+from ddim_denoise.evaluation.baselines import BM3D_PROFILE, bm3d_denoise
+from ddim_denoise.pipeline.checkpoint import atomic_path
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.data.cifar10 import load_images_npz
+from ddim_denoise.evaluation.evaluate import NOISY, NOISY_INPUT, Method, model_methods, run_methods
+from ddim_denoise.core.metrics import to_float
+from ddim_denoise.evaluation.report import results_table
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-lossless-subset.npz"
 DEFAULT_CACHE = Path.home() / ".cache" / "ddim-denoise"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddim_denoise.export import check_parity, export_model, load_exported, one_step_module, run_eager
+from ddim_denoise.serving.export import check_parity, export_model, load_exported, one_step_module, run_eager
 
 
 def noisy_batch(batch: int, size: int, sigma: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

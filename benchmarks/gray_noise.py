@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from eval_lossless import bm3d_probe, parse_bm3d_probe  # benchmarks/ is on sys.path
 
-from ddim_denoise.clipping import as_8bit
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.metrics import make_noisy, psnr_ssim
+from ddim_denoise.denoising.clipping import as_8bit
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.core.metrics import make_noisy, psnr_ssim
 
 
 def straight_to_the_network(denoiser: Denoiser, gray: np.ndarray, sigma: float, batch_size: int) -> np.ndarray:

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this file runs as a script
 
-from ddim_denoise.data import load_images_npz
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.evaluate import model_methods, run_methods
-from ddim_denoise.metrics import make_noisy, to_float
-from ddim_denoise.schedule import pixel_to_model_sigma
+from ddim_denoise.data.cifar10 import load_images_npz
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.evaluation.evaluate import model_methods, run_methods
+from ddim_denoise.core.metrics import make_noisy, to_float
+from ddim_denoise.core.schedule import pixel_to_model_sigma
 
 EVAL_IMAGES = 10_000  # the CIFAR-10 test split, for the end-to-end projection
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from eval_lossless import DEFAULT_DATA  # benchmarks/ is on sys.path when this file runs as a script
 
-from ddim_denoise.config import ParamsError, load_params, read_yaml_mapping
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.data import load_images_npz
-from ddim_denoise.evaluate import model_methods, run_methods
-from ddim_denoise.metrics import to_float
+from ddim_denoise.pipeline.params import ParamsError, load_params, read_yaml_mapping
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.data.cifar10 import load_images_npz
+from ddim_denoise.evaluation.evaluate import model_methods, run_methods
+from ddim_denoise.core.metrics import to_float
 
 
 def slug(name: str) -> str:
@@ -32,7 +32,7 @@ def slug(name: str) -> str:
 
 
 def train_variant(params_path: str, overrides: dict, folder: Path, name: str) -> dict:
-    from ddim_denoise.train import Trainer
+    from ddim_denoise.training.trainer import Trainer
 
     summary_path = folder / "training" / "summary.json"
     if (folder / "models" / "best.pt").is_file() and summary_path.is_file():

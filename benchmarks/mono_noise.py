@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 from eval_lossless import bm3d_probe, parse_bm3d_probe  # benchmarks/ is on sys.path
 
-from ddim_denoise.clipping import as_8bit
-from ddim_denoise.grayscale import looks_mono_noise
-from ddim_denoise.metrics import make_noisy, psnr_ssim
+from ddim_denoise.denoising.clipping import as_8bit
+from ddim_denoise.denoising.grayscale import looks_mono_noise
+from ddim_denoise.core.metrics import make_noisy, psnr_ssim
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,9 +17,9 @@ import numpy as np
 
 from eval_lossless import DEFAULT_DATA, parse_list  # benchmarks/ is on sys.path when this file runs as a script
 
-from ddim_denoise.data import load_images_npz
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.metrics import make_noisy, psnr_ssim, to_float
+from ddim_denoise.data.cifar10 import load_images_npz
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.core.metrics import make_noisy, psnr_ssim, to_float
 
 ENSEMBLES = {  # name: the (quarter turns, horizontal flip) transforms whose outputs are averaged
     "plain": [(0, False)],

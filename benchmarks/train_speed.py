@@ -20,12 +20,12 @@ from torch.autograd import DeviceType
 
 from throughput import PeakTable, count_flops, synchronize  # benchmarks/ is on sys.path when this file runs as a script
 
-from ddim_denoise.config import load_params
-from ddim_denoise.denoiser import build_model
-from ddim_denoise.diffusion import SigmaSampler
-from ddim_denoise.precond import DenoisingLoss
-from ddim_denoise.runtime import Precision, check_inductor_settings, resolve_device
-from ddim_denoise.unet import count_parameters
+from ddim_denoise.pipeline.params import load_params
+from ddim_denoise.denoising.denoiser import build_model
+from ddim_denoise.core.diffusion import SigmaSampler
+from ddim_denoise.core.precond import DenoisingLoss
+from ddim_denoise.pipeline.runtime import Precision, check_inductor_settings, resolve_device
+from ddim_denoise.core.unet import count_parameters
 
 MODES = {  # name: (autocast dtype, channels_last, torch.compile mode or None for eager)
     "fp32": (None, False, None),

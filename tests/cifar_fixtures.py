@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddim_denoise.data import ARCHIVE_NAME, BATCH_FOLDER, IMAGE_SHAPE, NUM_CLASSES, TEST_BATCH, TRAIN_BATCHES
+from ddim_denoise.data.cifar10 import ARCHIVE_NAME, BATCH_FOLDER, IMAGE_SHAPE, NUM_CLASSES, TEST_BATCH, TRAIN_BATCHES
 
 
 def make_cifar_arrays(n_train_per_batch: int = 6, n_test: int = 4, seed: int = 0) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 @pytest.fixture
 def tiny_params():
     """A Params object for a tiny, fast model and run (override fields per test)."""
-    from ddim_denoise.config import validate_params
+    from ddim_denoise.pipeline.params import validate_params
 
     return validate_params({
         "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [4],

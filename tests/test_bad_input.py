@@ -19,11 +19,11 @@ from cli_workspace import cli, make_workspace, one_error_line, process_env
 from denoise_fixtures import write_tiny_checkpoint
 from typer.testing import CliRunner
 
-from ddim_denoise.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
+from ddim_denoise.pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
 from ddim_denoise.cli import app
-from ddim_denoise.config import ParamsError, flatten, load_params, set_dotted, validate_params
-from ddim_denoise.data import MANIFEST_NAME
-from ddim_denoise.denoiser import Denoiser, build_model
+from ddim_denoise.pipeline.params import ParamsError, flatten, load_params, set_dotted, validate_params
+from ddim_denoise.data.cifar10 import MANIFEST_NAME
+from ddim_denoise.denoising.denoiser import Denoiser, build_model
 
 QUICK_FAILURE_S = 30  # a params error must come before any data loading or training: seconds, even on a busy CI box
 

@@ -137,7 +137,7 @@ def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
     """channels_last selects a fused CPU attention kernel that torch's flop counter has no formula for."""
     from throughput import count_flops
 
-    from ddim_denoise.denoiser import build_model
+    from ddim_denoise.denoising.denoiser import build_model
 
     model, _ = build_model(tiny_params)
     model.eval()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from denoise_fixtures import noisy_photo, write_tiny_checkpoint
 
-from ddim_denoise.clipping import as_8bit, estimate_noise_sigma, saturated, unclip
-from ddim_denoise.denoiser import Denoiser
+from ddim_denoise.denoising.clipping import as_8bit, estimate_noise_sigma, saturated, unclip
+from ddim_denoise.denoising.denoiser import Denoiser
 
 
 def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -138,7 +138,7 @@ def test_multistep_ddim_runs_its_steps_once_after_the_one_step_unclipping_passes
 
 
 def test_share_noise_gives_clipped_channels_the_noise_their_pixel_shows_elsewhere():
-    from ddim_denoise.clipping import share_noise
+    from ddim_denoise.denoising.clipping import share_noise
 
     estimate = np.full((1, 1, 3, 3), 0.9, dtype=np.float32)
     noisy = np.array([[[[1.0, 0.95, 0.97],  # R clipped; G and B show noise +0.05 and +0.07

@@ -14,10 +14,10 @@ from cifar_fixtures import (make_cifar_arrays, malicious_batch_bytes, write_cifa
                             write_cifar_tar)
 from typer.testing import CliRunner
 
-from ddim_denoise import data
+from ddim_denoise.data import cifar10 as data
 from ddim_denoise.cli import app
-from ddim_denoise.config import validate_params
-from ddim_denoise.errors import DataError
+from ddim_denoise.pipeline.params import validate_params
+from ddim_denoise.pipeline.errors import DataError
 
 N_PER_BATCH, N_TEST, VAL_SIZE = 6, 4, 6
 N_TRAIN = len(data.TRAIN_BATCHES) * N_PER_BATCH

@@ -8,10 +8,10 @@ from denoise_fixtures import decode_with_reference, encode_with_reference, noisy
 from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.errors import InputError
-from ddim_denoise.image_io import decode_image, read_image, sniff_format, write_image
-from ddim_denoise.tiling import TileOptions, blend_window, denoise_tiled, tile_boxes
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.pipeline.errors import InputError
+from ddim_denoise.serving.image_io import decode_image, read_image, sniff_format, write_image
+from ddim_denoise.serving.tiling import TileOptions, blend_window, denoise_tiled, tile_boxes
 
 RNG = np.random.default_rng(0)
 H, W = 21, 27  # odd: not a multiple of the U-Net's downsampling factor
@@ -314,7 +314,7 @@ def test_transparent_pixels_stored_as_0_neither_mislead_the_estimate_nor_change(
 
 
 def test_the_ddim_stop_sigma_reaches_the_walk_at_model_scale(tmp_path, checkpoint, monkeypatch):
-    import ddim_denoise.denoiser as denoiser_module
+    import ddim_denoise.denoising.denoiser as denoiser_module
 
     stops = []
     monkeypatch.setattr(denoiser_module, "denoise_ddim",
@@ -343,7 +343,7 @@ def test_estimate_prints_a_sigma_near_the_true_one(tmp_path, checkpoint):
 
 def test_an_out_folder_that_cannot_be_made_is_refused_before_any_image_is_denoised(tmp_path, checkpoint, monkeypatch):
     """``-o a_file/sub`` denoised the first image, then failed with a NotADirectoryError traceback."""
-    import ddim_denoise.denoise_files as denoise_files_module
+    import ddim_denoise.serving.denoise_files as denoise_files_module
 
     monkeypatch.setattr(denoise_files_module, "denoise_decoded", lambda *args, **kwargs: pytest.fail("denoised"))
     inputs = [str(write_kind(tmp_path, name)) for name in ("png8_rgb", "jpeg_rgb")]

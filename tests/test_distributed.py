@@ -19,12 +19,12 @@ import torch
 import torch.multiprocessing as mp
 from cli_workspace import TRAIN_IMAGES, cli, free_port, make_workspace, process_env, run, summary, with_train
 
-from ddim_denoise import distributed
-from ddim_denoise import train as train_module
-from ddim_denoise.checkpoint import load_checkpoint
-from ddim_denoise.distributed import Launch, LaunchError, launch_from_env, rank_device
-from ddim_denoise.precond import DenoisingLoss
-from ddim_denoise.train import Trainer
+from ddim_denoise.training import distributed
+from ddim_denoise.training import trainer as train_module
+from ddim_denoise.pipeline.checkpoint import load_checkpoint
+from ddim_denoise.training.distributed import Launch, LaunchError, launch_from_env, rank_device
+from ddim_denoise.core.precond import DenoisingLoss
+from ddim_denoise.training.trainer import Trainer
 
 GLOBAL_BATCH, EPOCHS, WORLD = 8, 20, 2
 NOISE_DRAWS = 8

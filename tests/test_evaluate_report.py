@@ -10,17 +10,17 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from ddim_denoise.baselines import bm3d_denoise, map_images, nlm_denoise, resolve_workers
-from ddim_denoise import evaluate as evaluate_module
-from ddim_denoise.checkpoint import save_checkpoint
+from ddim_denoise.evaluation.baselines import bm3d_denoise, map_images, nlm_denoise, resolve_workers
+from ddim_denoise.evaluation import evaluate as evaluate_module
+from ddim_denoise.pipeline.checkpoint import save_checkpoint
 from ddim_denoise.cli import app
-from ddim_denoise.config import validate_params
-from ddim_denoise.data import MANIFEST_FORMAT, MANIFEST_NAME
-from ddim_denoise.denoiser import build_model
-from ddim_denoise.evaluate import (GRID_FILE, METRICS_FILE, NOISY, NOISY_INPUT, TABLE_COLUMNS, TABLE_FILE, Method,
+from ddim_denoise.pipeline.params import validate_params
+from ddim_denoise.data.cifar10 import MANIFEST_FORMAT, MANIFEST_NAME
+from ddim_denoise.denoising.denoiser import build_model
+from ddim_denoise.evaluation.evaluate import (GRID_FILE, METRICS_FILE, NOISY, NOISY_INPUT, TABLE_COLUMNS, TABLE_FILE, Method,
                                    build_methods, evaluate, method_label, model_methods, run_methods, write_evaluation)
-from ddim_denoise.metrics import make_noisy, psnr_ssim, to_float
-from ddim_denoise.report import ORIGIN_REPORT, findings, write_report
+from ddim_denoise.core.metrics import make_noisy, psnr_ssim, to_float
+from ddim_denoise.evaluation.report import ORIGIN_REPORT, findings, write_report
 
 N_TEST = 6
 SIGMAS = [0.05, 0.1]  # low enough that mid-gray images almost never clip: noisy PSNR = -20 log10(sigma)
@@ -97,7 +97,7 @@ def test_evaluate_writes_metrics_table_and_grid_with_analytic_noisy_psnr(workspa
 def test_evaluate_denoises_under_this_runs_eval_settings_not_the_checkpoints(workspace, monkeypatch):
     """eval.unclip_passes (the 8-bit row) is read from the Denoiser's params: those must be params.yaml's now, not
     the ones the checkpoint was trained under, or changing them reruns the stage to the same result."""
-    from ddim_denoise.denoiser import Denoiser
+    from ddim_denoise.denoising.denoiser import Denoiser
 
     used = []
     build_methods = evaluate_module.build_methods
@@ -240,7 +240,7 @@ def test_baselines_denoise_a_smooth_image(denoise):
 def test_eval_workers_auto_is_one_per_core_this_process_may_use(monkeypatch):
     import os
 
-    from ddim_denoise.config import ParamsError
+    from ddim_denoise.pipeline.params import ParamsError
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)  # e.g. a container's share
     assert resolve_workers("auto") == 3 and resolve_workers(4) == 4
@@ -253,7 +253,7 @@ def test_eval_workers_auto_is_one_per_core_this_process_may_use(monkeypatch):
 def test_cli_evaluate_and_report_log_into_the_training_run(workspace, tmp_path):
     from mlflow import MlflowClient
 
-    from ddim_denoise.tracking import start_run
+    from ddim_denoise.pipeline.tracking import start_run
 
     run = start_run(workspace.mlflow.experiment, run_name="train")
     assert run.run_id is not None
@@ -302,7 +302,7 @@ def test_report_without_run_id_warns_and_still_writes(workspace, tmp_path, caplo
 
 
 def test_report_needs_the_evaluation_first(workspace):
-    from ddim_denoise.errors import DataError
+    from ddim_denoise.pipeline.errors import DataError
 
     with pytest.raises(DataError, match="evaluate"):
         write_report(workspace)

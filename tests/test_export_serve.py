@@ -22,9 +22,9 @@ from denoise_fixtures import (decode_bytes_with_reference, decode_with_reference
 from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.image_io import decode_image
-from ddim_denoise.export import (check_parity, export_model, load_exported, one_step_module, parity_batches, run_eager,
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.serving.image_io import decode_image
+from ddim_denoise.serving.export import (check_parity, export_model, load_exported, one_step_module, parity_batches, run_eager,
                                  verify_export)
 
 REGISTERED_NAME = "ddim-denoiser-test"
@@ -107,7 +107,7 @@ def test_parity_batches_are_noisy_photos():
 def log_model(mlflow_store, checkpoint, metrics=None):
     import mlflow
 
-    from ddim_denoise.serving import log_pyfunc_model
+    from ddim_denoise.serving.pyfunc import log_pyfunc_model
 
     with mlflow.start_run(experiment_id=mlflow_store["experiment_id"]) as run:
         info = log_pyfunc_model(checkpoint, registered_model_name=REGISTERED_NAME, metrics=metrics)
@@ -178,7 +178,7 @@ def test_the_pyfunc_model_takes_base64_wrapped_in_lines(checkpoint):
     """Plain ``base64`` (not ``base64 -w0``) wraps its output every 76 characters: it was refused as not base64."""
     from types import SimpleNamespace
 
-    from ddim_denoise.serving import CHECKPOINT_ARTIFACT, DenoiserModel
+    from ddim_denoise.serving.pyfunc import CHECKPOINT_ARTIFACT, DenoiserModel
 
     model = DenoiserModel()
     model.load_context(SimpleNamespace(artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)}))

@@ -20,10 +20,10 @@ from cli_workspace import (TRAIN_IMAGES, cli, free_port, make_workspace, one_err
                            with_train)
 from typer.testing import CliRunner
 
-from ddim_denoise.checkpoint import load_checkpoint
+from ddim_denoise.pipeline.checkpoint import load_checkpoint
 from ddim_denoise.cli import app
-from ddim_denoise.errors import TrainingError
-from ddim_denoise.train import Trainer
+from ddim_denoise.pipeline.errors import TrainingError
+from ddim_denoise.training.trainer import Trainer
 
 BATCH, EPOCHS = 8, 12
 STEPS = EPOCHS * (TRAIN_IMAGES // BATCH)
@@ -298,7 +298,7 @@ def test_a_resume_whose_mlflow_run_is_gone_logs_to_a_new_run(workspace, monkeypa
 
 def test_tracking_fails_fast_unless_the_user_set_the_http_retries(workspace, monkeypatch):
     """A dead tracking server must cost training seconds, not MLflow's minutes of retries; a user's value wins."""
-    from ddim_denoise import tracking
+    from ddim_denoise.pipeline import tracking
 
     monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: None)  # configure's one global change, not needed
     names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")

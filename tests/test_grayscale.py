@@ -9,13 +9,13 @@ import pytest
 import torch
 from denoise_fixtures import write_tiny_checkpoint
 
-import ddim_denoise.denoiser as denoiser_module
-from ddim_denoise.denoise_files import DenoiseOptions, denoise_decoded, image_sigma
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.grayscale import identical_channels, looks_mono_noise
-from ddim_denoise.image_io import split_channels
-from ddim_denoise.schedule import pixel_to_model_sigma
-from ddim_denoise.tiling import TileOptions
+import ddim_denoise.denoising.denoiser as denoiser_module
+from ddim_denoise.serving.denoise_files import DenoiseOptions, denoise_decoded, image_sigma
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.denoising.grayscale import identical_channels, looks_mono_noise
+from ddim_denoise.serving.image_io import split_channels
+from ddim_denoise.core.schedule import pixel_to_model_sigma
+from ddim_denoise.serving.tiling import TileOptions
 from PIL import Image
 
 

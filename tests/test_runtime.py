@@ -7,10 +7,10 @@ import pytest
 import torch
 from denoise_fixtures import write_tiny_checkpoint
 
-from ddim_denoise import runtime
-from ddim_denoise.checkpoint import load_checkpoint, save_checkpoint
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.runtime import (configure_cudnn, resolve_channels_last, resolve_compile, resolve_compile_mode,
+from ddim_denoise.pipeline import runtime
+from ddim_denoise.pipeline.checkpoint import load_checkpoint, save_checkpoint
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.pipeline.runtime import (configure_cudnn, resolve_channels_last, resolve_compile, resolve_compile_mode,
                                   resolve_inference_precision, resolve_precision)
 
 CPU = torch.device("cpu")

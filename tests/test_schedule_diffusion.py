@@ -3,10 +3,10 @@ import pytest
 import torch
 from denoise_fixtures import write_tiny_checkpoint
 
-from ddim_denoise.denoiser import Denoiser
-from ddim_denoise.diffusion import SigmaSampler, ddim_timesteps, denoise_ddim
-from ddim_denoise.precond import PREDICTIONS, DenoisingLoss, Preconditioner, precond_coefficients
-from ddim_denoise.schedule import NoiseSchedule, model_to_pixel_sigma
+from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.core.diffusion import SigmaSampler, ddim_timesteps, denoise_ddim
+from ddim_denoise.core.precond import PREDICTIONS, DenoisingLoss, Preconditioner, precond_coefficients
+from ddim_denoise.core.schedule import NoiseSchedule, model_to_pixel_sigma
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])

@@ -1,4 +1,4 @@
-"""Each DVC stage depends on exactly the package modules it runs, and a run's identity follows that code."""
+"""Each DVC stage depends on exactly the package folders it runs, and a run's identity follows that code."""
 
 from __future__ import annotations
 
@@ -6,42 +6,52 @@ from pathlib import Path
 
 import yaml
 
-from ddim_denoise import stage_code
-from ddim_denoise.stage_code import STAGE_ENTRIES, code_digest, package_imports, stage_modules
+from ddim_denoise.pipeline import stage_code
+from ddim_denoise.pipeline.stage_code import STAGE_ENTRIES, code_digest, package_imports, stage_folders, stage_modules
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = {"prepare": "dvc.yaml", "train": "dvc.yaml", "evaluate": "dvc.yaml", "report": "dvc.yaml",
              "sweep": "pipelines/sweep/dvc.yaml"}
 
 
-def module_deps(pipeline: str, stage: str) -> list[str]:
+def code_deps(pipeline: str, stage: str) -> list[str]:
     deps = yaml.safe_load((REPO / pipeline).read_text())["stages"][stage]["deps"]
     prefix = "src/ddim_denoise/"
-    return sorted(d.removeprefix(prefix).removesuffix(".py") for d in deps if d.startswith(prefix))
+    return sorted(d.split(prefix, 1)[1] for d in deps if prefix in d)
 
 
-def test_every_stage_depends_on_the_modules_it_runs():
-    """A module missing from a stage's deps lets `dvc repro` skip a stage whose result its change would alter (the
-    sweep stage lacked sweep_report.py, which writes all its outputs)."""
+def test_every_stage_depends_on_the_folders_it_runs():
+    """A folder missing from a stage's deps lets `dvc repro` skip a stage whose result its change would alter."""
     assert set(PIPELINES) == set(STAGE_ENTRIES)
     for stage, pipeline in PIPELINES.items():
-        assert module_deps(pipeline, stage) == stage_modules(STAGE_ENTRIES[stage]), stage
+        assert code_deps(pipeline, stage) == stage_folders(stage), stage
+
+
+def fake_package(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
 
 
 def test_imports_are_found_at_any_depth_and_in_every_form(tmp_path, monkeypatch):
-    (tmp_path / "a.py").write_text("from .b import x\nfrom . import c\n\ndef f():\n    import ddim_denoise.d\n"
-                                   "    from ddim_denoise.e import y\n    from torch import nn\n")
-    for name in "bcde":
-        (tmp_path / f"{name}.py").write_text("from .a import z\n" if name == "e" else "")
+    fake_package(tmp_path, {
+        "a/one.py": "from ddim_denoise.b.two import x\nfrom ddim_denoise.c import three\n\ndef f():\n"
+                    "    import ddim_denoise.d.four\n    from torch import nn\n",
+        "b/two.py": "", "c/three.py": "", "d/four.py": "from ddim_denoise.e.five import z\n", "e/five.py": ""})
+    for folder in "abcde":
+        (tmp_path / folder / "__init__.py").write_text("")
     monkeypatch.setattr(stage_code, "PACKAGE_DIR", tmp_path)
-    assert package_imports("a") == set("bcde")
-    assert stage_modules(("e",)) == list("abcde")
+    assert package_imports("a.one") >= {"b.two", "c.three", "d.four"}
+    assert "e.five" in stage_modules("a.one")
+    monkeypatch.setitem(STAGE_ENTRIES, "train", "a.one")
+    assert stage_folders("train") == list("abcde")
 
 
 def test_the_training_code_is_part_of_a_runs_identity(tmp_path, monkeypatch):
-    (tmp_path / "distributed.py").write_text("from .train import Trainer\n")
-    (tmp_path / "train.py").write_text("STEP = 1\n")
+    fake_package(tmp_path, {"training/__init__.py": "", "training/distributed.py": "from ddim_denoise.core.x import y\n",
+                            "core/__init__.py": "", "core/x.py": "STEP = 1\n"})
     monkeypatch.setattr(stage_code, "PACKAGE_DIR", tmp_path)
     before = code_digest("train")
-    (tmp_path / "train.py").write_text("STEP = 2\n")
+    (tmp_path / "core/x.py").write_text("STEP = 2\n")
     assert code_digest("train") != before

@@ -16,16 +16,18 @@ from typer.testing import CliRunner
 
 from cifar_fixtures import write_cifar_npz
 from ddim_denoise.cli import app
-from ddim_denoise.config import load_params
-from ddim_denoise import data as data_module, evaluate as evaluate_module, train as train_module
-from ddim_denoise.data import load_split, prepare
-from ddim_denoise.sweep import SweepOptions, run_sweep
-from ddim_denoise.sweep_objective import DIVERGED_ATTR
-from ddim_denoise.sweep_report import BASELINE_ATTR
-from ddim_denoise.sweep_space import SpaceError, load_space
-from ddim_denoise import sweep_storage
-from ddim_denoise.sweep_storage import FAIL_REASON_ATTR, WORKER_ATTR, default_storage_url
-from ddim_denoise.sweep_tracking import PARENT_RUN_ATTR
+from ddim_denoise.pipeline.params import load_params
+from ddim_denoise.data import cifar10 as data_module
+from ddim_denoise.evaluation import evaluate as evaluate_module
+from ddim_denoise.training import trainer as train_module
+from ddim_denoise.data.cifar10 import load_split, prepare
+from ddim_denoise.sweep.study import SweepOptions, run_sweep
+from ddim_denoise.sweep.objective import DIVERGED_ATTR
+from ddim_denoise.sweep.report import BASELINE_ATTR
+from ddim_denoise.sweep.space import SpaceError, load_space
+from ddim_denoise.sweep import storage as sweep_storage
+from ddim_denoise.sweep.storage import FAIL_REASON_ATTR, WORKER_ATTR, default_storage_url
+from ddim_denoise.sweep.tracking import PARENT_RUN_ATTR
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPACE = {
@@ -314,7 +316,7 @@ def test_interrupted_search_resumes_keeping_finished_trials(workspace, monkeypat
     orphan = study.ask()
     orphan.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": dead.pid})
     # Ctrl-C during a trial: the trial is marked FAIL and the interrupt propagates.
-    from ddim_denoise.train import Trainer
+    from ddim_denoise.training.trainer import Trainer
 
     def interrupted(self, data):
         raise KeyboardInterrupt

@@ -15,9 +15,9 @@ import yaml
 from cli_workspace import TRAIN_IMAGES, cli, make_workspace, process_env, run, summary
 from services import mlflow_server, postgres_bin_dir, postgres_server
 
-from ddim_denoise.config import flatten
-from ddim_denoise.sweep_storage import WORKER_ATTR
-from ddim_denoise.sweep_tracking import PARENT_RUN_ATTR
+from ddim_denoise.pipeline.params import flatten
+from ddim_denoise.sweep.storage import WORKER_ATTR
+from ddim_denoise.sweep.tracking import PARENT_RUN_ATTR
 
 pytestmark = pytest.mark.postgres
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from cifar_fixtures import write_cifar_npz
-from ddim_denoise.checkpoint import CheckpointError, load_checkpoint
-from ddim_denoise.config import ParamsError, validate_params
-from ddim_denoise.data import prepare
-from ddim_denoise.errors import TrainingError
-from ddim_denoise import train as train_module
-from ddim_denoise.train import EMA, EpochClock, Trainer, format_duration, lr_factor
+from ddim_denoise.pipeline.checkpoint import CheckpointError, load_checkpoint
+from ddim_denoise.pipeline.params import ParamsError, validate_params
+from ddim_denoise.data.cifar10 import prepare
+from ddim_denoise.pipeline.errors import TrainingError
+from ddim_denoise.training import trainer as train_module
+from ddim_denoise.training.trainer import EMA, EpochClock, Trainer, format_duration, lr_factor
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_durations_read_as_a_person_would_say_them():
 
 
 def test_each_epoch_logs_the_time_left(workspace, caplog):
-    caplog.set_level("INFO", logger="ddim_denoise.train")
+    caplog.set_level("INFO", logger="ddim_denoise.training.trainer")
     Trainer(with_train(workspace, epochs=2)).fit()
     epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(epoch_lines) == 2
@@ -55,7 +55,7 @@ def test_each_epoch_logs_the_time_left(workspace, caplog):
 
 def test_time_estimates_and_the_steady_rate_leave_out_the_first_epochs_one_time_costs(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr("ddim_denoise.train.time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr("ddim_denoise.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     clock = EpochClock()
     now[0] = 60.0
     clock.epoch_done(images=1000, seconds=58.0)  # compilation and CUDA-graph capture
@@ -351,7 +351,7 @@ def test_a_failing_compiler_falls_back_to_eager_under_auto_and_stops_an_explicit
                                                                                           setting):
     """compile: auto is params.yaml's default on GPUs; a machine whose compiler fails (no C compiler, an unsupported
     GPU) must still train, eager. A compiler backend that always fails stands in for it, on the CPU."""
-    import ddim_denoise.train as train_module
+    import ddim_denoise.training.trainer as train_module
 
     def broken_compiler(graph, example_inputs):
         raise RuntimeError("no working C compiler")
@@ -398,7 +398,7 @@ def test_batches_of_data_on_an_accelerator_are_indexed_on_its_device(workspace):
 
 def test_a_time_budget_stops_after_the_last_epoch_that_fits_and_a_rerun_goes_on(workspace, monkeypatch, caplog):
     clock = itertools.count(0, 40)  # the Trainer's clock: each reading 40 s after the last
-    monkeypatch.setattr("ddim_denoise.train.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr("ddim_denoise.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     params = with_train(workspace, epochs=5, val_every=10, max_minutes=2)
     summary = Trainer(params).fit()
     # Budget 120 s: after epoch 1 (at least 80 s on this clock, as much again to come) no second epoch fits.

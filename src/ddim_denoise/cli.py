@@ -29,7 +29,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import EXPECTED_ERRORS
+        from ddim_denoise.pipeline.errors import EXPECTED_ERRORS
 
         try:
             return fn(*args, **kwargs)
@@ -53,7 +53,7 @@ def parse_overrides(items: Optional[list[str]]) -> dict[str, object]:
 
 
 def load(params_path: str, overrides: Optional[list[str]] = None):
-    from .config import load_params
+    from ddim_denoise.pipeline.params import load_params
 
     return load_params(params_path, parse_overrides(overrides))
 
@@ -70,7 +70,7 @@ def train(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT,
                                              "more than 1 relaunches through torchrun (DDP); each takes "
                                              "train.batch_size images per step")):
     """Train the diffusion U-Net (resumes an interrupted run from models/last.pt). Under torchrun, one rank each."""
-    from .distributed import relaunch_with_torchrun, train_as_launched
+    from ddim_denoise.training.distributed import relaunch_with_torchrun, train_as_launched
 
     cfg = load(params, set_)  # every params problem is reported here, before any process or work starts
     if nproc_per_node > 1:
@@ -89,7 +89,7 @@ def train(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT,
 @user_errors
 def prepare_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT):
     """Split CIFAR-10 into seeded train/val and the official test set, as .npy files (the DVC prepare stage)."""
-    from .data import prepare
+    from ddim_denoise.data.cifar10 import prepare
 
     manifest = prepare(load(params, set_))
     counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
@@ -102,7 +102,7 @@ def prepare_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OP
 @user_errors
 def fetch_data_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT):
     """Check that data/raw holds CIFAR-10 (downloading it if data.download allows); run before dvc repro."""
-    from .data import fetch_data
+    from ddim_denoise.data.cifar10 import fetch_data
 
     cfg = load(params, set_).data
     typer.echo(fetch_data(cfg.raw_dir, cfg.download, dvc_file="data.dvc"))
@@ -112,8 +112,8 @@ def log_to_training_run(params, metrics: dict[str, float] | None = None,
                         artifacts: tuple[tuple[Path, str], ...] = ()):
     """Add metrics and (path, artifact folder) pairs to the training's MLflow run, if training recorded one;
     return that run's id."""
-    from .report import training_run_id
-    from .tracking import start_run
+    from ddim_denoise.evaluation.report import training_run_id
+    from ddim_denoise.pipeline.tracking import start_run
 
     run_id = training_run_id()
     if run_id is None:
@@ -137,8 +137,8 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
                      workers: Optional[int] = typer.Option(None, "--workers", min=1,
                                                            help="processes for BM3D/NLM (default: eval.workers)")):
     """Score the model, the noisy input, BM3D and NLM on the test split; write eval.out_dir."""
-    from .baselines import resolve_workers
-    from .evaluate import GRID_FILE, METRICS_FILE, TABLE_FILE, evaluate, mlflow_metrics
+    from ddim_denoise.evaluation.baselines import resolve_workers
+    from ddim_denoise.evaluation.evaluate import GRID_FILE, METRICS_FILE, TABLE_FILE, evaluate, mlflow_metrics
 
     cfg = load(params, set_)
     table = evaluate(cfg, checkpoint, device=device, workers=workers or resolve_workers(cfg.eval.workers))
@@ -147,7 +147,7 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
     metrics = mlflow_metrics(table)
     run_id = log_to_training_run(cfg, metrics, tuple((f, "evaluation") for f in files))
     if run_id and cfg.mlflow.registered_model:
-        from .serving import register_evaluated_model
+        from ddim_denoise.serving.pyfunc import register_evaluated_model
 
         register_evaluated_model(checkpoint, run_id, cfg.mlflow.registered_model, metrics)
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -157,7 +157,7 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
 @user_errors
 def report_command(params: str = PARAMS_OPT):
     """Write reports/report.md with figures from evaluation/ and training/."""
-    from .report import write_report
+    from ddim_denoise.evaluation.report import write_report
 
     cfg = load(params)
     path = write_report(cfg)
@@ -204,9 +204,9 @@ def denoise_command(
     """Remove Gaussian noise from image files (large ones in blended tiles); write them to --out."""
     from tqdm import tqdm
 
-    from .denoise_files import DenoiseOptions, check_pixel_sigma, denoise_files, load_denoiser
-    from .model_source import resolved_checkpoint
-    from .tiling import TileOptions
+    from ddim_denoise.serving.denoise_files import DenoiseOptions, check_pixel_sigma, denoise_files, load_denoiser
+    from ddim_denoise.serving.model_source import resolved_checkpoint
+    from ddim_denoise.serving.tiling import TileOptions
 
     if (sigma is None) == (not estimate):
         raise UserError("give either --sigma S (pixel scale, e.g. 0.1) or --estimate")
@@ -242,7 +242,7 @@ def export_command(
     atol: Optional[float] = typer.Option(None, "--atol", min=0.0, help="parity tolerance on [0,1] pixels (default 1e-4)"),
 ):
     """Export the one-step denoiser (images in [0,1] NCHW + per-image sigma -> denoised), dynamic batch and size."""
-    from .export import DEFAULT_PARITY_ATOL, export_model, verify_export
+    from ddim_denoise.serving.export import DEFAULT_PARITY_ATOL, export_model, verify_export
 
     path = export_model(checkpoint, fmt, out, opset)
     typer.echo(f"exported {fmt} to {path}")
@@ -270,7 +270,7 @@ def sweep_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .sweep_storage import SweepError
+        from ddim_denoise.sweep.storage import SweepError
 
         try:
             return fn(*args, **kwargs)
@@ -302,7 +302,7 @@ def sweep_run_command(
     params: str = PARAMS_OPT,
 ):
     """Search the space: each trial trains with params.yaml + the space's budget + sampled values."""
-    from .sweep import SweepOptions, run_sweep, sigterm_as_keyboard_interrupt
+    from ddim_denoise.sweep.study import SweepOptions, run_sweep, sigterm_as_keyboard_interrupt
 
     options = SweepOptions(params_path=Path(params), space_path=space, study=study, storage=storage, trials=trials,
                            total=total, timeout=timeout, pruner=pruner, out=out, multi_objective=multi_objective,
@@ -328,7 +328,7 @@ def sweep_best_command(
     params: str = PARAMS_OPT,
 ):
     """Print the best trial and the `dvc exp run -S ...` command that trains it with the full budget."""
-    from .sweep import SweepOptions, best_trial_report
+    from ddim_denoise.sweep.study import SweepOptions, best_trial_report
 
     report = best_trial_report(SweepOptions(params_path=Path(params), space_path=space, study=study,
                                             storage=storage), trial, apply)

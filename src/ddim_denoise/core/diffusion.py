@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .precond import Preconditioner
-from .schedule import NoiseSchedule, pixel_to_model_sigma
+from ddim_denoise.core.precond import Preconditioner
+from ddim_denoise.core.schedule import NoiseSchedule, pixel_to_model_sigma
 
 T_SAMPLINGS = ("uniform", "log_uniform", "log_normal")
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError
+from ddim_denoise.pipeline.errors import InputError
 
 # (tiles (n, h, w, 3) float32, sigma (n,) float32) -> denoised tiles of the same shape, e.g. Denoiser.denoise
 BatchDenoiser = Callable[[np.ndarray, np.ndarray], np.ndarray]

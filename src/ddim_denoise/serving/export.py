@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_path
-from .errors import InputError
-from .precond import Preconditioner
-from .schedule import pixel_to_model_sigma
+from ddim_denoise.pipeline.checkpoint import atomic_path
+from ddim_denoise.pipeline.errors import InputError
+from ddim_denoise.core.precond import Preconditioner
+from ddim_denoise.core.schedule import pixel_to_model_sigma
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 INPUT_NAMES = ("images", "sigma")
@@ -56,7 +56,7 @@ class OneStepDenoiser(nn.Module):
 
 def one_step_module(checkpoint: str | Path) -> OneStepDenoiser:
     """The exportable module for a checkpoint: EMA weights, fp32, CPU, eval mode, plain memory layout."""
-    from .denoiser import Denoiser
+    from ddim_denoise.denoising.denoiser import Denoiser
 
     denoiser = Denoiser.from_checkpoint(checkpoint, device="cpu")
     model = denoiser.model.float().to(memory_format=torch.contiguous_format).eval()

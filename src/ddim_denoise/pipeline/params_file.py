@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import atomic_write_text
-from .config import ParamsError, validate_params
+from ddim_denoise.pipeline.checkpoint import atomic_write_text
+from ddim_denoise.pipeline.params import ParamsError, validate_params
 
 
 def set_values(path: str | Path, values: dict[str, object]) -> list[tuple[str, object, object]]:

@@ -101,14 +101,14 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: decodes each row's image, denoises it as ``ddim-denoise denoise`` would, re-encodes it."""
 
     def load_context(self, context):
-        from .denoiser import Denoiser
+        from ddim_denoise.denoising.denoiser import Denoiser
 
         self.denoiser = Denoiser.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from .denoise_files import DenoiseOptions, denoise_decoded
-        from .errors import InputError
-        from .image_io import decode_image, encode_image
+        from ddim_denoise.serving.denoise_files import DenoiseOptions, denoise_decoded
+        from ddim_denoise.pipeline.errors import InputError
+        from ddim_denoise.serving.image_io import decode_image, encode_image
 
         frame = pd.DataFrame(model_input)
         if "image" not in frame.columns:
@@ -151,7 +151,7 @@ def log_pyfunc_model(checkpoint_path: str | Path, registered_model_name: str | N
     """
     import mlflow
 
-    from .denoiser import Denoiser
+    from ddim_denoise.denoising.denoiser import Denoiser
 
     checkpoint_path = Path(checkpoint_path)
     Denoiser.from_checkpoint(checkpoint_path, device="cpu")  # refuse a bad checkpoint before uploading it
@@ -159,7 +159,7 @@ def log_pyfunc_model(checkpoint_path: str | Path, registered_model_name: str | N
         name=name,
         python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing is pickled
         artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
-        code_paths=[str(Path(__file__).parent)],
+        code_paths=[str(Path(__file__).parents[1])],  # the whole ddim_denoise package
         signature=model_signature(),
         input_example=input_example(),
         pip_requirements=serving_requirements(),
@@ -177,8 +177,8 @@ def register_evaluated_model(checkpoint_path: str | Path, run_id: str, registere
     (the evaluation's own files and metrics already stand)."""
     import tempfile
 
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .tracking import SafeRun, active_run
+    from ddim_denoise.pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from ddim_denoise.pipeline.tracking import SafeRun, active_run
 
     try:
         state = load_checkpoint(checkpoint_path)

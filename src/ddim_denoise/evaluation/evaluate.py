@@ -25,11 +25,11 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from .checkpoint import atomic_path, atomic_write_text
-from .clipping import as_8bit
-from .config import EvalConfig, Params
-from .data import load_split
-from .metrics import make_noisy, mean_ci95, psnr_ssim, to_float
+from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
+from ddim_denoise.denoising.clipping import as_8bit
+from ddim_denoise.pipeline.params import EvalConfig, Params
+from ddim_denoise.data.cifar10 import load_split
+from ddim_denoise.core.metrics import make_noisy, mean_ci95, psnr_ssim, to_float
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def model_methods(denoiser, steps: Iterable[int], batch_size: int,
 
 def baseline_methods(bm3d_images: int, nlm_images: int, workers: int = 1) -> dict[str, Method]:
     """BM3D and NLM on the first ``*_images`` images; a count of 0 leaves the method out."""
-    from .baselines import bm3d_denoise, nlm_denoise
+    from ddim_denoise.evaluation.baselines import bm3d_denoise, nlm_denoise
 
     counts = {"bm3d": (bm3d_denoise, bm3d_images), "nlm": (nlm_denoise, nlm_images)}
     # warm_up: the untimed first call starts their worker processes (baselines.worker_pool)
@@ -266,7 +266,7 @@ def evaluate(params: Params, checkpoint_path: str | Path, device: str | None = N
 
     ``device`` defaults to ``train.device``; ``workers`` is the number of processes for the CPU baselines.
     """
-    from .denoiser import Denoiser
+    from ddim_denoise.denoising.denoiser import Denoiser
 
     cfg = params.eval
     test, _ = load_split(params.data.prepared_dir, "test")

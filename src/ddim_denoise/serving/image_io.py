@@ -29,8 +29,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .checkpoint import atomic_path
-from .errors import InputError
+from ddim_denoise.pipeline.checkpoint import atomic_path
+from ddim_denoise.pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 

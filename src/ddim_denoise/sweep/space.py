@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from .config import Params, ParamsError, flatten, read_yaml_mapping, set_dotted, validate_params
+from ddim_denoise.pipeline.params import Params, ParamsError, flatten, read_yaml_mapping, set_dotted, validate_params
 
 DEFAULT_SPACE_FILE = Path("pipelines/sweep/space.yaml")
 # Set by the sweep for every trial (its own output folder, never resuming another trial's checkpoint).

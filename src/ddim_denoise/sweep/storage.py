@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from .tracking import project_root
+from ddim_denoise.pipeline.tracking import project_root
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import tracking
-from .sweep_storage import FAIL_REASON_ATTR, wait_for_attr
+from ddim_denoise.pipeline import tracking
+from ddim_denoise.sweep.storage import FAIL_REASON_ATTR, wait_for_attr
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from .clipping import estimate_noise_sigma
+from ddim_denoise.denoising.clipping import estimate_noise_sigma
 
 RGB_SIGMA_FACTOR = math.sqrt(3)  # noise std of the whitened RGB image per unit of the gray image's noise std
 # looks_mono_noise: an image's noise counts as one draw in R, G and B when its colour differences carry less than this

@@ -1,7 +1,7 @@
 """The package's expected errors: what the CLI reports as one line with exit code 2 instead of a traceback."""
 
-from .checkpoint import CheckpointError
-from .config import ParamsError
+from ddim_denoise.pipeline.checkpoint import CheckpointError
+from ddim_denoise.pipeline.params import ParamsError
 
 
 class DataError(ValueError):

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import InputError
+from ddim_denoise.pipeline.errors import InputError
 
 DEFAULT_CHECKPOINT = "models/best.pt"
 DEFAULT_RUN_ARTIFACT = "checkpoints/best.pt"
@@ -24,7 +24,7 @@ DEFAULT_RUN_ARTIFACT = "checkpoints/best.pt"
 def _use_project_tracking() -> None:
     import mlflow
 
-    from .tracking import default_tracking_uri
+    from ddim_denoise.pipeline.tracking import default_tracking_uri
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
 
@@ -38,7 +38,7 @@ def checkpoint_in_model_dir(model_dir: Path, source: str) -> Path:
     """The checkpoint file inside a downloaded pyfunc model, as its MLmodel file records it."""
     from mlflow.models import Model
 
-    from .serving import CHECKPOINT_ARTIFACT
+    from ddim_denoise.serving.pyfunc import CHECKPOINT_ARTIFACT
 
     try:
         model = Model.load(str(model_dir))
@@ -48,7 +48,7 @@ def checkpoint_in_model_dir(model_dir: Path, source: str) -> Path:
     entry = artifacts.get(CHECKPOINT_ARTIFACT)
     if not entry:
         raise InputError(f"{source}: the model holds no '{CHECKPOINT_ARTIFACT}' artifact; log it with "
-                         "ddim_denoise.serving.log_pyfunc_model")
+                         "ddim_denoise.serving.pyfunc.log_pyfunc_model")
     return model_dir / entry["path"]
 
 

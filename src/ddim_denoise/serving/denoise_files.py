@@ -21,12 +21,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .clipping import saturated
-from .denoiser import Denoiser, check_denoise_options, estimate_sigma, max_sigma
-from .errors import InputError
-from .grayscale import identical_channels, looks_mono_noise
-from .image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
-from .tiling import TileOptions, denoise_tiled, tile_boxes
+from ddim_denoise.denoising.clipping import saturated
+from ddim_denoise.denoising.denoiser import Denoiser, check_denoise_options, estimate_sigma, max_sigma
+from ddim_denoise.pipeline.errors import InputError
+from ddim_denoise.denoising.grayscale import identical_channels, looks_mono_noise
+from ddim_denoise.serving.image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
+from ddim_denoise.serving.tiling import TileOptions, denoise_tiled, tile_boxes
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class DenoiseOptions:
 
 def load_denoiser(checkpoint: str | Path, device: str | None = None) -> Denoiser:
     """``Denoiser.from_checkpoint``, with a device that cannot be used reported as an InputError."""
-    from .runtime import resolve_device
+    from ddim_denoise.pipeline.runtime import resolve_device
 
     try:
         resolve_device(device or "auto")

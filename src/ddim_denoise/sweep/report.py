@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import atomic_path, atomic_write_text
-from .sweep_storage import WORKER_ATTR, SweepError
+from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
+from ddim_denoise.sweep.storage import WORKER_ATTR, SweepError
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, load_model_weights
-from .clipping import estimate_noise_sigma, saturated, share_noise, unclip
-from .config import Params, validate_params
-from .diffusion import denoise_ddim
-from .grayscale import RGB_SIGMA_FACTOR, identical_channels, looks_mono_noise, to_gray, whiten
-from .precond import Preconditioner
-from .runtime import resolve_channels_last, resolve_device, resolve_inference_precision
-from .schedule import NoiseSchedule, pixel_to_model_sigma
-from .unet import build_unet
+from ddim_denoise.pipeline.checkpoint import load_checkpoint, load_model_weights
+from ddim_denoise.denoising.clipping import estimate_noise_sigma, saturated, share_noise, unclip
+from ddim_denoise.pipeline.params import Params, validate_params
+from ddim_denoise.core.diffusion import denoise_ddim
+from ddim_denoise.denoising.grayscale import RGB_SIGMA_FACTOR, identical_channels, looks_mono_noise, to_gray, whiten
+from ddim_denoise.core.precond import Preconditioner
+from ddim_denoise.pipeline.runtime import resolve_channels_last, resolve_device, resolve_inference_precision
+from ddim_denoise.core.schedule import NoiseSchedule, pixel_to_model_sigma
+from ddim_denoise.core.unet import build_unet
 
 log = logging.getLogger(__name__)
 

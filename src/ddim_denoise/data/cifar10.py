@@ -36,8 +36,8 @@ from typing import IO, Literal
 
 import numpy as np
 
-from .checkpoint import atomic_path, atomic_write_text
-from .errors import DataError
+from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
+from ddim_denoise.pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 

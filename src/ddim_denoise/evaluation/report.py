@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import atomic_path, atomic_write_text
-from .config import Params
-from .errors import DataError
-from .evaluate import GRID_FILE, NOISY, ONE_STEP, TABLE_FILE, method_label, save_png
+from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
+from ddim_denoise.pipeline.params import Params
+from ddim_denoise.pipeline.errors import DataError
+from ddim_denoise.evaluation.evaluate import GRID_FILE, NOISY, ONE_STEP, TABLE_FILE, method_label, save_png
 
 log = logging.getLogger(__name__)
 

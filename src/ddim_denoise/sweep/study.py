@@ -25,17 +25,17 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Params, flatten, load_params
-from .data import data_identity, read_manifest
-from .stage_code import code_digest
-from .sweep_objective import TrialObjective
-from .sweep_report import BASELINE_ATTR, chosen_trial, describe, dvc_exp_command, write_reports
-from .sweep_space import DEFAULT_SPACE_FILE, SearchSpace, load_space
-from .sweep_storage import (SweepError, default_storage_url, fail_dead_local_trials, open_storage, open_study,
+from ddim_denoise.pipeline.params import Params, flatten, load_params
+from ddim_denoise.data.cifar10 import data_identity, read_manifest
+from ddim_denoise.pipeline.stage_code import code_digest
+from ddim_denoise.sweep.objective import TrialObjective
+from ddim_denoise.sweep.report import BASELINE_ATTR, chosen_trial, describe, dvc_exp_command, write_reports
+from ddim_denoise.sweep.space import DEFAULT_SPACE_FILE, SearchSpace, load_space
+from ddim_denoise.sweep.storage import (SweepError, default_storage_url, fail_dead_local_trials, open_storage, open_study,
                             redact)
-from . import sweep_tracking
-from .tracking import project_root
-from .train import is_operational
+from ddim_denoise.sweep import tracking as sweep_tracking
+from ddim_denoise.pipeline.tracking import project_root
+from ddim_denoise.training.trainer import is_operational
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def best_trial_report(options: SweepOptions, trial_number: int | None = None, ap
         return BestTrialReport(text, None)
     changes = []
     if apply:
-        from .params_file import set_values
+        from ddim_denoise.pipeline.params_file import set_values
 
         changes = set_values(options.params_path, trial.params)
     return BestTrialReport(text, dvc_exp_command(trial.params), changes)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Params
-from .errors import TrainingError
+from ddim_denoise.pipeline.params import Params
+from ddim_denoise.pipeline.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def with_device(params: Params, device: str) -> Params:
 def train_as_launched(params: Params) -> dict | None:
     """Train as this process's part of the launch: a plain run, or one rank of a torchrun job. Returns the run's
     summary on rank 0 and None on the other ranks (their numbers are not the run's)."""
-    from .runtime import resolve_device
-    from .train import train
+    from ddim_denoise.pipeline.runtime import resolve_device
+    from ddim_denoise.training.trainer import train
 
     launch = launch_from_env()
     device = rank_device(params.train.device, launch)

@@ -24,19 +24,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import tracking
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model_weights, save_checkpoint
-from .config import Params, ParamsError, flatten
-from .data import data_identity, load_split, read_manifest
-from .denoiser import Denoiser, build_model
-from .errors import DivergedError, TrainingError
-from .diffusion import SigmaSampler
-from .metrics import make_noisy, psnr_ssim, to_float
-from .precond import DenoisingLoss, Preconditioner
-from .runtime import (check_inductor_settings, compile_context, configure_cudnn, device_name, resolve_channels_last,
+from ddim_denoise.pipeline import tracking
+from ddim_denoise.pipeline.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model_weights, save_checkpoint
+from ddim_denoise.pipeline.params import Params, ParamsError, flatten
+from ddim_denoise.data.cifar10 import data_identity, load_split, read_manifest
+from ddim_denoise.denoising.denoiser import Denoiser, build_model
+from ddim_denoise.pipeline.errors import DivergedError, TrainingError
+from ddim_denoise.core.diffusion import SigmaSampler
+from ddim_denoise.core.metrics import make_noisy, psnr_ssim, to_float
+from ddim_denoise.core.precond import DenoisingLoss, Preconditioner
+from ddim_denoise.pipeline.runtime import (check_inductor_settings, compile_context, configure_cudnn, device_name, resolve_channels_last,
                       resolve_compile, resolve_compile_mode, resolve_device, resolve_precision)
-from .stage_code import code_digest
-from .unet import count_parameters
+from ddim_denoise.pipeline.stage_code import code_digest
+from ddim_denoise.core.unet import count_parameters
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The Optuna search: space, objective, storage, MLflow records and its report."""

@@ -1,0 +1,1 @@
+"""The training loop and its launchers (one process, or torchrun ranks)."""
