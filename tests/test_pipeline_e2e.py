@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from cifar_fixtures import write_cifar_npz
+from profiles import compose_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,14 +29,6 @@ TINY = {
 }
 
 
-def deep_update(tree: dict, changes: dict) -> None:
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            deep_update(tree.setdefault(key, {}), value)
-        else:
-            tree[key] = value
-
-
 @pytest.fixture
 def project(tmp_path):
     """A copy of the project (pipeline files and sources) with tiny params and tiny data, as its own git repo."""
@@ -44,9 +38,13 @@ def project(tmp_path):
         shutil.copy(ROOT / name, proj / name)
     shutil.copytree(ROOT / ".dvc", proj / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     shutil.copytree(ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    deep_update(params, TINY)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # A tiny profile, made the default: `dvc exp run` composes params.yaml from conf/ as in the project itself.
+    shutil.copytree(ROOT / "conf", proj / "conf")
+    (proj / "conf" / "profile" / "tiny.yaml").write_text(
+        "# @package _global_\n" + yaml.safe_dump({"profile": "tiny", **TINY}, sort_keys=False))
+    config = proj / "conf" / "config.yaml"
+    config.write_text(re.sub(r"- profile: \w+", "- profile: tiny", config.read_text()))
+    (proj / "params.yaml").write_text(yaml.safe_dump(compose_params(proj / "conf"), sort_keys=False))
     write_cifar_npz(proj / "data" / "raw", n_train_per_batch=4, n_test=4)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",

@@ -151,6 +151,7 @@ class MlflowConfig(_Section):
 
 
 class Params(_Section):
+    profile: str | None = None  # the conf/profile/ file params.yaml was composed with (names the MLflow run)
     seed: int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
