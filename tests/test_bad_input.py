@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from cifar_fixtures import _RunsCode, malicious_batch_bytes, write_cifar_folder, write_cifar_npz, write_cifar_tar
 from cli_workspace import cli, make_workspace, one_error_line, process_env
@@ -22,7 +23,7 @@ from typer.testing import CliRunner
 from ddim_denoise.pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
 from ddim_denoise.cli import app
 from ddim_denoise.pipeline.params import ParamsError, flatten, load_params, set_dotted, validate_params
-from ddim_denoise.data.cifar10 import MANIFEST_NAME
+from ddim_denoise.pipeline.files import MANIFEST_FILE
 from ddim_denoise.denoising.denoiser import Denoiser, build_model
 
 QUICK_FAILURE_S = 30  # a params error must come before any data loading or training: seconds, even on a busy CI box
@@ -36,10 +37,11 @@ def workspace(tmp_path, tiny_params, monkeypatch):
 
 
 # --- params.yaml -----------------------------------------------------------------------------------------------------
-def test_the_shipped_params_yaml_and_the_code_defaults_agree():
-    """A key left out of someone's params file gets the value the project measured best, not an older one."""
-    shipped = flatten(load_params(Path(__file__).resolve().parents[1] / "params.yaml"))
-    defaults = flatten(validate_params({}))
+def test_the_shipped_defaults_and_the_code_defaults_agree():
+    """A key left out of someone's params file gets conf/config.yaml's value, not an older one."""
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text())
+    del base["defaults"], base["profile"]  # the profile file names itself
+    shipped, defaults = flatten(validate_params(base)), flatten(validate_params({}))
     assert {key: (value, defaults[key]) for key, value in shipped.items() if defaults[key] != value} == {}
 
 
@@ -179,7 +181,7 @@ def test_bad_dataset_leaves_the_prepared_data_as_it_was(workspace, corrupt, mess
     assert message in one_error_line(CliRunner().invoke(app, ["prepare"]))
     assert not marker.exists()
     assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
-    assert MANIFEST_NAME in before
+    assert MANIFEST_FILE in before
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from cifar_fixtures import (make_cifar_arrays, malicious_batch_bytes, write_cifa
 from typer.testing import CliRunner
 
 from ddim_denoise.data import cifar10 as data
+from ddim_denoise.pipeline.files import MANIFEST_FILE
 from ddim_denoise.cli import app
 from ddim_denoise.pipeline.params import validate_params
 from ddim_denoise.pipeline.errors import DataError
@@ -102,7 +103,7 @@ def test_prepare_writes_uint8_splits_and_a_manifest(tmp_path):
     assert labelled_images(*train_and_val) == labelled_images(expected["x_train"], expected["y_train"])
 
     sha = hashlib.sha256(archive.read_bytes()).hexdigest()
-    assert manifest == json.loads((tmp_path / "prepared" / data.MANIFEST_NAME).read_text())
+    assert manifest == json.loads((tmp_path / "prepared" / MANIFEST_FILE).read_text())
     assert manifest["dataset_sha256"] == sha and manifest["source"] == {
         "kind": "tar", "path": str(archive), "sha256": {archive.name: sha}}
     assert manifest["counts"] == {"train": N_TRAIN - VAL_SIZE, "val": VAL_SIZE, "test": N_TEST}
@@ -312,7 +313,7 @@ def test_cli_prepare_and_fetch_data(tmp_path):
     prepared = runner.invoke(app, ["prepare", "-p", params, "-S", "seed=3"])
     assert prepared.exit_code == 0, prepared.output
     assert f"train {N_TRAIN - VAL_SIZE}, val {VAL_SIZE}, test {N_TEST} images" in prepared.stdout
-    assert json.loads((tmp_path / "prepared" / data.MANIFEST_NAME).read_text())["seed"] == 3
+    assert json.loads((tmp_path / "prepared" / MANIFEST_FILE).read_text())["seed"] == 3
 
 
 def test_cli_prepare_on_bad_input_exits_2_with_one_line(tmp_path):

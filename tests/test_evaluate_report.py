@@ -15,9 +15,10 @@ from ddim_denoise.evaluation import evaluate as evaluate_module
 from ddim_denoise.pipeline.checkpoint import save_checkpoint
 from ddim_denoise.cli import app
 from ddim_denoise.pipeline.params import validate_params
-from ddim_denoise.data.cifar10 import MANIFEST_FORMAT, MANIFEST_NAME
+from ddim_denoise.data.cifar10 import MANIFEST_FORMAT
+from ddim_denoise.pipeline.files import GRID_FILE, MANIFEST_FILE, METRICS_FILE, TABLE_FILE
 from ddim_denoise.denoising.denoiser import build_model
-from ddim_denoise.evaluation.evaluate import (GRID_FILE, METRICS_FILE, NOISY, NOISY_INPUT, TABLE_COLUMNS, TABLE_FILE, Method,
+from ddim_denoise.evaluation.evaluate import (NOISY, NOISY_INPUT, TABLE_COLUMNS, Method,
                                    build_methods, evaluate, method_label, model_methods, run_methods, write_evaluation)
 from ddim_denoise.core.metrics import make_noisy, psnr_ssim, to_float
 from ddim_denoise.evaluation.report import ORIGIN_REPORT, findings, write_report
@@ -44,7 +45,7 @@ def workspace(tmp_path, monkeypatch, tiny_params):
     rng = np.random.default_rng(0)
     np.save(prepared / "test_x.npy", rng.integers(110, 146, size=(N_TEST, 32, 32, 3), dtype=np.uint8))
     np.save(prepared / "test_y.npy", np.arange(N_TEST, dtype=np.uint8))
-    (prepared / MANIFEST_NAME).write_text(json.dumps({"format": MANIFEST_FORMAT}))
+    (prepared / MANIFEST_FILE).write_text(json.dumps({"format": MANIFEST_FORMAT}))
 
     model, _ = build_model(params)
     state = model.state_dict()

@@ -55,3 +55,15 @@ def test_the_training_code_is_part_of_a_runs_identity(tmp_path, monkeypatch):
     before = code_digest("train")
     (tmp_path / "core/x.py").write_text("STEP = 2\n")
     assert code_digest("train") != before
+
+
+def test_dvc_yaml_names_the_files_the_code_writes():
+    """The stages' file names live in pipeline/files.py; dvc.yaml must track those very files."""
+    from ddim_denoise.pipeline import files
+
+    text = (REPO / "dvc.yaml").read_text()
+    for path in (files.TRAINING_DIR / files.SUMMARY_FILE, files.TRAINING_DIR / files.STEPS_FILE,
+                 files.TRAINING_DIR / files.VAL_FILE, f"${{eval.out_dir}}/{files.METRICS_FILE}",
+                 f"${{eval.out_dir}}/{files.TABLE_FILE}", f"${{eval.out_dir}}/{files.GRID_FILE}",
+                 f"${{train.out_dir}}/{files.BEST_CHECKPOINT}"):
+        assert str(path) in text, path

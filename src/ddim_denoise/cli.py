@@ -138,7 +138,8 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
                                                            help="processes for BM3D/NLM (default: eval.workers)")):
     """Score the model, the noisy input, BM3D and NLM on the test split; write eval.out_dir."""
     from ddim_denoise.evaluation.baselines import resolve_workers
-    from ddim_denoise.evaluation.evaluate import GRID_FILE, METRICS_FILE, TABLE_FILE, evaluate, mlflow_metrics
+    from ddim_denoise.evaluation.evaluate import evaluate, mlflow_metrics
+    from ddim_denoise.pipeline.files import GRID_FILE, METRICS_FILE, TABLE_FILE
 
     cfg = load(params, set_)
     table = evaluate(cfg, checkpoint, device=device, workers=workers or resolve_workers(cfg.eval.workers))

@@ -36,6 +36,7 @@ from typing import IO, Literal
 
 import numpy as np
 
+from ddim_denoise.pipeline.files import MANIFEST_FILE
 from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
 from ddim_denoise.pipeline.errors import DataError
 
@@ -55,7 +56,6 @@ CIFAR_HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 # What prepare writes.
 SPLITS = ("train", "val", "test")
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "ddim-denoise-data/1"
 
 SourceKind = Literal["tar", "folder", "npz"]
@@ -482,7 +482,7 @@ def prepare(params) -> dict:
     }
     prepared_dir = Path(cfg.prepared_dir)
     # Gone first: a prepare killed midway must not leave the last manifest vouching for a mix of two splits.
-    (prepared_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    (prepared_dir / MANIFEST_FILE).unlink(missing_ok=True)
     for split, (x, y) in splits.items():
         x_path, y_path = _split_paths(prepared_dir, split)
         _save_npy(x_path, x)
@@ -501,7 +501,7 @@ def prepare(params) -> dict:
         "image_shape": list(IMAGE_SHAPE),
         "dtype": "uint8",
     }
-    atomic_write_text(prepared_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(prepared_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     log.info("prepared %s from %s into %s", manifest["counts"], source.describe(), prepared_dir)
     return manifest
 
@@ -514,9 +514,9 @@ def data_identity(manifest: dict) -> str:
 
 def read_manifest(prepared_dir: str | Path) -> dict:
     """The manifest prepare wrote; a DataError saying to run prepare if there is none."""
-    path = Path(prepared_dir) / MANIFEST_NAME
+    path = Path(prepared_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise DataError(f"{prepared_dir}: no prepared data ({MANIFEST_NAME} missing): run `ddim-denoise prepare` "
+        raise DataError(f"{prepared_dir}: no prepared data ({MANIFEST_FILE} missing): run `ddim-denoise prepare` "
                         "(or `dvc repro prepare`) first")
     with _reading(path):
         return json.loads(path.read_text())

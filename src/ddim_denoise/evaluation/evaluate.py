@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
+from ddim_denoise.pipeline.files import GRID_FILE, METRICS_FILE, TABLE_FILE
 from ddim_denoise.denoising.clipping import as_8bit
 from ddim_denoise.pipeline.params import EvalConfig, Params
 from ddim_denoise.data.cifar10 import load_split
@@ -33,9 +34,6 @@ from ddim_denoise.core.metrics import make_noisy, mean_ci95, psnr_ssim, to_float
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-TABLE_FILE = "psnr_vs_sigma.csv"
-GRID_FILE = "grid.png"
 # psnr/ssim_1step_same_images: the one-step model's mean on the images the row covers, so a method run on a prefix
 # (BM3D on 200 of 10,000, DDIM on eval.ddim_images) is compared with the model on the same images, not with its mean
 # over all of them.

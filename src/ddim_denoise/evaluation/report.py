@@ -18,15 +18,12 @@ import pandas as pd
 from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
 from ddim_denoise.pipeline.params import Params
 from ddim_denoise.pipeline.errors import DataError
-from ddim_denoise.evaluation.evaluate import GRID_FILE, NOISY, ONE_STEP, TABLE_FILE, method_label, save_png
+from ddim_denoise.evaluation.evaluate import NOISY, ONE_STEP, method_label, save_png
+from ddim_denoise.pipeline.files import (GRID_FILE, REPORT_FILE, STEPS_FILE, SUMMARY_FILE, TABLE_FILE, TRAINING_DIR,
+                                        VAL_FILE)
 
 log = logging.getLogger(__name__)
 
-TRAINING_DIR = Path("training")
-SUMMARY_FILE = "summary.json"
-STEPS_FILE = "steps.csv"
-VAL_FILE = "val.csv"
-REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
 FIGURE_DPI = 120
 LOSS_SMOOTHING_POINTS = 50  # rolling-mean window over the logged loss points
