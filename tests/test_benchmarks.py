@@ -183,3 +183,14 @@ def test_lossless_evaluation_reruns_on_bm3d_images_only_the_methods_that_saw_mor
     assert not evaluation.paired.set_index("method").loc[reran, "psnr"].equals(
         evaluation.table.set_index("method").loc[reran, "psnr"])  # scored on other images
     assert "on BM3D's 1 images" in evaluation.markdown("title")
+
+
+def test_export_latency_prints_every_backend_with_its_difference_from_eager(tmp_path, tiny_params, capsys):
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params)
+    run_benchmark("export_latency", ["--checkpoint", str(checkpoint), "--batch", "2", "--size", "16", "--threads", "1",
+                                     "--warmup", "1", "--repeats", "2"])
+    rows = re.findall(r"^(pytorch eager|torchscript \(torch.jit\)|onnx \(onnxruntime\)) +([\d.]+) +([\d.]+) +(\S+)$",
+                      capsys.readouterr().out, flags=re.MULTILINE)
+    assert [r[0] for r in rows] == ["pytorch eager", "torchscript (torch.jit)", "onnx (onnxruntime)"]
+    assert all(float(ms) > 0 for _, ms, _, _ in rows)
+    assert float(rows[0][3]) == 0 and all(float(error) < 1e-3 for *_, error in rows)  # a wrong export would show

@@ -57,16 +57,22 @@ def median_seconds(runners: dict, images, sigma, warmup: int, repeats: int) -> d
 
 def export_latency(checkpoint: str | Path, batch: int = 8, size: int = 64, sigma: float = 0.1,
                    threads: int | None = None, warmup: int = 3, repeats: int = 20) -> list[BackendLatency]:
-    """Eager, TorchScript and ONNX latency of the checkpoint's one-step graph, ``threads`` intra-op threads each."""
-    threads = threads or torch.get_num_threads()
+    """Eager, TorchScript and ONNX latency of the checkpoint's one-step graph, ``threads`` intra-op threads each
+    (the process's own thread count is restored after)."""
+    threads_before = torch.get_num_threads()
+    threads = threads or threads_before
     torch.set_num_threads(threads)
-    images, sigmas = noisy_batch(batch, size, sigma)
-    eager = run_eager(one_step_module(checkpoint))
-    runners = {"pytorch eager": eager}
-    with tempfile.TemporaryDirectory() as tmp:
-        for fmt, name in (("torchscript", "denoiser.pt"), ("onnx", "denoiser.onnx")):
-            path = export_model(checkpoint, fmt, Path(tmp) / name)
-            runners[f"{fmt} ({'torch.jit' if fmt == 'torchscript' else 'onnxruntime'})"] = load_exported(
-                path, fmt, threads=threads)
-        return [BackendLatency(label, seconds, check_parity(runners[label], eager, [(images, sigmas)]).max_abs_error)
-                for label, seconds in median_seconds(runners, images, sigmas, warmup, repeats).items()]
+    try:
+        images, sigmas = noisy_batch(batch, size, sigma)
+        eager = run_eager(one_step_module(checkpoint))
+        runners = {"pytorch eager": eager}
+        with tempfile.TemporaryDirectory() as tmp:
+            for fmt, name in (("torchscript", "denoiser.pt"), ("onnx", "denoiser.onnx")):
+                path = export_model(checkpoint, fmt, Path(tmp) / name)
+                runners[f"{fmt} ({'torch.jit' if fmt == 'torchscript' else 'onnxruntime'})"] = load_exported(
+                    path, fmt, threads=threads)
+            return [BackendLatency(label, seconds,
+                                   check_parity(runners[label], eager, [(images, sigmas)]).max_abs_error)
+                    for label, seconds in median_seconds(runners, images, sigmas, warmup, repeats).items()]
+    finally:
+        torch.set_num_threads(threads_before)
