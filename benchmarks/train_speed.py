@@ -3,157 +3,20 @@
     python benchmarks/train_speed.py                       # default model from params.yaml, batch 64, this device
     python benchmarks/train_speed.py -S model.base_channels=32 --steps 20 --modes fp32,bf16_cl,bf16_cl_compile
 
-Prints one row per mode and the speed-up over eager fp32, plus the model's training FLOPs per image (forward +
-backward, counted by torch.utils.flop_counter), the achieved TFLOP/s and its share of the matrix-product peak measured
-on the same device in the mode's precision (``throughput.py``). Speed targets live here, not in timed tests.
+Prints one row per mode and the speed-up over the first row, plus the model's training FLOPs per image, the achieved
+TFLOP/s and its share of the matrix-product peak measured on the same device in the mode's precision
+(``ddim_denoise.evaluation.training_speed``, whose ``MODES`` lists the modes).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
-import torch
-import torch._inductor.config as inductor_config
 import yaml
-from torch.autograd import DeviceType
 
-from throughput import PeakTable, count_flops, synchronize  # benchmarks/ is on sys.path when this file runs as a script
-
+from ddim_denoise.evaluation.training_speed import inductor_settings, training_speed_report
 from ddim_denoise.pipeline.params import load_params
-from ddim_denoise.denoising.denoiser import build_model
-from ddim_denoise.core.diffusion import SigmaSampler
-from ddim_denoise.core.precond import DenoisingLoss
-from ddim_denoise.pipeline.runtime import Precision, check_inductor_settings, resolve_device
-from ddim_denoise.core.unet import count_parameters
-
-MODES = {  # name: (autocast dtype, channels_last, torch.compile mode or None for eager)
-    "fp32": (None, False, None),
-    "fp32_cl": (None, True, None),
-    "fp32_compile": (None, False, "default"),
-    "bf16": (torch.bfloat16, False, None),
-    "bf16_cl": (torch.bfloat16, True, None),
-    "bf16_compile": (torch.bfloat16, False, "default"),
-    "bf16_cl_compile": (torch.bfloat16, True, "default"),
-    # CUDA graphs: replays the compiled step's kernels without a launch each (pays off when launches bound a step).
-    "bf16_cl_compile_cg": (torch.bfloat16, True, "reduce-overhead"),
-    "bf16_compile_cg": (torch.bfloat16, False, "reduce-overhead"),  # NCHW: no layout copies, slower convolutions
-    # Inductor times its own convolution / matmul templates against cuDNN / cuBLAS (minutes of compiling), CUDA graphs
-    "bf16_cl_compile_ma": (torch.bfloat16, True, "max-autotune"),
-    "fp16_cl": (torch.float16, True, None),
-}
-
-
-def build_step(params, mode: str, batch: int, device):
-    """One training step of ``mode`` on a fixed random batch, as the Trainer takes it (fused AdamW, loss)."""
-    dtype, channels_last, compile_mode = MODES[mode]
-    torch.manual_seed(0)
-    model, schedule = build_model(params)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
-    d = params.diffusion
-    loss_fn = DenoisingLoss(SigmaSampler(d.t_sampling, schedule, d.sigma_min, d.sigma_max), d.prediction, d.sigma_data)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer builds it
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    precision = Precision(dtype, dtype == torch.float16)
-    x = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        torch.compiler.cudagraph_mark_step_begin()  # a no-op unless the mode replays CUDA graphs
-        with precision.autocast(device):
-            loss = loss_fn(step_model, x)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return step
-
-
-def measure(step, batch: int, steps: int, warmup: int, device) -> tuple[float, float]:
-    """(images/s over ``steps`` timed steps, seconds the ``warmup`` steps took: compilation and graph capture)."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    warmup_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return steps * batch / (time.perf_counter() - start), warmup_seconds
-
-
-def inductor_settings(pairs: list[str]) -> dict:
-    """``--inductor KEY=VALUE`` pairs as torch._inductor.config settings (values parsed as YAML: True, 8, ...)."""
-    return check_inductor_settings({k: yaml.safe_load(v) for k, _, v in (pair.partition("=") for pair in pairs)},
-                                   "--inductor")
-
-
-# The profile's summary of where the time went: (family, lower-case name fragments), first match wins. GPU kernels
-# and CPU operators are both named here.
-FAMILIES = [
-    ("attention", ("sdpa", "flash", "fmha", "attention")),
-    ("compiled (Triton / Inductor C++)", ("triton_", "compiledfxgraph")),
-    ("convolution / matmul", ("xmma", "implicit_gemm", "gemm", "nvjet", "cutlass", "conv", "aten::mm", "aten::bmm",
-                              "aten::addmm")),
-    ("ATen elementwise and copies", ("elementwise", "copy")),
-    ("ATen reductions", ("reduce",)),
-    ("optimizer", ("multi_tensor_apply", "adam")),
-]
-
-
-def family(name: str) -> str:
-    name = name.lower()
-    return next((label for label, fragments in FAMILIES if any(f in name for f in fragments)), "other")
-
-
-def profile(step, steps: int, device, rows: int) -> str:
-    """Where a step's time goes: ``torch.profiler`` over ``steps`` steps, the operators and kernels that took the most
-    device time (CPU time on a CPU), and how busy the device was against the wall clock."""
-    on_gpu = device.type == "cuda"
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
-    synchronize(device)
-    start = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        synchronize(device)
-    wall_ms = (time.perf_counter() - start) * 1e3 / steps
-    events = prof.key_averages()
-    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    # As the table's own total counts it: on a GPU the kernels' time only (operators list it again as theirs).
-    timed = [e for e in events if not on_gpu or (e.device_type == DeviceType.CUDA and not e.is_user_annotation)]
-    by_family: dict[str, float] = {}
-    for e in timed:
-        by_family[family(e.key)] = by_family.get(family(e.key), 0.0) + getattr(e, key) / 1e3 / steps
-    busy_ms = sum(by_family.values())
-    lines = [events.table(sort_by=key, row_limit=rows, max_name_column_width=70)]
-    if on_gpu:  # which operators launched those kernels (compiled code calls cuDNN, copies etc. as ATen operators)
-        operators = [e for e in events if e.key.startswith("aten::") and e.device_time_total > 0]
-        operators.sort(key=lambda e: -e.device_time_total)
-        lines += ["operators by the device time of their kernels, per step:"] + [
-            f"  {e.key:<45} {e.device_time_total / 1e3 / steps:7.2f} ms  {e.count // steps:4d} calls" for e in
-            operators[:rows // 2]]
-    lines.append(f"per step: {busy_ms:.2f} ms of {'device' if on_gpu else 'CPU'} time in {wall_ms:.2f} ms wall "
-                 f"(profiled, so slower than the timed rows); by kind:")
-    lines += [f"  {label:<34} {ms:7.2f} ms  {100 * ms / busy_ms:5.1f}%" for label, ms in
-              sorted(by_family.items(), key=lambda item: -item[1])]
-    return "\n".join(lines)
-
-
-def flops_per_image(params, device) -> float:
-    """Training FLOPs (forward + backward) per 32x32 image, as torch.utils.flop_counter counts them."""
-    model, schedule = build_model(params)
-    model.to(device)
-    d = params.diffusion
-    loss_fn = DenoisingLoss(SigmaSampler(d.t_sampling, schedule, d.sigma_min, d.sigma_max), d.prediction, d.sigma_data)
-    x = torch.rand(2, 3, 32, 32, device=device) * 2 - 1
-    return count_flops(lambda: loss_fn(model, x).backward()) / 2
+from ddim_denoise.pipeline.runtime import resolve_device
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,39 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     cudnn_settings = args.cudnn_benchmark.split(",")
     if not set(cudnn_settings) <= {"on", "off"}:
         ap.error(f"--cudnn-benchmark takes on, off or both comma-separated, not {args.cudnn_benchmark!r}")
-    overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
-    params = load_params(args.params, overrides)
-    inductor = {**params.train.inductor, **inductor_overrides}
-    device = resolve_device(args.device)
-    model, _ = build_model(params)
-    batches = [int(b) for b in args.batch.split(",")]
-    print(f"device {device}, threads {torch.get_num_threads()}, {count_parameters(model):,} parameters, "
-          f"batch {args.batch}" + (f", inductor {inductor}" if inductor else ""))
-    flops = flops_per_image(params, device)
-    peaks = PeakTable(device)
-    print(f"training FLOPs per image (fwd+bwd): {flops / 1e9:.3f} GFLOP")
-    baseline, step = None, None
-    for batch, mode, cudnn in ((b, m, c) for b in batches for m in args.modes.split(",") for c in cudnn_settings):
-        label = (mode + (f" @{batch}" if len(batches) > 1 else "")
-                 + (f" cudnn.benchmark={cudnn}" if len(cudnn_settings) > 1 else ""))
-        torch.backends.cudnn.benchmark = cudnn == "on"
-        try:
-            step = build_step(params, mode, batch, device)
-            with inductor_config.patch(inductor):  # read when the first step compiles
-                rate, warmup_seconds = measure(step, batch, args.steps, args.warmup, device)
-        except Exception as e:  # e.g. torch.compile without a working compiler: report and go on
-            print(f"{label:>24}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
-            step = None
-            continue
-        baseline = baseline or rate
-        tflops, dtype = rate * flops / 1e12, MODES[mode][0]
-        print(f"{label:>24}: {rate:9.1f} img/s  ({rate / baseline:.2f}x the first row), "
-              f"{tflops:.3f} TFLOP/s, {peaks.share(tflops, dtype):.1f}% of the "
-              f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')} matmul peak; "
-              f"warm-up {warmup_seconds:.1f} s", flush=True)
-    if args.profile and step is not None:
-        print(f"profile of the last row ({label}):\n{profile(step, args.profile, device, args.profile_rows)}", flush=True)
-    print(f"measured matmul peaks: {peaks.describe()}")
+    params = load_params(args.params, {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)})
+    report = training_speed_report(params, [int(b) for b in args.batch.split(",")], args.modes.split(","),
+                                   resolve_device(args.device), args.steps, args.warmup, cudnn_settings,
+                                   {**params.train.inductor, **inductor_overrides}, args.profile, args.profile_rows)
+    for line in report:
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""The speed benchmarks run end to end on a tiny model and print what their docstrings promise (so they do not rot
-between the rare runs on real data). Timings themselves are not asserted: speed targets live in the benchmarks."""
+"""The benchmarks' library code runs end to end on a tiny model and the scripts print what their docstrings promise
+(so they do not rot between the rare runs on real data). Timings themselves are not asserted: speed targets live in
+the benchmarks."""
 
-import importlib
 import re
-import sys
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +13,23 @@ import yaml
 
 from denoise_fixtures import write_tiny_checkpoint
 
+from ddim_denoise.evaluation import throughput, training_speed
+from ddim_denoise.evaluation.lossless import evaluate_lossless, load_lossless_images
+from ddim_denoise.evaluation.throughput import count_flops
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(autouse=True)
-def benchmarks_importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    monkeypatch.setattr("throughput.PEAK_SIZE", {"cpu": (128, 2)}, raising=False)
-    yield
-    for name in ("throughput", "train_speed", "denoise_speed", "eval_lossless", "gray_noise", "mono_noise"):
-        sys.modules.pop(name, None)
+def small_peak_measurement(monkeypatch):
+    monkeypatch.setattr(throughput, "PEAK_SIZE", {"cpu": (128, 2)})
+
+
+def run_benchmark(script: str, args: list[str]) -> None:
+    """``python benchmarks/<script>.py ARGS`` in this process (so the small peak measurement applies)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", [str(BENCHMARKS / f"{script}.py"), *args])
+        runpy.run_path(str(BENCHMARKS / f"{script}.py"), run_name="__main__")
 
 
 def tiny_checkpoint_and_images(tmp_path, tiny_params, n: int, size: int) -> tuple[str, str]:
@@ -34,15 +41,11 @@ def tiny_checkpoint_and_images(tmp_path, tiny_params, n: int, size: int) -> tupl
 
 
 def test_count_flops_counts_a_matrix_product():
-    from throughput import count_flops
-
     a, b = torch.ones(4, 5), torch.ones(5, 6)
     assert count_flops(lambda: a @ b) == 2 * 4 * 5 * 6
 
 
 def test_peak_table_measures_each_precision_once(monkeypatch):
-    import throughput
-
     monkeypatch.setattr(throughput, "PEAK_SIZE", {"cpu": (64, 1)})
     calls = []
     real = throughput.matmul_peak_tflops
@@ -57,12 +60,10 @@ def test_peak_table_measures_each_precision_once(monkeypatch):
 
 
 def test_denoise_speed_prints_flops_and_the_share_of_peak(tmp_path, tiny_params, capsys):
-    import denoise_speed
-
     checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 6, 8)
-    denoise_speed.main(["--checkpoint", checkpoint, "--data", data, "--n-images", "6",
-                        "--bm3d-images", "0", "--ddim-steps", "3", "--amp", "off", "--device", "cpu",
-                        "--batch-size", "3"])
+    run_benchmark("denoise_speed", ["--checkpoint", checkpoint, "--data", data, "--n-images", "6",
+                                    "--bm3d-images", "0", "--ddim-steps", "3", "--amp", "off", "--device", "cpu",
+                                    "--batch-size", "3"])
     out = capsys.readouterr().out
     one_step = next(line for line in out.splitlines() if line.startswith("| one-step"))
     ddim = next(line for line in out.splitlines() if line.startswith("| DDIM-3"))
@@ -73,11 +74,9 @@ def test_denoise_speed_prints_flops_and_the_share_of_peak(tmp_path, tiny_params,
 
 
 def test_train_speed_prints_each_mode_against_its_precision_peak(tmp_path, tiny_params, capsys):
-    import train_speed
-
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
-    train_speed.main(["--params", str(params_file), "--batch", "4", "--steps", "1", "--warmup", "1",
+    run_benchmark("train_speed", ["--params", str(params_file), "--batch", "4", "--steps", "1", "--warmup", "1",
                       "--modes", "fp32,bf16", "--device", "cpu"])
     out = capsys.readouterr().out
     assert re.search(r"fp32: +[\d.]+ img/s .*% of the fp32 matmul peak", out)
@@ -86,22 +85,18 @@ def test_train_speed_prints_each_mode_against_its_precision_peak(tmp_path, tiny_
 
 
 def test_train_speed_gives_one_row_per_batch_and_mode(tmp_path, tiny_params, capsys):
-    import train_speed
-
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
-    train_speed.main(["--params", str(params_file), "--batch", "2,4", "--steps", "1", "--warmup", "1",
+    run_benchmark("train_speed", ["--params", str(params_file), "--batch", "2,4", "--steps", "1", "--warmup", "1",
                       "--modes", "fp32", "--device", "cpu"])
     rows = re.findall(r"fp32 @(\d+): +[\d.]+ img/s", capsys.readouterr().out)
     assert rows == ["2", "4"]
 
 
 def test_train_speed_compares_cudnn_benchmark_settings_and_profiles_the_last_row(tmp_path, tiny_params, capsys):
-    import train_speed
-
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
-    train_speed.main(["--params", str(params_file), "--batch", "4", "--steps", "1", "--warmup", "1",
+    run_benchmark("train_speed", ["--params", str(params_file), "--batch", "4", "--steps", "1", "--warmup", "1",
                       "--modes", "fp32", "--device", "cpu", "--cudnn-benchmark", "off,on", "--profile", "2"])
     out = capsys.readouterr().out
     assert re.findall(r"fp32 cudnn.benchmark=(\w+): +[\d.]+ img/s", out) == ["off", "on"]
@@ -111,32 +106,28 @@ def test_train_speed_compares_cudnn_benchmark_settings_and_profiles_the_last_row
 
 
 def test_train_speed_applies_inductor_settings_and_times_the_warm_up(tmp_path, tiny_params, capsys, monkeypatch):
-    import train_speed
-
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
     seen = []
-    real_measure = train_speed.measure
-    config = train_speed.inductor_config
-    monkeypatch.setattr(train_speed, "measure", lambda *a: seen.append(
+    real_measure = training_speed.measure
+    config = training_speed.inductor_config
+    monkeypatch.setattr(training_speed, "measure", lambda *a: seen.append(
         (config.coordinate_descent_tuning, config.force_layout_optimization)) or real_measure(*a))
     args = ["--params", str(params_file), "--batch", "2", "--steps", "1", "--warmup", "1", "--modes", "fp32",
             "--device", "cpu"]
-    train_speed.main(args + ["--inductor", "coordinate_descent_tuning=True"])  # on top of params' train.inductor
-    train_speed.main(args + ["--inductor", "force_layout_optimization=False"])  # overriding it
+    run_benchmark("train_speed", args + ["--inductor", "coordinate_descent_tuning=True"])  # on params' train.inductor
+    run_benchmark("train_speed", args + ["--inductor", "force_layout_optimization=False"])  # overriding it
     assert tiny_params.train.inductor == {"force_layout_optimization": True}
     assert seen == [(True, True), (False, False)]
     assert not config.coordinate_descent_tuning and not config.force_layout_optimization  # set for the row only
     assert re.search(r"fp32: +[\d.]+ img/s .* peak; warm-up [\d.]+ s", capsys.readouterr().out)
     with pytest.raises(SystemExit):
-        train_speed.main(args + ["--inductor", "no_such_setting=1"])
+        run_benchmark("train_speed", args + ["--inductor", "no_such_setting=1"])
     assert "torch._inductor.config has no no_such_setting" in capsys.readouterr().err
 
 
 def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
     """channels_last selects a fused CPU attention kernel that torch's flop counter has no formula for."""
-    from throughput import count_flops
-
     from ddim_denoise.denoising.denoiser import build_model
 
     model, _ = build_model(tiny_params)
@@ -151,8 +142,6 @@ def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
 
 def test_eval_lossless_scores_the_training_images_with_split_train(tmp_path, tiny_params, capsys):
     """--split train reads x_train: the same table on images the model trained on shows over-fitting."""
-    import eval_lossless
-
     checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 3, 8)
     with np.load(data) as archive:
         test = archive["x_test"]
@@ -160,7 +149,7 @@ def test_eval_lossless_scores_the_training_images_with_split_train(tmp_path, tin
     args = ["--checkpoint", checkpoint, "--data", data, "--n-images", "3", "--bm3d-images", "0", "--ddim-steps", "",
             "--sigmas", "0.1", "--device", "cpu"]
     for split in ("test", "train"):
-        eval_lossless.main(args + ["--split", split])
+        run_benchmark("eval_lossless", args + ["--split", split])
     out = capsys.readouterr().out
     assert "3 lossless CIFAR-10 test images" in out and "3 lossless CIFAR-10 train images" in out
     rows = [line for line in out.splitlines() if line.startswith("| 0.1 |")]
@@ -169,29 +158,39 @@ def test_eval_lossless_scores_the_training_images_with_split_train(tmp_path, tin
 
 def test_eval_lossless_pairs_with_bm3d_when_a_ddim_row_ran_on_no_image(tmp_path, tiny_params, capsys):
     """--ddim-images 0 leaves the DDIM rows out of the first table; the BM3D-paired table must still print."""
-    import eval_lossless
-
     checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 3, 16)  # BM3D crashes on 8x8 images
-    eval_lossless.main(["--checkpoint", checkpoint, "--data", data, "--n-images", "3", "--bm3d-images", "1",
-                        "--ddim-steps", "3", "--ddim-images", "0", "--sigmas", "0.1", "--device", "cpu",
-                        "--workers", "1", "--cache-dir", str(tmp_path / "cache")])
+    run_benchmark("eval_lossless", ["--checkpoint", checkpoint, "--data", data, "--n-images", "3",
+                                    "--bm3d-images", "1", "--ddim-steps", "3", "--ddim-images", "0", "--sigmas", "0.1",
+                                    "--device", "cpu", "--workers", "1", "--cache-dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     assert "on BM3D's 1 images" in out and "DDIM" not in out
 
 
-@pytest.mark.parametrize("script", ["gray_noise", "mono_noise"])
-def test_noise_probe_prints_a_row_per_sigma_with_every_method(tmp_path, tiny_params, capsys, script):
-    probe = importlib.import_module(script)
-    checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 4, 16)
-    probe.main(["--checkpoint", checkpoint, "--data", data, "--n-images", "4",
-                "--bm3d-images", "2", "--workers", "1", "--sigmas", "0.1,0.2", "--device", "cpu",
-                "--cache-dir", str(tmp_path / "cache")])
-    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| 0\.[12] \|", line)]
-    assert len(rows) == 2
-    for row in rows:
-        cells = row.strip("|").split("|")[1:]
-        if script == "mono_noise":  # and how many images auto takes for monochromatic
-            cells, counts = cells[:-1], cells[-1]
-            assert re.fullmatch(r" \d / \d, \d of 4 ", counts)
-        assert len(cells) == (8 if script == "mono_noise" else 7)
-        assert all(re.fullmatch(r" \d+\.\d\d / \d\.\d{3} ", c) for c in cells)
+def test_lossless_evaluation_reruns_on_bm3d_images_only_the_methods_that_saw_more(tmp_path, tiny_params):
+    """The paired table puts every method on BM3D's images: one step (all 3 images) runs again on BM3D's 1, DDIM
+    (already on 1) and BM3D keep their rows."""
+    from ddim_denoise.denoising.denoiser import Denoiser
+
+    checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 3, 16)  # BM3D crashes on 8x8 images
+    denoiser = Denoiser.from_checkpoint(checkpoint, device="cpu")
+    evaluation = evaluate_lossless(denoiser, load_lossless_images(data, "test", 3), [0.1], ddim_steps=[2],
+                                   ddim_images=1, bm3d_images=1, workers=1, cache_dir=tmp_path / "cache")
+    first = evaluation.table.set_index("method").n_images
+    paired = evaluation.paired.set_index("method").n_images
+    assert evaluation.n_bm3d == 1 and first.max() == 3
+    assert list(paired.index) == list(first.index) and (paired == 1).all()  # same methods, same order
+    reran = first.index[first > 1]
+    assert not evaluation.paired.set_index("method").loc[reran, "psnr"].equals(
+        evaluation.table.set_index("method").loc[reran, "psnr"])  # scored on other images
+    assert "on BM3D's 1 images" in evaluation.markdown("title")
+
+
+def test_export_latency_prints_every_backend_with_its_difference_from_eager(tmp_path, tiny_params, capsys):
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params)
+    run_benchmark("export_latency", ["--checkpoint", str(checkpoint), "--batch", "2", "--size", "16", "--threads", "1",
+                                     "--warmup", "1", "--repeats", "2"])
+    rows = re.findall(r"^(pytorch eager|torchscript \(torch.jit\)|onnx \(onnxruntime\)) +([\d.]+) +([\d.]+) +(\S+)$",
+                      capsys.readouterr().out, flags=re.MULTILINE)
+    assert [r[0] for r in rows] == ["pytorch eager", "torchscript (torch.jit)", "onnx (onnxruntime)"]
+    assert all(float(ms) > 0 for _, ms, _, _ in rows)
+    assert float(rows[0][3]) == 0 and all(float(error) < 1e-3 for *_, error in rows)  # a wrong export would show

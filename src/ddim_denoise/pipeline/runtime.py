@@ -44,7 +44,7 @@ def cpu_has_bf16_dot() -> bool:
     """True on CPUs with AVX512-BF16 (or AMX) bf16 dot products, where bf16 autocast speeds up training and denoising.
 
     AMX is not needed: on the 2-core AMD EPYC (AVX512-BF16, no AMX) bf16 trained the CPU recipe's U-Net 1.64x as
-    fast as fp32 (benchmarks/train_speed.py, batch 16) with the same test PSNR (benchmarks/levers-amp.yaml), and the
+    fast as fp32 (benchmarks/train_speed.py, batch 16) with the same test PSNR (README, *CPU training speed*), and the
     default U-Net denoised 109 img/s in bf16 against 62 in fp32 (benchmarks/denoise_speed.py --amp off,auto).
     """
     flags = _cpu_flags()

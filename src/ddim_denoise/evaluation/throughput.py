@@ -1,7 +1,8 @@
 """What the speed benchmarks divide by: the FLOPs a call costs and the device's measured matrix-product peak.
 
-Shared by ``train_speed.py`` and ``denoise_speed.py``: achieved FLOP/s over the measured peak says how much faster
-a model could run at all on the machine, which a bare images/s cannot.
+Shared by the training and denoising speed benchmarks (``training_speed.py``, ``denoising_speed.py``): achieved
+FLOP/s over the measured peak says how much faster a model could run at all on the machine, which a bare images/s
+cannot.
 """
 
 from __future__ import annotations
