@@ -296,7 +296,7 @@ def test_denoise_command_handles_every_kind_and_keeps_its_form(tmp_path, checkpo
 
 def test_transparent_pixels_stored_as_0_neither_mislead_the_estimate_nor_change(tmp_path, checkpoint):
     """A cut-out: the left half fully transparent and stored as 0, which looked like noise clipped to 0 and drew the
-    estimate of the visible half's 0.1 down to 0.04 (README, *Your own pictures*)."""
+    estimate of the visible half's 0.1 down to 0.04 (docs/serving.md, *The command line*)."""
     photo = np.clip(noisy_photo(64, 64, sigma=0.1, seed=2), 0, 1)
     rgba = np.dstack([quantize(photo, np.uint8), np.full((64, 64), 255, np.uint8)])
     rgba[:, :32] = 0

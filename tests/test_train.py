@@ -211,7 +211,7 @@ def test_outputs_and_summary(workspace):
 
 
 def test_running_out_of_device_memory_names_a_smaller_batch_and_keeps_the_checkpoint(workspace, monkeypatch):
-    """params.yaml's batch of 512 (the GPU recipe) does not fit every GPU: one line with the fix, not a traceback."""
+    """The gpu profile's batch of 512 does not fit every GPU: one line with the fix, not a traceback."""
     trainer = Trainer(with_train(workspace, epochs=2))  # batch 8, lr 1e-3
     real_step = trainer.train_step
 

@@ -72,8 +72,8 @@ def denoise_ddim(model: Preconditioner, schedule: NoiseSchedule, y: torch.Tensor
     take ``steps`` model evaluations from t* to 0. The last evaluation's clean estimate is the answer, so
     ``steps=1`` is the one-step x0 (Tweedie / MMSE) estimate. ``eta`` > 0 adds DDPM-style fresh noise per step.
     ``stop_sigma`` > 0 (model scale) ends the walk there instead of at 0: at the model's training floor it kept
-    one step's PSNR and SSIM more nearly than walking to 0 did, with more of the detail (README, *Full-size recipe
-    on a GPU*).
+    one step's PSNR and SSIM more nearly than walking to 0 did, with more of the detail (docs/design.md, *DDIM and
+    where it stops*).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")

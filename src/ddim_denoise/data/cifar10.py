@@ -51,7 +51,7 @@ BATCH_NAMES = (*TRAIN_BATCHES, TEST_BATCH)
 IMAGE_SHAPE = (32, 32, 3)  # stored as HWC uint8
 NUM_CLASSES = 10
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-PREFERRED_NPZ = "cifar10.npz"  # the name the README's offline recipe writes; chosen when several .npz files exist
+PREFERRED_NPZ = "cifar10.npz"  # the name the offline copy's command writes (docs/pipeline.md, *Data*); chosen first
 CIFAR_HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 # What prepare writes.

@@ -1,8 +1,9 @@
 """Noise that was clipped to [0, 1], as in every 8- or 16-bit image file, and the noise level of an image.
 
 The model was trained on unclipped Gaussian noise. A noisy pixel stored as exactly 0 or 1 only says that x + n fell
-at or beyond that bound, and treating it as an ordinary noisy value misleads the model badly (the CPU recipe's model
-scored 13.7 dB instead of 20.9 dB at sigma 0.5 on 8-bit inputs: README, *Clipped noise*). ``unclip`` puts such
+at or beyond that bound, and treating it as an ordinary noisy value misleads the model badly, by several dB at high
+sigma on 8-bit inputs (docs/serving.md, *Clipped noise*; the evaluate stage's "one-step, 8-bit input" rows measure
+what is left after unclipping). ``unclip`` puts such
 pixels back where Gaussian noise could have put them: around a clean estimate, it draws the noise from the normal
 distribution truncated to the clipped side. Alternating this with the denoiser converges in a few passes.
 """

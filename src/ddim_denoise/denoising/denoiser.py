@@ -195,7 +195,7 @@ class Denoiser:
 
     def _warn_untrained_sigma(self, sigma: np.ndarray, same_noise: bool) -> None:
         """Once per Denoiser: outside its training range the model extrapolates (still better than the input, but
-        the CPU recipe's model fell 0.2-1 dB behind BM3D at sigma 0.01-0.02: README, *Design notes*). Gray images
+        it can fall behind BM3D far below the range: docs/design.md, *The training noise range*). Gray images
         (and monochromatic noise) count at the level the model sees: sqrt(3) times theirs (``grayscale``)."""
         trained = self.trained_sigma_range
         if trained is None or self._warned_untrained_sigma:

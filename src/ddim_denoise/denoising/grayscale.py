@@ -3,7 +3,7 @@
 A noisy gray image holds one noise draw per pixel. Replicated to RGB, all three channels carry that same draw, and the
 model, trained on independent noise in each channel, has never seen such noise: along the gray axis it is sqrt(3)
 times as strong as in an RGB image of the same sigma, and across colours it is absent. Told sigma, the model removes
-little of it (the CPU recipe's model: 21.7 dB from a 20.3 dB input at sigma 0.1; README, *Grayscale images*).
+little of it, barely improving on the noisy input (docs/serving.md, *Gray images*).
 
 ``whiten`` adds fresh noise in the two colour directions only, sqrt(3)·sigma strong. The replicated noise
 (covariance sigma^2·11ᵀ) plus the colour noise (3·sigma^2·(I - 11ᵀ/3)) is then white, variance 3·sigma^2 everywhere:
@@ -23,11 +23,12 @@ from ddim_denoise.denoising.clipping import estimate_noise_sigma
 
 RGB_SIGMA_FACTOR = math.sqrt(3)  # noise std of the whitened RGB image per unit of the gray image's noise std
 # looks_mono_noise: an image's noise counts as one draw in R, G and B when its colour differences carry less than this
-# share of the image's noise level. On 300 lossless test images (float and 8-bit, sigma 0.02-0.5) independent noise gave
-# 0.42 or more, monochromatic noise 0.36 or less (README, *Monochromatic noise*).
+# share of the image's noise level. Noise drawn per channel gives a ratio near 1, monochromatic noise one near 0 (only
+# the image's texture shows in its colour differences); 0.4 lies between the two on CIFAR-10 test images, float and
+# 8-bit, at sigma 0.02-0.5 (docs/serving.md, *Monochromatic noise*; tests/test_grayscale.py checks both sides).
 MONO_NOISE_MAX_RATIO = 0.4
-# Below this given sigma the two overlap (texture outweighs the noise), and taking per-channel noise for monochromatic
-# cost 1 dB on those images at sigma 0.01, where the monochromatic path gains 0.05 dB: such images keep the default.
+# Below this given sigma the two overlap (texture outweighs the noise): taking per-channel noise for monochromatic
+# there costs far more than the monochromatic path gains, so such images keep the default.
 MONO_NOISE_MIN_SIGMA = 0.015
 
 

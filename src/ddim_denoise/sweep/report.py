@@ -1,5 +1,6 @@
-"""What a sweep leaves behind, rebuilt from the study after every session: ``trials.csv``, ``best_params.yaml``,
-``summary.json`` (DVC metrics) and ``plots/``; and the command that trains the chosen trial for real.
+"""What a sweep leaves behind, rebuilt from the study after every run of ``sweep run``: ``trials.csv``,
+``best_params.yaml``, ``summary.json`` (DVC metrics) and ``plots/``; and the command that trains the chosen trial
+for real.
 
 Everything is derived from the study in storage, so several workers writing the same folder, or a resumed search,
 always end with reports of the whole study.

@@ -241,7 +241,7 @@ class SearchSpace:
 
     def build_sampler(self, seed_offset: int = 0):
         """TPE with the file's arguments; an integer seed is shifted by ``seed_offset`` (the trials already in the
-        study) so a resumed search does not replay the first session's random draws."""
+        study) so a resumed search does not replay the first run's random draws."""
         import optuna
 
         kwargs = dict(self.spec.sampler)

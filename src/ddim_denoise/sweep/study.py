@@ -1,7 +1,7 @@
 """Optuna search over params.yaml keys (``pipelines/sweep/space.yaml``), tracked in MLflow, resumable and parallel.
 
 ``run_sweep`` opens (or creates) the study, nests every trial's MLflow run under the study's parent run, trains
-trial after trial (``sweep_objective``), and rebuilds the reports (``sweep_report``) at the end of the session.
+trial after trial (``sweep_objective``), and rebuilds the reports (``sweep_report``) when the run ends.
 ``best_trial_report`` prints the best trial and the ``dvc exp run -S ...`` command that trains it for real, and can
 write its values into params.yaml.
 
@@ -119,7 +119,7 @@ class StopAfterFailures:
 
 class RefreshReports:
     """Study callback: rewrite trials.csv, summary.json and best_params.yaml after every trial, so a long search
-    can be watched, and a killed one leaves current tables (plots are drawn at the end of the session)."""
+    can be watched, and a killed one leaves current tables (plots are drawn when the run ends)."""
 
     def __init__(self, out_dir: Path, metric: str):
         self.out_dir, self.metric = out_dir, metric

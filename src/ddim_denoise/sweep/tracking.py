@@ -101,7 +101,7 @@ def record_dead_trial(study, trial) -> None:
 
 def log_study_outputs(run: tracking.SafeRun, files: list[Path], metrics: dict[str, float], step: int) -> None:
     """The sweep's reports (trials.csv, best_params.yaml, summary.json, plots) as the parent run's artifacts, and
-    its summary metrics at ``step`` (the number of finished trials, so resumed sessions extend the curves)."""
+    its summary metrics at ``step`` (the number of finished trials, so resumed runs extend the curves)."""
     run.log_metrics(metrics, step=step)
     for path in files:
         run.log_artifact(path, path.parent.name if path.suffix == ".png" else None)
