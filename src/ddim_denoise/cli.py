@@ -287,7 +287,7 @@ def sweep_errors(fn):
 def sweep_run_command(
     trials: Optional[int] = typer.Option(None, "--trials", "-n", min=1, help="trials this process runs"),
     total: Optional[int] = typer.Option(None, "--total", min=1, help="stop once the study holds this many finished "
-                                        "(complete or pruned) trials, counting earlier sessions and other workers: "
+                                        "(complete or pruned) trials, counting earlier runs and other workers: "
                                         "rerunning the same command after a kill runs only what is missing"),
     timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="seconds; no new trial starts after it"),
     study: Optional[str] = SWEEP_STUDY_OPT,

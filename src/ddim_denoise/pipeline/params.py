@@ -78,8 +78,7 @@ class TrainConfig(_Section):
     # torch.compile's mode; reduce-overhead replays each step as CUDA graphs (one GPU only: runtime.resolve_compile_mode)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "reduce-overhead"
     # torch._inductor.config settings while compiling (runtime.compile_context). Forcing Inductor's layout
-    # optimisation, which skips U-Nets by default, trained the GPU recipe 1.2x faster (README, *Full-size recipe on a
-    # GPU*).
+    # optimisation, which skips U-Nets by default, trained the gpu profile 1.2x faster (docs/results.md, *Training*).
     inductor: dict[str, bool | int | float | str] = Field(default_factory=lambda: {"force_layout_optimization": True})
     cudnn_benchmark: bool = True  # GPU: time cuDNN's convolution algorithms once per shape and keep the fastest
     num_workers: int = Field(0, ge=0)

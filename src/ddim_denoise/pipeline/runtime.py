@@ -33,7 +33,7 @@ def _cpu_flags() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The hardware's own name ('NVIDIA H200', 'AMD EPYC 9B14'), so runs compared in MLflow say what they ran on."""
+    """The hardware's own model name (a GPU's or the CPU's), so runs compared in MLflow say what they ran on."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     names = [line.partition(":")[2].strip() for line in _cpu_flags().splitlines() if line.startswith("model name")]
@@ -43,9 +43,9 @@ def device_name(device: torch.device) -> str:
 def cpu_has_bf16_dot() -> bool:
     """True on CPUs with AVX512-BF16 (or AMX) bf16 dot products, where bf16 autocast speeds up training and denoising.
 
-    AMX is not needed: on the 2-core AMD EPYC (AVX512-BF16, no AMX) bf16 trained the CPU recipe's U-Net 1.64x as
-    fast as fp32 (benchmarks/train_speed.py, batch 16) with the same test PSNR (README, *CPU training speed*), and the
-    default U-Net denoised 109 img/s in bf16 against 62 in fp32 (benchmarks/denoise_speed.py --amp off,auto).
+    AMX is not needed: on a 2-core CPU with AVX512-BF16 and no AMX, bf16 trained the 1.54M U-Net 1.64x as fast as
+    fp32 (benchmarks/train_speed.py, batch 16), and the 4.44M U-Net denoised 109 img/s in bf16 against 62 in fp32
+    (benchmarks/denoise_speed.py --amp off,auto; docs/results.md, *Speed*).
     """
     flags = _cpu_flags()
     return " avx512_bf16" in flags or " amx_bf16" in flags
@@ -95,9 +95,9 @@ def resolve_channels_last(setting: str | bool, device: torch.device) -> bool:
 
 
 def resolve_compile(setting: str | bool, device: torch.device) -> bool:
-    """``train.compile``: ``auto`` compiles on GPUs, where it doubled the training rate (README, *Full-size recipe on a
-    GPU*), and not on CPUs, where it added nothing after a minute or more of compiling (README, *CPU training speed*:
-    33.5 img/s compiled against 35.5 eager in bf16, the default model)."""
+    """``train.compile``: ``auto`` compiles on GPUs, where it doubled the training rate, and not on CPUs, where it
+    added nothing after a minute or more of compiling (docs/results.md, *Training*: 33.5 img/s compiled against 35.5
+    eager in bf16, the 4.44M model)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
@@ -151,6 +151,6 @@ def configure_cudnn(device: torch.device, benchmark: bool) -> None:
 
 
 def resolve_inference_precision(amp: str, device: torch.device) -> Precision:
-    """``eval.amp`` for denoising: as ``train.amp``, without a GradScaler. bf16 moved the CPU recipe's one-step PSNR
-    by at most 0.002 dB on 300 lossless test images."""
+    """``eval.amp`` for denoising: as ``train.amp``, without a GradScaler. bf16 moves one-step PSNR by
+    thousandths of a dB (docs/results.md, *Denoising*)."""
     return Precision(resolve_precision(amp, device, key="eval.amp").dtype, False)
