@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from ddim_denoise.pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
 from ddim_denoise.cli import app
-from ddim_denoise.pipeline.params import ParamsError, flatten, load_params, set_dotted, validate_params
+from ddim_denoise.pipeline.params import ParamsError, default_params, flatten, load_params, set_dotted, validate_params
 from ddim_denoise.pipeline.files import MANIFEST_FILE
 from ddim_denoise.denoising.denoiser import Denoiser, build_model
 
@@ -37,12 +37,16 @@ def workspace(tmp_path, tiny_params, monkeypatch):
 
 
 # --- params.yaml -----------------------------------------------------------------------------------------------------
-def test_the_shipped_defaults_and_the_code_defaults_agree():
-    """A key left out of someone's params file gets conf/config.yaml's value, not an older one."""
-    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text())
-    del base["defaults"], base["profile"]  # the profile file names itself
-    shipped, defaults = flatten(validate_params(base)), flatten(validate_params({}))
-    assert {key: (value, defaults[key]) for key, value in shipped.items() if defaults[key] != value} == {}
+def test_a_key_left_out_takes_conf_defaults_and_a_mapping_leaf_is_replaced_whole():
+    """A params file, or a checkpoint written before a key existed, may leave keys out: they take conf/config.yaml's
+    value. train.inductor is a value, not a section: a file's mapping replaces the default's, keys and all."""
+    defaults = default_params()
+    params = validate_params({"train": {"lr": 1e-3, "inductor": {}}, "eval": None})
+    assert params.train.lr == 1e-3 and params.train.epochs == defaults["train"]["epochs"]
+    assert params.train.inductor == {} and defaults["train"]["inductor"]
+    assert params.eval.n_images == defaults["eval"]["n_images"]
+    with pytest.raises(ParamsError, match="train: Input should be a valid dictionary"):
+        validate_params({"train": 5})
 
 
 def test_a_key_that_takes_auto_or_a_value_is_one_problem_naming_both():

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ddim_denoise.pipeline.params import CONF_DIR
 from ddim_denoise.training.estimate import QUICK_PROFILE, FirstEpochEstimate, long_run_warning
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def test_the_quick_profile_named_in_the_warning_exists():
-    assert (REPO / "conf" / "profile" / f"{QUICK_PROFILE}.yaml").is_file()
+    assert (CONF_DIR / "profile" / f"{QUICK_PROFILE}.yaml").is_file()
 
 
 def test_a_run_of_days_on_a_cpu_is_told_its_length_and_the_faster_profile():

@@ -39,12 +39,12 @@ def project(tmp_path):
     shutil.copytree(ROOT / ".dvc", proj / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     shutil.copytree(ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     # A tiny profile, made the default: `dvc exp run` composes params.yaml from conf/ as in the project itself.
-    shutil.copytree(ROOT / "conf", proj / "conf")
-    (proj / "conf" / "profile" / "tiny.yaml").write_text(
+    conf = proj / "src" / "ddim_denoise" / "conf"
+    (conf / "profile" / "tiny.yaml").write_text(
         "# @package _global_\n" + yaml.safe_dump({"profile": "tiny", **TINY}, sort_keys=False))
-    config = proj / "conf" / "config.yaml"
+    config = conf / "config.yaml"
     config.write_text(re.sub(r"- profile: \w+", "- profile: tiny", config.read_text()))
-    (proj / "params.yaml").write_text(yaml.safe_dump(compose_params(proj / "conf"), sort_keys=False))
+    (proj / "params.yaml").write_text(yaml.safe_dump(compose_params(conf), sort_keys=False))
     write_cifar_npz(proj / "data" / "raw", n_train_per_batch=4, n_test=4)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",

@@ -1,5 +1,8 @@
 """params.yaml: its schema, loading with every problem reported at once, overrides, and flattening for MLflow.
 
+The schema holds types and bounds; the defaults are written once, in conf/config.yaml, which DVC composes into
+params.yaml with a profile (conf/profile/) and which fills any key a params file or a checkpoint leaves out.
+
 Every stage validates the whole file before any work starts, so a typo in a key fails in one second, not after an
 hour of training. Unknown keys are errors (``extra='forbid'``).
 """
@@ -12,6 +15,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # config.yaml (defaults) and profile/*.yaml
 
 
 class _Section(BaseModel):
@@ -27,76 +33,76 @@ Precision = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_o
 
 
 class DataConfig(_Section):
-    raw_dir: str = "data/raw"
-    prepared_dir: str = "data/prepared"
-    val_size: int = Field(5000, ge=1)
-    download: bool = True  # fall back to torchvision's download when data/raw holds no archive
-    originals: str | None = None  # .npz whose x_train = original pixels of the first training images (JPEG copies)
-    originals_only: bool = False  # train split = those original-pixel images alone (a fine-tuning set)
+    raw_dir: str
+    prepared_dir: str
+    val_size: int = Field(ge=1)
+    download: bool  # fall back to torchvision's download when data/raw holds no archive
+    originals: str | None  # .npz whose x_train = original pixels of the first training images (JPEG copies)
+    originals_only: bool  # train split = those original-pixel images alone (a fine-tuning set)
 
 
 class ModelConfig(_Section):
-    base_channels: int = Field(64, ge=8)
-    channel_mult: list[int] = [1, 2, 2]
-    num_res_blocks: int = Field(1, ge=1)
-    attention_resolutions: list[int] = [16]
-    num_heads: int = Field(4, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    groups: int = Field(32, ge=1)
+    base_channels: int = Field(ge=8)
+    channel_mult: list[int]
+    num_res_blocks: int = Field(ge=1)
+    attention_resolutions: list[int]
+    num_heads: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
+    groups: int = Field(ge=1)
 
 
 class DiffusionConfig(_Section):
-    schedule: Literal["linear", "cosine"] = "cosine"
-    T: int = Field(1000, ge=2)
-    beta_start: float = Field(1e-4, gt=0, lt=1)
-    beta_end: float = Field(0.02, gt=0, lt=1)
-    prediction: Literal["eps", "x0", "v", "edm"] = "eps"
-    sigma_data: float = Field(0.5, gt=0)
-    t_sampling: Literal["uniform", "log_uniform", "log_normal"] = "log_uniform"
-    sigma_min: float = Field(0.05, gt=0)  # pixel scale, for log_uniform (as params.yaml)
-    sigma_max: float = Field(0.6, gt=0)  # pixel scale, for log_uniform
-    p_mean: float = -1.2  # model-scale log-sigma mean, for log_normal
-    p_std: float = Field(1.2, gt=0)
+    schedule: Literal["linear", "cosine"]
+    T: int = Field(ge=2)
+    beta_start: float = Field(gt=0, lt=1)
+    beta_end: float = Field(gt=0, lt=1)
+    prediction: Literal["eps", "x0", "v", "edm"]
+    sigma_data: float = Field(gt=0)
+    t_sampling: Literal["uniform", "log_uniform", "log_normal"]
+    sigma_min: float = Field(gt=0)  # pixel scale, for log_uniform (as params.yaml)
+    sigma_max: float = Field(gt=0)  # pixel scale, for log_uniform
+    p_mean: float  # model-scale log-sigma mean, for log_normal
+    p_std: float = Field(gt=0)
 
 
 class TrainConfig(_Section):
-    out_dir: str = "models"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    epochs: int = Field(60, ge=1)
-    max_train_images: int | None = Field(None, ge=1)  # a subset per epoch, for quick runs and sweeps
-    batch_size: int = Field(512, ge=1)
-    lr: float = Field(8e-4, gt=0)
-    min_lr: float = Field(1e-6, ge=0)
-    warmup_epochs: float = Field(2.0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    hflip: bool = True
-    amp: Precision = "auto"
-    channels_last: Literal["auto"] | bool = "auto"  # see runtime.resolve_channels_last
-    compile: Literal["auto"] | bool = "auto"  # see runtime.resolve_compile
+    out_dir: str
+    device: str  # auto | cpu | cuda | cuda:N
+    epochs: int = Field(ge=1)
+    max_train_images: int | None = Field(ge=1)  # a subset per epoch, for quick runs and sweeps
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    min_lr: float = Field(ge=0)
+    warmup_epochs: float = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    grad_clip: float = Field(gt=0)
+    ema_decay: float = Field(ge=0, lt=1)
+    hflip: bool
+    amp: Precision
+    channels_last: Literal["auto"] | bool  # see runtime.resolve_channels_last
+    compile: Literal["auto"] | bool  # see runtime.resolve_compile
     # torch.compile's mode; reduce-overhead replays each step as CUDA graphs (one GPU only: runtime.resolve_compile_mode)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "reduce-overhead"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
     # torch._inductor.config settings while compiling (runtime.compile_context). Forcing Inductor's layout
     # optimisation, which skips U-Nets by default, trained the gpu profile 1.2x faster (docs/results.md, *Training*).
-    inductor: dict[str, bool | int | float | str] = Field(default_factory=lambda: {"force_layout_optimization": True})
-    cudnn_benchmark: bool = True  # GPU: time cuDNN's convolution algorithms once per shape and keep the fastest
-    num_workers: int = Field(0, ge=0)
-    pin_memory: bool = True
-    checkpoint_every: int = Field(10, ge=1)
-    val_every: int = Field(5, ge=1)
-    val_images: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)  # steps between loss/LR points logged to MLflow
-    max_nonfinite_steps: int = Field(20, ge=1)
+    inductor: dict[str, bool | int | float | str]
+    cudnn_benchmark: bool  # GPU: time cuDNN's convolution algorithms once per shape and keep the fastest
+    num_workers: int = Field(ge=0)
+    pin_memory: bool
+    checkpoint_every: int = Field(ge=1)
+    val_every: int = Field(ge=1)
+    val_images: int = Field(ge=1)
+    log_every: int = Field(ge=1)  # steps between loss/LR points logged to MLflow
+    max_nonfinite_steps: int = Field(ge=1)
     # Divergence guard: stop once the mean loss over log_every steps has stayed above divergence_factor x its lowest
     # value for max_diverged_steps steps (a too-high lr can collapse the output to zero with a finite loss).
-    divergence_factor: float | None = Field(3.0, gt=1)  # null: never stop on a rising loss
-    max_diverged_steps: int = Field(500, ge=1)
-    resume: Literal["auto", "never"] = "auto"
+    divergence_factor: float | None = Field(gt=1)  # null: never stop on a rising loss
+    max_diverged_steps: int = Field(ge=1)
+    resume: Literal["auto", "never"]
     # Wall-clock budget of one training process, minutes: it stops after the last epoch that its mean epoch time
     # says fits (that epoch validated and checkpointed; rerun to go on). The LR schedule still spans train.epochs.
-    max_minutes: float | None = Field(None, gt=0)
-    init_from: str | None = None  # start from this checkpoint's EMA weights (fine-tuning); optimizer starts fresh
+    max_minutes: float | None = Field(gt=0)
+    init_from: str | None  # start from this checkpoint's EMA weights (fine-tuning); optimizer starts fresh
 
     @model_validator(mode="after")
     def _lr_schedule_makes_sense(self) -> "TrainConfig":
@@ -111,23 +117,23 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    out_dir: str = "evaluation"
-    n_images: int = Field(10000, ge=1)
-    sigmas: list[float] = [0.1, 0.2, 0.3, 0.5]
-    ddim_steps: int = Field(10, ge=1)
-    ddim_stop_sigma: float = Field(0.0, ge=0, lt=1)  # where the DDIM rows stop walking down (Denoiser.denoise)
-    ddim_images: int | None = Field(None, ge=1)  # the DDIM rows on the first N images only (ddim_steps calls each)
-    bm3d_images: int = Field(200, ge=0)
-    nlm_images: int = Field(1000, ge=0)
-    batch_size: int = Field(250, ge=1)
-    amp: Precision = "auto"  # denoising precision; see runtime.resolve_inference_precision
-    noise_seed: int = 1234
-    unclip_passes: int = Field(2, ge=0)  # extra one-step passes for images with clipped noise (pixels at 0 or 1)
-    unclip_passes_estimated: int = Field(4, ge=0)  # the same when sigma is estimated (re-estimated every pass)
-    clipped_images: int = Field(1000, ge=0)  # one-step also on these first noisy images stored as 8-bit; 0 = off
-    grid_images: int = Field(6, ge=1)
+    out_dir: str
+    n_images: int = Field(ge=1)
+    sigmas: list[float]
+    ddim_steps: int = Field(ge=1)
+    ddim_stop_sigma: float = Field(ge=0, lt=1)  # where the DDIM rows stop walking down (Denoiser.denoise)
+    ddim_images: int | None = Field(ge=1)  # the DDIM rows on the first N images only (ddim_steps calls each)
+    bm3d_images: int = Field(ge=0)
+    nlm_images: int = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    amp: Precision  # denoising precision; see runtime.resolve_inference_precision
+    noise_seed: int
+    unclip_passes: int = Field(ge=0)  # extra one-step passes for images with clipped noise (pixels at 0 or 1)
+    unclip_passes_estimated: int = Field(ge=0)  # the same when sigma is estimated (re-estimated every pass)
+    clipped_images: int = Field(ge=0)  # one-step also on these first noisy images stored as 8-bit; 0 = off
+    grid_images: int = Field(ge=1)
     # processes for the classical baselines (BM3D is ~1 s per image per core); auto: one per CPU core this process may use
-    workers: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    workers: Literal["auto"] | Annotated[int, Field(ge=1)]
 
     @field_validator("sigmas")
     @classmethod
@@ -139,26 +145,26 @@ class EvalConfig(_Section):
 
 
 class ReportConfig(_Section):
-    out_dir: str = "reports"
+    out_dir: str
 
 
 class MlflowConfig(_Section):
-    experiment: str = "ddim-denoise"
-    log_model: bool = True
-    log_checkpoints: bool = True  # periodic checkpoints as they are written, the best one at the end
-    registered_model: str = "ddim-denoiser"  # evaluate registers the model under this name; "" = do not register
+    experiment: str
+    log_model: bool
+    log_checkpoints: bool  # periodic checkpoints as they are written, the best one at the end
+    registered_model: str  # evaluate registers the model under this name; "" = do not register
 
 
 class Params(_Section):
-    profile: str | None = None  # the conf/profile/ file params.yaml was composed with (names the MLflow run)
-    seed: int = 0
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    diffusion: DiffusionConfig = DiffusionConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
-    report: ReportConfig = ReportConfig()
-    mlflow: MlflowConfig = MlflowConfig()
+    profile: str | None  # the conf/profile/ file params.yaml was composed with (names the MLflow run)
+    seed: int
+    data: DataConfig
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    eval: EvalConfig
+    report: ReportConfig
+    mlflow: MlflowConfig
 
 
 class ParamsError(ValueError):
@@ -187,9 +193,29 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, object] |
     return validate_params(raw, source=str(path))
 
 
+def default_params() -> dict:
+    """Every key's default: conf/config.yaml, the one place defaults are written (DVC composes params.yaml from it)."""
+    defaults = read_yaml_mapping(CONF_DIR / "config.yaml", ParamsError, "reinstall the package", "a mapping")
+    defaults.pop("defaults")  # Hydra's defaults list: which profile DVC composes in
+    return defaults
+
+
+def with_defaults(raw: dict) -> dict:
+    """``raw`` over the defaults, section by section: a params file, or a checkpoint's params, may leave keys out
+    (a key added after the checkpoint was written). A leaf that holds a mapping (``train.inductor``) is replaced whole;
+    anything that is not a mapping where a section belongs is kept for validation to refuse."""
+    merged = default_params()
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        elif value is not None or not isinstance(merged.get(key), dict):  # `train:` left empty keeps the defaults
+            merged[key] = value
+    return merged
+
+
 def validate_params(raw: dict, source: str = "params") -> Params:
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(with_defaults(raw))
     except ValidationError as e:
         problems: dict[str, list[str]] = {}  # one entry per key: a union's branches (e.g. 'auto' or an int) each fail
         for err in e.errors():
