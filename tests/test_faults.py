@@ -85,6 +85,7 @@ def test_kill_9_then_rerun_resumes_and_ends_like_an_uninterrupted_run(workspace)
     assert resumed["mlflow_run_id"] == killed_run_id  # and it went on logging into the same MLflow run
     run_info = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(killed_run_id).info
     assert run_info.status == "FINISHED"
+    assert "marked KILLED" not in rerun.stderr  # resumed, so never taken for the killed process's run
 
 
 def test_truncated_last_checkpoint_is_one_clear_line(workspace):

@@ -250,6 +250,7 @@ def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace)
     assert {a.path for a in client.list_artifacts(parent_id)} >= {"trials.csv", "best_params.yaml", "plots"}
     runs = nested_runs(parent_id)
     assert sorted(r.data.tags["sweep.trial"] for r in runs) == ["0", "1"]
+    assert sorted(r.info.run_name for r in runs) == ["trial-0", "trial-1"]  # not the training runs' names
     for run in runs:
         assert run.data.tags["state"] == "COMPLETE" and run.info.status == "FINISHED"
         assert len(client.get_metric_history(run.info.run_id, "val_psnr_mean")) == 2  # one point per epoch

@@ -190,7 +190,8 @@ def test_init_from_a_checkpoint_of_another_architecture_is_one_clear_error(works
         Trainer(validate_params(raw))
 
 
-def test_outputs_and_summary(workspace):
+def test_outputs_and_summary(workspace, monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)  # the name below is a run's outside `dvc exp run`
     summary = Trainer(workspace).fit()
     assert summary["epochs"] == 2 and summary["parameters"] > 0 and summary["images_per_s"] > 0
     assert summary["steady_images_per_s"] > 0  # epoch 2's rate
@@ -200,7 +201,9 @@ def test_outputs_and_summary(workspace):
     assert summary["compile"] is None and summary["channels_last"] is False and summary["device_name"]
     import mlflow
 
-    tags = mlflow.MlflowClient().get_run(summary["mlflow_run_id"]).data.tags
+    run = mlflow.MlflowClient().get_run(summary["mlflow_run_id"])
+    assert run.info.run_name == "train ch8 e2 b8 lr1e-3" and run.info.status == "FINISHED"  # what it was, not "train"
+    tags = run.data.tags
     assert tags["compile"] == "off" and tags["channels_last"] == "False" and tags["device_name"] == summary["device_name"]
     on_disk = json.loads(open("training/summary.json").read())
     assert on_disk["best_val_psnr"] == summary["best_val_psnr"] and np.isfinite(on_disk["best_val_psnr"])

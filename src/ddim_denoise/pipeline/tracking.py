@@ -6,6 +6,12 @@ root. MLflow 3.x treats a bare ``./mlruns`` folder as a deprecated file store, s
 
 ``dvc exp run --temp`` and ``--queue`` execute in a copy of the repo under ``<root>/.dvc/tmp/exps/``; runs from
 there must land in the workspace's store, not in the throw-away copy, so the project root is found above it.
+
+Runs a person can tell apart: a training run is named after what it was (``training_run_name``: the DVC experiment,
+the params profile, the key params) and tagged ``profile`` / ``dvc_exp_name``. A run records the ``host``, ``pid``
+and ``process_start`` of the process writing to it; a process killed outside Python (kill -9, the OOM killer,
+a power cut) never ends its run, so each ``start_run`` marks this host's RUNNING runs whose process has ended as KILLED.
+A run reopened to resume takes the reopening process's identity first, so it is never one of them.
 """
 
 from __future__ import annotations
@@ -13,11 +19,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "mlflow.db"
+
+# `dvc exp run` sets this for every stage command of an experiment (dvc/env.py, the experiment queue's run_env).
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
+PROFILE_TAG = "profile"
+DVC_EXP_NAME_TAG = "dvc_exp_name"
+HOST_TAG = "host"
+PID_TAG = "pid"
+PROCESS_START_TAG = "process_start"
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -60,6 +75,104 @@ def configure(experiment: str) -> str:
             pass
     mlflow.set_experiment(experiment)
     return uri
+
+
+def dvc_experiment_name() -> str | None:
+    """The experiment's name when this process runs under ``dvc exp run``; None otherwise."""
+    return os.environ.get(DVC_EXP_NAME_ENV) or None
+
+
+def short_number(value: float) -> str:
+    """2e-3, 8e-4, 2.5e-4: a learning rate in as few characters as it takes (three significant digits at most)."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def training_run_name(params) -> str:
+    """What a training run was, in a line the MLflow UI shows: ``quick ch32 e3 b16 lr2e-3`` (profile, then
+    model.base_channels, train.epochs, train.batch_size, train.lr); under ``dvc exp run`` the experiment's name
+    first: ``bushy-vole (quick ch32 e3 b16 lr2e-3)``. Without a profile the key params follow ``train``."""
+    key_params = (f"ch{params.model.base_channels} e{params.train.epochs} b{params.train.batch_size} "
+                  f"lr{short_number(params.train.lr)}")
+    profile = getattr(params, "profile", None)  # a top-level key that not every params.yaml has
+    described = f"{profile} {key_params}" if profile else key_params
+    experiment = dvc_experiment_name()
+    if experiment:
+        return f"{experiment} ({described})"
+    return described if profile else f"train {key_params}"
+
+
+def training_run_tags(params) -> dict[str, str]:
+    """Tags that say which recipe a training run followed (the DVC experiment name is added by ``start_run``)."""
+    profile = getattr(params, "profile", None)
+    return {PROFILE_TAG: str(profile)} if profile else {}
+
+
+def process_start(pid: int) -> str | None:
+    """``<boot id>:<start time in clock ticks since boot>`` of process ``pid`` (Linux), or None where that cannot
+    be read. A pid is reused once its process ends; this pair is not, so it tells a new process from the old one."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name, which may itself hold spaces and parentheses: state is field 3, starttime 22.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return f"{boot_id}:{fields[19]}" if len(fields) > 19 else None
+
+
+def process_tags() -> dict[str, str]:
+    """Who writes to a run: this host, pid and (where known) process start."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    started = process_start(os.getpid())
+    if started:
+        tags[PROCESS_START_TAG] = started
+    return tags
+
+
+def process_alive(pid: int, recorded_start: str | None) -> bool:
+    """Whether the process that recorded ``pid`` (and ``recorded_start``, when known) still runs on this host."""
+    if os.name == "nt":  # os.kill terminates a process there whatever the signal: cannot ask safely
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2 :].startswith("Z"):  # exited, waiting for its parent to collect it
+            return False
+    except (OSError, ValueError):
+        pass
+    if recorded_start is not None:
+        current = process_start(pid)
+        if current is not None and current != recorded_start:  # the pid now belongs to another process
+            return False
+    return True
+
+
+def mark_killed_runs(client, experiment_id: str) -> list[str]:
+    """Set status KILLED on this host's RUNNING runs of the experiment whose process has ended; return their ids.
+    Runs of other hosts, and runs without a pid tag, are left as they are: from here nobody can tell."""
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' "
+                              f"and tags.`{HOST_TAG}` = '{host}'")
+    killed = []
+    for run in runs:
+        tags = run.data.tags
+        try:
+            pid = int(tags.get(PID_TAG, ""))
+        except ValueError:
+            continue
+        if process_alive(pid, tags.get(PROCESS_START_TAG)):
+            continue
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.info("MLflow run %s (%s) was left RUNNING by process %d, which has ended: marked KILLED",
+                 run.info.run_name, run.info.run_id, pid)
+        killed.append(run.info.run_id)
+    return killed
 
 
 class SafeRun:
@@ -145,23 +258,38 @@ class SafeRun:
 
 
 def start_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> SafeRun:
-    """Create (or reopen, given ``run_id``) a run; never raises: a dead tracking store yields a no-op SafeRun."""
+              tags: dict[str, str] | None = None, shared: bool = False) -> SafeRun:
+    """Create (or reopen, given ``run_id``) a run, then mark this host's runs of ended processes KILLED; never
+    raises: a dead tracking store yields a no-op SafeRun. A ``shared`` run (a sweep's parent, which several workers
+    reopen) records no process: one of them ending does not end it."""
     try:
         from mlflow import MlflowClient
+        from mlflow.entities import RunTag
 
         configure(experiment)
         client = MlflowClient()
+        owner = {} if shared else process_tags()
         if run_id is not None:
-            client.get_run(run_id)
+            run = client.get_run(run_id)
+            # This process's identity before the status: a run reopened to resume is then never taken for the
+            # ended process's run, by the check below or by another process starting meanwhile.
+            if owner:
+                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner.items()])
             client.update_run(run_id, status="RUNNING")
-            return SafeRun(run_id)
-        exp = client.get_experiment_by_name(experiment)
-        run = client.create_run(exp.experiment_id, run_name=run_name, tags=tags or {})
-        return SafeRun(run.info.run_id)
+            experiment_id = run.info.experiment_id
+        else:
+            experiment_id = client.get_experiment_by_name(experiment).experiment_id
+            dvc_experiment = dvc_experiment_name()
+            identity = {**owner, **({DVC_EXP_NAME_TAG: dvc_experiment} if dvc_experiment else {})}
+            run_id = client.create_run(experiment_id, run_name=run_name, tags={**identity, **(tags or {})}).info.run_id
     except Exception as e:
         log.warning("MLflow tracking unavailable (%s: %s); the run goes on without it", type(e).__name__, e)
         return SafeRun(None)
+    try:
+        mark_killed_runs(client, experiment_id)
+    except Exception as e:  # stale statuses are cosmetic: the new run goes on
+        log.warning("MLflow: could not check for runs of ended processes (%s: %s)", type(e).__name__, e)
+    return SafeRun(run_id)
 
 
 @contextlib.contextmanager

@@ -29,17 +29,17 @@ def parent_run_name(study_name: str) -> str:
 
 def open_parent_run(study, experiment: str, created: bool, storage_label: str) -> tracking.SafeRun:
     """The study's parent run: reopened when recorded, else created by the study's creator (other workers wait for
-    it, so simultaneous workers nest their trials under the same parent)."""
+    it, so simultaneous workers nest their trials under the same parent). Shared: no worker's end marks it KILLED."""
     run_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if run_id is None and not created:
         run_id = wait_for_attr(study, PARENT_RUN_ATTR)
     if run_id is not None:
-        run = tracking.start_run(experiment, run_id=run_id)
+        run = tracking.start_run(experiment, run_id=run_id, shared=True)
         if run.run_id is not None:
             return run
         log.warning("the study's parent run %s is not in this MLflow store: starting a new one", run_id)
     run = tracking.start_run(experiment, run_name=parent_run_name(study.study_name),
-                             tags={STUDY_TAG: study.study_name, "sweep.storage": storage_label})
+                             tags={STUDY_TAG: study.study_name, "sweep.storage": storage_label}, shared=True)
     if run.run_id is not None:
         study.set_user_attr(PARENT_RUN_ATTR, run.run_id)
     return run

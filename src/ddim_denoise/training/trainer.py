@@ -171,11 +171,12 @@ class Trainer:
     overwrite the main pipeline's DVC metrics."""
 
     def __init__(self, params: Params, rank: int = 0, world: int = 1, on_epoch_end=None,
-                 run_tags: dict[str, str] | None = None, run_name: str = "train",
+                 run_tags: dict[str, str] | None = None, run_name: str | None = None,
                  training_dir: str | Path = TRAINING_DIR):
         self.params, self.cfg = params, params.train
         self.training_dir = Path(training_dir)
-        self.on_epoch_end, self.run_tags, self.run_name = on_epoch_end, run_tags or {}, run_name
+        self.on_epoch_end, self.run_tags = on_epoch_end, {**tracking.training_run_tags(params), **(run_tags or {})}
+        self.run_name = run_name or tracking.training_run_name(params)
         self.rank, self.world = rank, world
         self.device = resolve_device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.amp, self.device)
