@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from cifar_fixtures import write_cifar_npz
-from profiles import compose_params
+
+from ddim_denoise.pipeline.profiles import compose_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def project(tmp_path):
         "# @package _global_\n" + yaml.safe_dump({"profile": "tiny", **TINY}, sort_keys=False))
     config = conf / "config.yaml"
     config.write_text(re.sub(r"- profile: \w+", "- profile: tiny", config.read_text()))
-    (proj / "params.yaml").write_text(yaml.safe_dump(compose_params(conf), sort_keys=False))
+    (proj / "params.yaml").write_text(yaml.safe_dump(compose_params(conf_dir=conf), sort_keys=False))
     write_cifar_npz(proj / "data" / "raw", n_train_per_batch=4, n_test=4)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",

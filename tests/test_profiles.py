@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from profiles import compose_params
 
-from ddim_denoise.pipeline.params import CONF_DIR, validate_params
+from ddim_denoise.pipeline.params import CONF_DIR, load_params, validate_params
+from ddim_denoise.pipeline.params_file import set_values
+from ddim_denoise.pipeline.profiles import compose_params, profile_file, write_params_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml"))
@@ -17,17 +19,17 @@ PROFILES = sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml"))
 def test_the_committed_params_yaml_is_what_dvc_exp_run_composes():
     """Edited conf/ without recomposing (or params.yaml edited by hand) would make `dvc repro` and `dvc exp run`
     train different things."""
-    assert yaml.safe_load((REPO / "params.yaml").read_text()) == compose_params(CONF_DIR)
+    assert yaml.safe_load((REPO / "params.yaml").read_text()) == compose_params()
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_is_valid_and_names_itself(profile):
-    params = validate_params(compose_params(CONF_DIR, [f"profile={profile}"]), source=profile)
+    params = validate_params(compose_params([f"profile={profile}"]), source=profile)
     assert params.profile == profile
 
 
 def test_the_profiles_differ_where_it_matters():
-    quick, cpu, gpu = (validate_params(compose_params(CONF_DIR, [f"profile={name}"]))
+    quick, cpu, gpu = (validate_params(compose_params([f"profile={name}"]))
                        for name in ("quick", "cpu", "gpu"))
     assert set(PROFILES) == {"quick", "cpu", "gpu"}
     assert quick.train.max_train_images and quick.train.epochs < cpu.train.epochs < gpu.train.epochs
@@ -36,5 +38,19 @@ def test_the_profiles_differ_where_it_matters():
 
 
 def test_a_single_param_overrides_the_profile():
-    params = validate_params(compose_params(CONF_DIR, ["profile=cpu", "train.lr=1e-3"]))
+    params = validate_params(compose_params(["profile=cpu", "train.lr=1e-3"]))
     assert params.train.lr == 1e-3 and params.train.epochs == 10
+
+
+def test_values_applied_to_a_profile_keep_its_comments_and_reach_params_yaml(tmp_path):
+    """`sweep best --apply` writes a trial's values into the profile params.yaml came from (adding the sections a
+    profile leaves out), then composes params.yaml again, as the next `dvc exp run` would."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    changes = set_values(profile_file("quick", conf), {"train.lr": 5e-4, "diffusion.prediction": "v"},
+                         add_sections=True)
+    assert changes == [("train.lr", 2e-3, 5e-4), ("diffusion.prediction", None, "v")]
+    assert "# A first look on a laptop CPU" in profile_file("quick", conf).read_text()
+    write_params_yaml(tmp_path / "params.yaml", ["profile=quick"], conf_dir=conf)
+    params = load_params(tmp_path / "params.yaml")
+    assert (params.profile, params.train.lr, params.diffusion.prediction, params.train.epochs) == ("quick", 5e-4, "v", 3)

@@ -2,6 +2,7 @@
 two worker processes sharing one study."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 
 from cifar_fixtures import write_cifar_npz
 from ddim_denoise.cli import app
+from ddim_denoise.pipeline import params as params_module
 from ddim_denoise.pipeline.params import load_params
 from ddim_denoise.data import cifar10 as data_module
 from ddim_denoise.evaluation import evaluate as evaluate_module
@@ -230,7 +232,7 @@ def test_hyperband_pruner_builds_and_judges_every_epoch(workspace, monkeypatch):
 
 
 # ---- a sweep, end to end ----------------------------------------------------------------------------------------
-def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace):
+def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace, monkeypatch):
     result = run_sweep(options(trials=2))
     study = load_study(result["study"])
     assert states(study) == ["COMPLETE", "COMPLETE"]
@@ -264,6 +266,20 @@ def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace)
     applied = load_params("params.yaml")
     assert applied.train.lr == best.params["train.lr"]
     assert applied.diffusion.prediction == best.params["diffusion.prediction"]
+
+    # params.yaml composed from a profile: the values go into the profile, and params.yaml is composed again
+    conf = workspace / "conf"
+    shutil.copytree(params_module.CONF_DIR, conf)
+    monkeypatch.setattr(params_module, "CONF_DIR", conf)
+    params_file = workspace / "params.yaml"
+    params_file.write_text(params_file.read_text() + "profile: quick\n")
+    cli = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", result["study"], "--apply"])
+    assert cli.exit_code == 0, cli.output
+    assert str(conf / "profile" / "quick.yaml") in cli.output
+    composed = load_params("params.yaml")
+    assert composed.profile == "quick" and composed.train.epochs == 3  # the quick profile's own budget
+    assert composed.train.lr == best.params["train.lr"]
+    assert composed.diffusion.prediction == best.params["diffusion.prediction"]
 
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(workspace):

@@ -325,7 +325,8 @@ def sweep_best_command(
     space: Path = SWEEP_SPACE_OPT,
     trial: Optional[int] = typer.Option(None, "--trial", help="a given trial instead of the best (e.g. from the "
                                         "Pareto front)"),
-    apply: bool = typer.Option(False, "--apply", help="write the trial's values into params.yaml (comments kept)"),
+    apply: bool = typer.Option(False, "--apply", help="write the trial's values into params.yaml's profile "
+                               "(conf/profile/NAME.yaml, comments kept) and compose params.yaml again"),
     params: str = PARAMS_OPT,
 ):
     """Print the best trial and the `dvc exp run -S ...` command that trains it with the full budget."""
@@ -337,9 +338,9 @@ def sweep_best_command(
     if report.command:
         typer.echo(f"train it for real:\n  {report.command}")
     for key, old, new in report.changes:
-        typer.echo(f"{params}: {key}: {old} -> {new}")
+        typer.echo(f"{report.applied_to}: {key}: {old} -> {new}")
     if apply and report.command and not report.changes:
-        typer.echo(f"{params} already holds these values")
+        typer.echo(f"{report.applied_to} already holds these values")
 
 
 if __name__ == "__main__":  # torchrun -m ddim_denoise.cli and python -m ddim_denoise.cli

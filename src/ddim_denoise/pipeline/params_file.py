@@ -1,7 +1,8 @@
-"""Edit values in params.yaml in place, keeping its comments, key order and formatting (ruamel.yaml round trip).
+"""Edit values in a params file in place, keeping its comments, key order and formatting (ruamel.yaml round trip).
 
-Used by ``sweep best --apply``: the file is the project's documentation of every setting, so rewriting it with a
-plain YAML dump (which drops comments) is not acceptable. The result is validated before it replaces the file.
+Used by ``sweep best --apply`` on a profile (conf/profile/NAME.yaml) or a hand-written params.yaml: those files
+document the settings, so rewriting them with a plain YAML dump (which drops comments) is not acceptable. The result
+is validated before it replaces the file.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from ddim_denoise.pipeline.checkpoint import atomic_write_text
 from ddim_denoise.pipeline.params import ParamsError, validate_params
 
 
-def set_values(path: str | Path, values: dict[str, object]) -> list[tuple[str, object, object]]:
-    """Set dotted keys (``train.lr``) to ``values``; return (key, old, new) for the keys that changed."""
+def set_values(path: str | Path, values: dict[str, object],
+               add_sections: bool = False) -> list[tuple[str, object, object]]:
+    """Set dotted keys (``train.lr``) to ``values``; return (key, old, new) for the keys that changed. A profile
+    holds only what it changes, so ``add_sections`` adds a section the file lacks instead of refusing."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
 
     path = Path(path)
     editor = YAML()  # round-trip mode
@@ -34,6 +38,8 @@ def set_values(path: str | Path, values: dict[str, object]) -> list[tuple[str, o
         *parents, leaf = key.split(".")
         node = document
         for part in parents:
+            if add_sections and hasattr(node, "get") and node.get(part) is None:
+                node[part] = CommentedMap()
             node = node.get(part) if hasattr(node, "get") else None
             if node is None:
                 break

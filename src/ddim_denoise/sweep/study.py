@@ -210,12 +210,14 @@ def _close_session(study, parent, out_dir: Path, metric: str, status: str) -> di
 class BestTrialReport:
     text: str  # the study's counts, the trial's value and parameters
     command: str | None  # dvc exp run -S key=value ...: trains the trial's values with params.yaml's full budget
-    changes: list = field(default_factory=list)  # (key, old, new) written to params.yaml by apply
+    changes: list = field(default_factory=list)  # (key, old, new) written by apply
+    applied_to: Path | None = None  # the file apply wrote them into
 
 
 def best_trial_report(options: SweepOptions, trial_number: int | None = None, apply: bool = False) -> BestTrialReport:
     """The best (or the given) trial of the study, the command to train it for real, and with ``apply`` its values
-    written into params.yaml (comments kept)."""
+    written where the next run reads them (comments kept): the profile params.yaml was composed with, then
+    params.yaml composed again as `dvc exp run` would; a params.yaml written by hand, in place."""
     import optuna
 
     setup = prepare_setup(options, need_fingerprint=False)
@@ -232,12 +234,19 @@ def best_trial_report(options: SweepOptions, trial_number: int | None = None, ap
     text = describe(study, trial, setup.space.objective.metric)
     if trial is None:
         return BestTrialReport(text, None)
-    changes = []
-    if apply:
-        from ddim_denoise.pipeline.params_file import set_values
+    if not apply:
+        return BestTrialReport(text, dvc_exp_command(trial.params))
+    from ddim_denoise.pipeline.params_file import set_values
+    from ddim_denoise.pipeline.profiles import profile_file, write_params_yaml
 
-        changes = set_values(options.params_path, trial.params)
-    return BestTrialReport(text, dvc_exp_command(trial.params), changes)
+    profile = load_params(options.params_path).profile
+    if profile is None:
+        return BestTrialReport(text, dvc_exp_command(trial.params), set_values(options.params_path, trial.params),
+                               options.params_path)
+    target = profile_file(profile)
+    changes = set_values(target, trial.params, add_sections=True)
+    write_params_yaml(options.params_path, [f"profile={profile}"])
+    return BestTrialReport(text, dvc_exp_command(trial.params), changes, target)
 
 
 @contextlib.contextmanager
