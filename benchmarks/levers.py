@@ -32,14 +32,14 @@ def slug(name: str) -> str:
 
 
 def train_variant(params_path: str, overrides: dict, folder: Path, name: str) -> dict:
-    from ddim_denoise.training.trainer import Trainer
+    from ddim_denoise.training.build import build_trainer
 
     summary_path = folder / "training" / "summary.json"
     if (folder / "models" / "best.pt").is_file() and summary_path.is_file():
         logging.info("%s: trained already in %s", name, folder)
         return json.loads(summary_path.read_text())
     params = load_params(params_path, {**overrides, "train.out_dir": str(folder / "models"), "train.resume": "never"})
-    return Trainer(params, run_name=f"lever-{slug(name)}", training_dir=folder / "training").fit()
+    return build_trainer(params, run_name=f"lever-{slug(name)}", training_dir=folder / "training").fit()
 
 
 def main(argv: list[str] | None = None) -> None:
