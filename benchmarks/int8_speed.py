@@ -28,7 +28,7 @@ from ddim_denoise.data.cifar10 import load_images_npz
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.evaluation.evaluate import model_methods, run_methods
 from ddim_denoise.core.metrics import make_noisy, to_float
-from ddim_denoise.core.schedule import pixel_to_model_sigma
+from ddim_denoise.core.scale import sigma_to_model
 
 EVAL_IMAGES = 10_000  # the CIFAR-10 test split, for the end-to-end projection
 
@@ -36,7 +36,7 @@ EVAL_IMAGES = 10_000  # the CIFAR-10 test split, for the end-to-end projection
 def model_inputs(noisy: np.ndarray, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``Denoiser`` hands the Preconditioner for 32x32 images: model-scale y (channels_last) and sigma."""
     y = (torch.from_numpy(noisy).permute(0, 3, 1, 2) * 2 - 1).contiguous(memory_format=torch.channels_last)
-    return y, pixel_to_model_sigma(torch.full((len(y),), sigma))
+    return y, sigma_to_model(torch.full((len(y),), sigma))
 
 
 def quantize_int8(model: torch.nn.Module, calibration: list[tuple[torch.Tensor, torch.Tensor]],

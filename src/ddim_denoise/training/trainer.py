@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ddim_denoise.core.metrics import make_noisy, psnr_ssim
 from ddim_denoise.core.precond import DenoisingLoss, Preconditioner
+from ddim_denoise.core.scale import uint8_to_model
 from ddim_denoise.core.schedule import NoiseSchedule
 from ddim_denoise.core.unet import count_parameters
 from ddim_denoise.denoising.denoiser import Denoiser
@@ -134,7 +135,7 @@ class Trainer:
 
     # ---- one epoch -----------------------------------------------------------------------------------------------
     def _batch_to_model_scale(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        x = x_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        x = uint8_to_model(x_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2))
         if self.cfg.hflip:
             flip = torch.rand(x.shape[0], device=self.device, generator=self.noise_gen) < 0.5
             x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(3), x)
