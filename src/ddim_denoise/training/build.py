@@ -8,15 +8,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ddim_denoise.core.diffusion import SigmaSampler
 from ddim_denoise.core.metrics import to_float
-from ddim_denoise.core.precond import DenoisingLoss
+from ddim_denoise.core.precond import DenoisingLoss, Preconditioner
+from ddim_denoise.core.schedule import NoiseSchedule
 from ddim_denoise.data.cifar10 import data_identity, load_split, read_manifest
 from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.pipeline.checkpoint import load_checkpoint, load_model_weights
-from ddim_denoise.pipeline.params import Params, ParamsError
+from ddim_denoise.pipeline.params import Params, ParamsError, TrainConfig
 from ddim_denoise.pipeline.runtime import (Precision, check_inductor_settings, configure_cudnn, device_name,
                                            resolve_channels_last, resolve_compile, resolve_compile_mode,
                                            resolve_device, resolve_precision)
@@ -65,7 +67,7 @@ class Runtime:
         return self.compile_mode is not None
 
 
-def resolve_runtime(cfg, world: int) -> Runtime:
+def resolve_runtime(cfg: TrainConfig, world: int) -> Runtime:
     """``train.*``'s device, AMP, memory format and compile settings resolved for this machine; the Inductor
     settings are checked on a CPU too, before the run meets a GPU."""
     device = resolve_device(cfg.device)
@@ -89,6 +91,45 @@ def wrap_for_training(model: torch.nn.Module, runtime: Runtime, world: int) -> t
     return torch.compile(wrapped, mode=runtime.compile_mode) if runtime.compile else wrapped
 
 
+def load_train_images(params: Params, rank: int, world: int) -> tuple[np.ndarray, int]:
+    """The training images (uint8, at most ``train.max_train_images``) and the batches this rank takes of them per
+    epoch: refused when that is none (full batches only: no step would ever run)."""
+    cfg = params.train
+    train_x, _ = load_split(params.data.prepared_dir, "train")
+    if cfg.max_train_images:
+        train_x = train_x[: cfg.max_train_images]
+    batches_per_epoch = len(epoch_batches(len(train_x), cfg.batch_size, 0, params.seed, rank, world))
+    if batches_per_epoch == 0:
+        raise ParamsError(f"train.batch_size={cfg.batch_size} is more than the {len(train_x) // world} training "
+                          f"images each of {world} process(es) gets per epoch: lower train.batch_size or raise "
+                          "train.max_train_images")
+    return train_x, batches_per_epoch
+
+
+def build_network(params: Params, runtime: Runtime) -> tuple[Preconditioner, EMA, NoiseSchedule]:
+    """The network on its device and memory format, from ``train.init_from``'s weights when given, and its EMA."""
+    cfg = params.train
+    model, schedule = build_model(params)
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.init_from:  # before the EMA copy, so both start from the given weights
+        load_model_weights(model, load_checkpoint(cfg.init_from), cfg.init_from,
+                           "train.init_from needs a checkpoint trained with the same model.* params")
+    return model, EMA(model, cfg.ema_decay), schedule
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, batches_per_epoch: int
+                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its LR schedule (``lr_factor``), laid out in this process count's steps per epoch.
+    Fused: one kernel per step, and it skips a step on the device when told to (found_inf), so a non-finite loss
+    never makes the host wait for the GPU (Trainer.train_step)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    total, warmup = batches_per_epoch * cfg.epochs, max(1, round(cfg.warmup_epochs * batches_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, cfg.lr, cfg.min_lr))
+    return optimizer, scheduler
+
+
 def build_trainer(params: Params, rank: int = 0, world: int = 1, on_epoch_end=None,
                   run_tags: dict[str, str] | None = None, run_name: str = "train",
                   training_dir: str | Path = TRAINING_DIR) -> Trainer:
@@ -98,43 +139,23 @@ def build_trainer(params: Params, rank: int = 0, world: int = 1, on_epoch_end=No
     runtime = resolve_runtime(cfg, world)
     out_dir, training_dir = Path(cfg.out_dir), Path(training_dir)
     torch.manual_seed(params.seed + rank)
-
-    train_x, _ = load_split(params.data.prepared_dir, "train")
-    if cfg.max_train_images:
-        train_x = train_x[: cfg.max_train_images]
-    batches_per_epoch = len(epoch_batches(len(train_x), cfg.batch_size, 0, params.seed, rank, world))
-    if batches_per_epoch == 0:  # full batches only: no step would ever run
-        raise ParamsError(f"train.batch_size={cfg.batch_size} is more than the {len(train_x) // world} training "
-                          f"images each of {world} process(es) gets per epoch: lower train.batch_size or raise "
-                          "train.max_train_images")
+    train_x, batches_per_epoch = load_train_images(params, rank, world)
     val_x, _ = load_split(params.data.prepared_dir, "val")
     manifest = read_manifest(params.data.prepared_dir)
     if rank == 0:
         prepare_output_folders(out_dir, training_dir)  # after the inputs check out, before any work
 
-    model, schedule = build_model(params)
-    model.to(runtime.device)
-    if runtime.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.init_from:  # before the EMA copy, so both start from the given weights
-        load_model_weights(model, load_checkpoint(cfg.init_from), cfg.init_from,
-                           "train.init_from needs a checkpoint trained with the same model.* params")
-    ema = EMA(model, cfg.ema_decay)
+    model, ema, schedule = build_network(params, runtime)
     train_model = wrap_for_training(model, runtime, world)
     d = params.diffusion
     loss_fn = DenoisingLoss(SigmaSampler(d.t_sampling, schedule, d.sigma_min, d.sigma_max, d.p_mean, d.p_std),
                             d.prediction, d.sigma_data)
-    # Fused: one kernel per step, and it skips a step on the device when told to (found_inf), so a non-finite loss
-    # never makes the host wait for the GPU (Trainer.train_step).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    total, warmup = batches_per_epoch * cfg.epochs, max(1, round(cfg.warmup_epochs * batches_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, cfg.lr, cfg.min_lr))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler)
-    noise_gen = torch.Generator(runtime.device).manual_seed(params.seed * 7919 + rank)
-
+    optimizer, scheduler = build_optimizer(model, cfg, batches_per_epoch)
     return Trainer(
         params, runtime, rank=rank, world=world, model=model, ema=ema, train_model=train_model, schedule=schedule,
-        loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, scaler=scaler, noise_gen=noise_gen,
+        loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler),
+        noise_gen=torch.Generator(runtime.device).manual_seed(params.seed * 7919 + rank),
         train_x=train_x, val_clean=to_float(val_x[: cfg.val_images]), batches_per_epoch=batches_per_epoch,
         fingerprint=run_fingerprint(params, data_identity(manifest)), dataset_hash=manifest["dataset_sha256"],
         nonfinite_guard=NonfiniteGuard(cfg.max_nonfinite_steps, runtime.device),
