@@ -20,10 +20,11 @@ import torch.multiprocessing as mp
 from cli_workspace import TRAIN_IMAGES, cli, free_port, make_workspace, process_env, run, summary, with_train
 
 from ddim_denoise.training import distributed
-from ddim_denoise.training import trainer as train_module
+from ddim_denoise.training import build as build_module, resume as resume_module
 from ddim_denoise.pipeline.checkpoint import load_checkpoint
 from ddim_denoise.training.distributed import Launch, LaunchError, launch_from_env, rank_device
 from ddim_denoise.core.precond import DenoisingLoss
+from ddim_denoise.training.build import build_trainer
 from ddim_denoise.training.trainer import Trainer
 
 GLOBAL_BATCH, EPOCHS, WORLD = 8, 20, 2
@@ -87,7 +88,7 @@ def workspace(tmp_path, tiny_params, monkeypatch):
 def fixed_noise_loss(params, model_state: dict | None) -> float:
     """The training loss of the given weights (fresh ones for None) on every training image, averaged over
     ``NOISE_DRAWS`` fixed draws of noise levels and noise: the same yardstick for every model."""
-    probe = Trainer(with_train(params, resume="never", out_dir="probe"))
+    probe = build_trainer(with_train(params, resume="never", out_dir="probe"))
     if model_state is not None:
         probe.model.load_state_dict(model_state)
     probe.model.eval()
@@ -149,7 +150,7 @@ def _rank_main(rank: int, world: int, port: int, params, nonfinite_steps_on_rank
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     if rank != 0:
-        train_module.load_checkpoint = _only_rank_0_reads_checkpoints
+        build_module.load_checkpoint = resume_module.load_checkpoint = _only_rank_0_reads_checkpoints
     if rank == 1:
         loss_of_batch, step = DenoisingLoss.__call__, itertools.count()
 
@@ -215,7 +216,7 @@ def test_ranks_stay_identical_and_checkpoints_move_between_world_sizes(workspace
     # its LR goes on as an uninterrupted 1-process run's does (the schedule follows epochs, not the step count).
     shutil.copytree("two", "one_from_two", ignore=lambda folder, names: [n for n in names if n != "epoch_0001.pt"])
     os.replace("one_from_two/epoch_0001.pt", "one_from_two/last.pt")
-    resumed = Trainer(with_train(per_rank, out_dir="one_from_two"))
+    resumed = build_trainer(with_train(per_rank, out_dir="one_from_two"))
     result = resumed.fit()
     assert result["steps"] == steps_per_epoch[WORLD] + 2 * steps_per_epoch[1]
     assert result["mlflow_run_id"] == written["mlflow_run_id"]
@@ -223,7 +224,7 @@ def test_ranks_stay_identical_and_checkpoints_move_between_world_sizes(workspace
     assert logged == sorted(set(logged)) and len(logged) == result["steps"] - result["nonfinite_steps"]
     assert result["nonfinite_steps"] == 1  # the skipped step of the 2-rank epoch 1 is remembered
 
-    uninterrupted = Trainer(with_train(per_rank, out_dir="one"))
+    uninterrupted = build_trainer(with_train(per_rank, out_dir="one"))
     uninterrupted.fit()
     assert lrs_of_epochs(resumed.history.steps, {2, 3}) == lrs_of_epochs(uninterrupted.history.steps, {2, 3})
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from ddim_denoise.pipeline.checkpoint import load_checkpoint
 from ddim_denoise.cli import app
 from ddim_denoise.pipeline.errors import TrainingError
-from ddim_denoise.training.trainer import Trainer
+from ddim_denoise.training.build import build_trainer
 
 BATCH, EPOCHS = 8, 12
 STEPS = EPOCHS * (TRAIN_IMAGES // BATCH)
@@ -162,12 +162,12 @@ def test_a_lost_best_checkpoint_write_is_redone_by_the_rerun(workspace, monkeypa
         return save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_while_writing_the_epoch_2_best)
-    first = Trainer(with_train(params, epochs=2, checkpoint_every=5))  # epoch 2 writes best.pt and last.pt only
+    first = build_trainer(with_train(params, epochs=2, checkpoint_every=5))  # epoch 2 writes best.pt and last.pt only
     with pytest.raises(TrainingError, match="could not write the epoch 2 checkpoint.*intact"):
         first.fit()
     assert failed and first.best_epoch == 2  # epoch 2 was a new best, and its write failed
     assert load_checkpoint(root / "models" / "last.pt")["epoch"] == 1
-    summary = Trainer(with_train(params, epochs=2, checkpoint_every=5)).fit()
+    summary = build_trainer(with_train(params, epochs=2, checkpoint_every=5)).fit()
     assert load_checkpoint(root / "models" / "best.pt")["epoch"] == summary["best_epoch"]
 
 
@@ -199,7 +199,7 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint(workspace, small_disk)
                 except OSError as e:
                     assert e.errno == errno.ENOSPC
 
-    trainer = Trainer(with_train(params, out_dir=str(small_disk / "models")), on_epoch_end=fill_the_disk)
+    trainer = build_trainer(with_train(params, out_dir=str(small_disk / "models")), on_epoch_end=fill_the_disk)
     with pytest.raises(TrainingError, match="could not write the epoch 2 checkpoint.*intact"):
         trainer.fit()
     assert load_checkpoint(small_disk / "models" / "last.pt")["epoch"] == 1
@@ -214,7 +214,7 @@ def test_tracking_server_down_at_start_training_completes_untracked(workspace, m
     # to show what training does about it.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with caplog.at_level(logging.WARNING):
-        result = Trainer(with_train(params, epochs=2)).fit()
+        result = build_trainer(with_train(params, epochs=2)).fit()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("MLflow tracking unavailable" in w for w in warnings) == 1, warnings
     assert result["epochs"] == 2 and result["mlflow_run_id"] is None
@@ -241,7 +241,7 @@ def test_tracking_server_down_mid_run_buffers_and_replays(workspace, monkeypatch
 
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", flaky_log_batch)
     with caplog.at_level(logging.WARNING):
-        result = Trainer(with_train(params, epochs=4), on_epoch_end=outage_during_epochs_2_and_3).fit()
+        result = build_trainer(with_train(params, epochs=4), on_epoch_end=outage_during_epochs_2_and_3).fit()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("MLflow tracking failed" in w for w in warnings) == 1, warnings  # warned once, not per call
     assert result["epochs"] == 4 and summary(root)["steps"] == result["steps"]
@@ -266,7 +266,7 @@ def test_an_artifact_the_server_always_refuses_holds_back_no_metric(workspace, m
 
     monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", refuse)
     with caplog.at_level(logging.WARNING):
-        result = Trainer(with_train(params, epochs=3, checkpoint_every=1)).fit()
+        result = build_trainer(with_train(params, epochs=3, checkpoint_every=1)).fit()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("epoch_0001.pt" in w and "stays on disk" in w for w in warnings), warnings
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -285,12 +285,12 @@ def test_a_resume_whose_mlflow_run_is_gone_logs_to_a_new_run(workspace, monkeypa
         raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(with_train(params, epochs=2), on_epoch_end=crash_after_epoch_1).fit()
+        build_trainer(with_train(params, epochs=2), on_epoch_end=crash_after_epoch_1).fit()
     old_run = load_checkpoint(root / "models" / "last.pt")["mlflow_run_id"]
     other_store = f"sqlite:///{root / 'other-mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other_store)
     with caplog.at_level(logging.WARNING):
-        result = Trainer(with_train(params, epochs=2)).fit()
+        result = build_trainer(with_train(params, epochs=2)).fit()
     assert result["epochs"] == 2 and result["mlflow_run_id"] not in (None, old_run)
     assert any(old_run in r.getMessage() and "new run" in r.getMessage() for r in caplog.records)
     new_run = mlflow.MlflowClient(other_store).get_run(result["mlflow_run_id"])

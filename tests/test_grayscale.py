@@ -14,7 +14,7 @@ from ddim_denoise.serving.denoise_files import DenoiseOptions, denoise_decoded, 
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.denoising.grayscale import identical_channels, looks_mono_noise
 from ddim_denoise.serving.image_io import split_channels
-from ddim_denoise.core.schedule import pixel_to_model_sigma
+from ddim_denoise.core.scale import sigma_to_model
 from ddim_denoise.serving.tiling import TileOptions
 from PIL import Image
 
@@ -57,7 +57,7 @@ def test_the_model_sees_white_noise_at_sqrt3_sigma_and_the_gray_image_comes_back
     out = tiny_denoiser.denoise(np.repeat(noisy, channels, axis=-1), sigma, batch_size=8)
     (y, model_sigma), = seen
     assert y.shape == (4, 3, 64, 64)
-    expected = math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(sigma)))
+    expected = math.sqrt(3) * float(sigma_to_model(torch.tensor(sigma)))
     torch.testing.assert_close(model_sigma, torch.full((4,), expected))
     noise = (y - y.mean(dim=(2, 3), keepdim=True)).permute(1, 0, 2, 3).reshape(3, -1).double()  # model scale
     covariance = torch.cov(noise) / expected**2
@@ -72,7 +72,7 @@ def test_colour_images_reach_the_model_as_they_are(tiny_denoiser, seen):
     tiny_denoiser.denoise(noisy, 0.1)
     (y, model_sigma), = seen
     torch.testing.assert_close(y, torch.from_numpy(noisy).permute(0, 3, 1, 2) * 2 - 1)
-    torch.testing.assert_close(model_sigma, pixel_to_model_sigma(torch.full((2,), 0.1)))
+    torch.testing.assert_close(model_sigma, sigma_to_model(torch.full((2,), 0.1)))
 
 
 def test_gray_and_colour_images_in_one_batch_each_go_their_own_way(tiny_denoiser):
@@ -105,7 +105,7 @@ def test_an_estimated_gray_sigma_past_the_limit_is_served_at_the_limit_with_the_
     tiny_denoiser.denoise(noisy, None)
     assert tiny_denoiser.last_sigma[0] == pytest.approx(limit)
     (_, model_sigma), = seen
-    assert float(model_sigma[0]) == pytest.approx(math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(limit))))
+    assert float(model_sigma[0]) == pytest.approx(math.sqrt(3) * float(sigma_to_model(torch.tensor(limit))))
     assert "outside the" in caplog.text
     for rgb in (np.repeat(noisy[0], 3, axis=-1), noisy[0]):  # a gray file decodes to three equal channels
         assert image_sigma(tiny_denoiser, rgb, None, tile=16) == (pytest.approx(limit), True)
@@ -119,7 +119,7 @@ def test_a_gray_file_goes_the_gray_way(tiny_denoiser, seen):
     result = denoise_decoded(tiny_denoiser, image, DenoiseOptions(sigma=0.05).validate())
     (y, model_sigma), = seen
     assert y.shape[1] == 3 and not torch.equal(y[:, 0], y[:, 1])
-    assert float(model_sigma[0]) == pytest.approx(math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(0.05))))
+    assert float(model_sigma[0]) == pytest.approx(math.sqrt(3) * float(sigma_to_model(torch.tensor(0.05))))
     assert identical_channels(result.rgb[None]).all()
 
 
@@ -136,7 +136,7 @@ def test_every_tile_of_a_colour_picture_goes_the_colour_way(tiny_denoiser, seen,
         rgba[:, 40:, :3] = 255
     options = DenoiseOptions(sigma=0.6, tiles=TileOptions(tile=32, overlap=8)).validate()  # the last tile: x 48-79
     denoise_decoded(tiny_denoiser, split_channels(rgba, "png", "cutout.png"), options)
-    colour_sigma = float(pixel_to_model_sigma(torch.tensor(0.6)))  # not sqrt(3) times it, as for gray images
+    colour_sigma = float(sigma_to_model(torch.tensor(0.6)))  # not sqrt(3) times it, as for gray images
     assert seen and all(torch.allclose(sigma, torch.full_like(sigma, colour_sigma)) for _, sigma in seen)
 
 
@@ -160,7 +160,7 @@ def test_monochromatic_noise_reaches_the_model_white_at_sqrt3_sigma(tiny_denoise
     clean, noisy = colour_with_mono_noise(4, 64, sigma)
     out = tiny_denoiser.denoise(noisy, sigma, batch_size=8, mono_noise=True)
     (y, model_sigma), = seen
-    expected = math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(sigma)))
+    expected = math.sqrt(3) * float(sigma_to_model(torch.tensor(sigma)))
     torch.testing.assert_close(model_sigma, torch.full((4,), expected))
     noise = y - (torch.from_numpy(clean).permute(0, 3, 1, 2) * 2 - 1)  # the mono draw plus what whitening added
     covariance = torch.cov(noise.permute(1, 0, 2, 3).reshape(3, -1).double()) / expected**2
@@ -202,8 +202,8 @@ def test_auto_sends_each_image_the_way_its_noise_looks(tiny_denoiser, seen):
                              mono[1:]])
     out = tiny_denoiser.denoise(images, sigma, mono_noise="auto")
     told = [float(model_sigma[0]) for _, model_sigma in seen]
-    assert told == pytest.approx([math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(sigma))),
-                                  float(pixel_to_model_sigma(torch.tensor(sigma)))])  # the mono group, then the rest
+    assert told == pytest.approx([math.sqrt(3) * float(sigma_to_model(torch.tensor(sigma))),
+                                  float(sigma_to_model(torch.tensor(sigma)))])  # the mono group, then the rest
     which = np.array([False, True, False, True])
     np.testing.assert_array_equal(out[which], tiny_denoiser.denoise(images[which], sigma, mono_noise=True))
     np.testing.assert_array_equal(out[~which], tiny_denoiser.denoise(images[~which], sigma))
@@ -245,4 +245,4 @@ def test_the_command_lines_mono_noise_option_reaches_the_denoiser(tiny_denoiser,
     image = split_channels(np.clip(np.rint(noisy[0] * 255), 0, 255).astype(np.uint8), "png", "mono.png")
     denoise_decoded(tiny_denoiser, image, DenoiseOptions(sigma=0.05, mono_noise=True).validate())
     (_, model_sigma), = seen
-    assert float(model_sigma[0]) == pytest.approx(math.sqrt(3) * float(pixel_to_model_sigma(torch.tensor(0.05))))
+    assert float(model_sigma[0]) == pytest.approx(math.sqrt(3) * float(sigma_to_model(torch.tensor(0.05))))

@@ -6,7 +6,8 @@ from denoise_fixtures import write_tiny_checkpoint
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.core.diffusion import SigmaSampler, ddim_timesteps, denoise_ddim
 from ddim_denoise.core.precond import PREDICTIONS, DenoisingLoss, Preconditioner, precond_coefficients
-from ddim_denoise.core.schedule import NoiseSchedule, model_to_pixel_sigma
+from ddim_denoise.core.scale import sigma_to_pixels
+from ddim_denoise.core.schedule import NoiseSchedule
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -135,7 +136,7 @@ def test_multi_step_ddim_serves_noise_below_the_schedules_lowest_level(tmp_path,
     input gets the one-step answer from any number of steps (it raised before), and a stop below that level walks
     to the schedule's end like no stop."""
     denoiser = Denoiser.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params), device="cpu")
-    floor = float(model_to_pixel_sigma(torch.tensor(denoiser.schedule.sigma_min)))
+    floor = float(sigma_to_pixels(torch.tensor(denoiser.schedule.sigma_min)))
     noisy = np.random.default_rng(0).uniform(0.2, 0.8, (2, 16, 16, 3)).astype(np.float32)
     below = np.array([floor / 2, 0.1], dtype=np.float32)
     walked = denoiser.denoise(noisy, below, steps=4)

@@ -21,7 +21,7 @@ from ddim_denoise.pipeline import params as params_module
 from ddim_denoise.pipeline.params import load_params
 from ddim_denoise.data import cifar10 as data_module
 from ddim_denoise.evaluation import evaluate as evaluate_module
-from ddim_denoise.training import trainer as train_module
+from ddim_denoise.training import build as train_build_module
 from ddim_denoise.data.cifar10 import load_split, prepare
 from ddim_denoise.sweep.study import SweepOptions, run_sweep
 from ddim_denoise.sweep.objective import DIVERGED_ATTR
@@ -204,7 +204,7 @@ def test_the_sweep_objective_never_loads_the_test_split(workspace, monkeypatch):
             raise AssertionError("the sweep objective loaded the test split")
         return load_split(prepared_dir, split)
 
-    for module in (data_module, train_module, evaluate_module):  # everywhere `load_split` is imported
+    for module in (data_module, train_build_module, evaluate_module):  # everywhere `load_split` is imported
         monkeypatch.setattr(module, "load_split", guarded)
     result = run_sweep(options(trials=1, pruner="none"))
     assert states(load_study(result["study"])) == ["COMPLETE"]

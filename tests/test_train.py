@@ -11,8 +11,10 @@ from ddim_denoise.pipeline.checkpoint import CheckpointError, load_checkpoint
 from ddim_denoise.pipeline.params import ParamsError, validate_params
 from ddim_denoise.data.cifar10 import prepare
 from ddim_denoise.pipeline.errors import TrainingError
-from ddim_denoise.training import trainer as train_module
-from ddim_denoise.training.trainer import EMA, EpochClock, Trainer, format_duration, lr_factor
+from ddim_denoise.training import build as build_module, resume as resume_module
+from ddim_denoise.training.build import EMA, build_trainer, lr_factor
+from ddim_denoise.training.guards import EpochClock
+from ddim_denoise.training.estimate import format_duration
 
 
 @pytest.fixture
@@ -47,15 +49,27 @@ def test_durations_read_as_a_person_would_say_them():
 
 def test_each_epoch_logs_the_time_left(workspace, caplog):
     caplog.set_level("INFO", logger="ddim_denoise.training.trainer")
-    Trainer(with_train(workspace, epochs=2)).fit()
+    build_trainer(with_train(workspace, epochs=2)).fit()
     epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(epoch_lines) == 2
     assert " left" in epoch_lines[0] and " left" not in epoch_lines[1]  # nothing is left after the last epoch
 
 
+def test_a_run_of_days_says_so_inside_its_first_epoch_and_names_the_quick_profile(workspace, caplog):
+    """A million epochs: the estimate at the second log point of epoch 1 warns; train.max_minutes ends the run after
+    that epoch, so the test takes seconds."""
+    caplog.set_level("WARNING", logger="ddim_denoise.training.estimate")
+    params = with_train(workspace, epochs=10**6, max_minutes=1e-4, log_every=1, val_every=10**6)
+    trainer = build_trainer(params)
+    trainer.fit()
+    assert trainer.epoch == 1
+    warnings = [r.getMessage() for r in caplog.records if "this run needs about" in r.getMessage()]
+    assert len(warnings) == 1 and "profile=quick" in warnings[0] and " h " in warnings[0], warnings
+
+
 def test_time_estimates_and_the_steady_rate_leave_out_the_first_epochs_one_time_costs(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr("ddim_denoise.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr("ddim_denoise.training.guards.time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     clock = EpochClock()
     now[0] = 60.0
     clock.epoch_done(images=1000, seconds=58.0)  # compilation and CUDA-graph capture
@@ -70,7 +84,7 @@ def test_time_estimates_and_the_steady_rate_leave_out_the_first_epochs_one_time_
 
 def test_short_training_lowers_the_loss(workspace):
     params = with_train(workspace, epochs=10, lr=3e-3, val_every=10)
-    trainer = Trainer(params)
+    trainer = build_trainer(params)
     # Smooth images (random colour gradients): learnable structure, unlike the fixture's random pixels.
     ramp = np.linspace(0, 1, 32, dtype=np.float32)
     colours = np.random.default_rng(0).uniform(0, 1, (len(trainer.train_x), 1, 1, 3)).astype(np.float32)
@@ -102,17 +116,17 @@ def test_the_ema_is_the_warmed_up_moving_average_of_the_weights():
 
 
 def test_interrupted_run_resumes_to_the_same_state(workspace, tmp_path):
-    straight = Trainer(with_train(workspace, epochs=3, out_dir="straight"))
+    straight = build_trainer(with_train(workspace, epochs=3, out_dir="straight"))
     straight.fit()
 
-    first = Trainer(with_train(workspace, epochs=3, out_dir="resumed"))
+    first = build_trainer(with_train(workspace, epochs=3, out_dir="resumed"))
     # Simulate a kill after epoch 1: run one epoch and save, as fit() does, then start a fresh process-like trainer.
     first._start_tracking(None)
     first.train_epoch(torch.from_numpy(first.train_x))
     first.epoch += 1
     first.validation_seconds = 100.0  # time spent before the kill counts on
     first._end_of_epoch({"epoch_loss": 0.0})
-    resumed = Trainer(with_train(workspace, epochs=3, out_dir="resumed"))
+    resumed = build_trainer(with_train(workspace, epochs=3, out_dir="resumed"))
     assert resumed.fit()["validation_seconds"] > 100
 
     a, b = load_checkpoint("straight/last.pt"), load_checkpoint("resumed/last.pt")
@@ -127,23 +141,23 @@ def test_interrupted_run_resumes_to_the_same_state(workspace, tmp_path):
 
 
 def test_changed_params_start_a_new_run(workspace):
-    Trainer(with_train(workspace, epochs=1)).fit()
-    other = Trainer(with_train(workspace, epochs=1, lr=5e-4))
+    build_trainer(with_train(workspace, epochs=1)).fit()
+    other = build_trainer(with_train(workspace, epochs=1, lr=5e-4))
     assert other.try_resume() is None
-    same = Trainer(with_train(workspace, epochs=1, log_every=7))  # operational keys do not matter
+    same = build_trainer(with_train(workspace, epochs=1, log_every=7))  # operational keys do not matter
     assert same.try_resume() is not None
     # nor do the Inductor settings, a mapping whose flattened keys sit below train.inductor
     for inductor in ({}, {"force_layout_optimization": False, "coordinate_descent_tuning": True}):
-        assert Trainer(with_train(workspace, epochs=1, inductor=inductor)).try_resume() is not None
+        assert build_trainer(with_train(workspace, epochs=1, inductor=inductor)).try_resume() is not None
 
 
 def test_other_training_code_starts_a_new_run(workspace, monkeypatch):
     """dvc repro reruns the train stage when its code changes: resuming the finished run would record the old model
     against the new code."""
-    Trainer(with_train(workspace, epochs=1)).fit()
-    assert Trainer(with_train(workspace, epochs=1)).try_resume() is not None
-    monkeypatch.setattr(train_module, "code_digest", lambda stage: "other code")
-    assert Trainer(with_train(workspace, epochs=1)).try_resume() is None
+    build_trainer(with_train(workspace, epochs=1)).fit()
+    assert build_trainer(with_train(workspace, epochs=1)).try_resume() is not None
+    monkeypatch.setattr(resume_module, "code_digest", lambda stage: "other code")
+    assert build_trainer(with_train(workspace, epochs=1)).try_resume() is None
 
 
 def test_a_resume_validating_at_other_sigmas_chooses_best_pt_afresh(workspace, caplog):
@@ -153,29 +167,29 @@ def test_a_resume_validating_at_other_sigmas_chooses_best_pt_afresh(workspace, c
         raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError):
-        Trainer(with_train(workspace, epochs=2, val_every=1), on_epoch_end=crash_after_epoch_1).fit()
+        build_trainer(with_train(workspace, epochs=2, val_every=1), on_epoch_end=crash_after_epoch_1).fit()
     noisier = with_train(workspace, epochs=2, val_every=1)
     noisier.eval.sigmas = [0.5]
-    result = Trainer(noisier).fit()
+    result = build_trainer(noisier).fit()
     assert result["best_epoch"] == 2 and load_checkpoint("models/best.pt")["epoch"] == 2
     assert "best.pt is chosen afresh" in caplog.text
 
 
 def test_another_validation_split_starts_a_new_run(workspace):
     """A larger data.val_size moves images the checkpoint trained on into validation: no resume across it."""
-    Trainer(with_train(workspace, epochs=1)).fit()
+    build_trainer(with_train(workspace, epochs=1)).fit()
     resplit = workspace.model_copy(deep=True)
     resplit.data.val_size = 12
     prepare(resplit)
-    assert Trainer(with_train(resplit, epochs=1)).try_resume() is None
+    assert build_trainer(with_train(resplit, epochs=1)).try_resume() is None
     prepare(workspace)
-    assert Trainer(with_train(workspace, epochs=1)).try_resume() is not None
+    assert build_trainer(with_train(workspace, epochs=1)).try_resume() is not None
 
 
 def test_init_from_starts_from_the_checkpoints_ema_weights(workspace):
-    Trainer(with_train(workspace, epochs=1, out_dir="first")).fit()
+    build_trainer(with_train(workspace, epochs=1, out_dir="first")).fit()
     ema = load_checkpoint("first/best.pt")["ema"]
-    tuned = Trainer(with_train(workspace, epochs=1, init_from="first/best.pt", lr=1e-4))
+    tuned = build_trainer(with_train(workspace, epochs=1, init_from="first/best.pt", lr=1e-4))
     for name, tensor in tuned.model.state_dict().items():
         assert torch.equal(tensor, ema[name]) and torch.equal(tuned.ema.model.state_dict()[name], ema[name]), name
     assert tuned.try_resume() is None  # another run (its params differ), not a resume of the first
@@ -183,16 +197,16 @@ def test_init_from_starts_from_the_checkpoints_ema_weights(workspace):
 
 
 def test_init_from_a_checkpoint_of_another_architecture_is_one_clear_error(workspace):
-    Trainer(with_train(workspace, epochs=1, out_dir="first")).fit()
+    build_trainer(with_train(workspace, epochs=1, out_dir="first")).fit()
     raw = with_train(workspace, init_from="first/best.pt").model_dump()
     raw["model"]["base_channels"] = 16
     with pytest.raises(CheckpointError, match="train.init_from needs a checkpoint trained with the same model"):
-        Trainer(validate_params(raw))
+        build_trainer(validate_params(raw))
 
 
 def test_outputs_and_summary(workspace, monkeypatch):
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)  # the name below is a run's outside `dvc exp run`
-    summary = Trainer(workspace).fit()
+    summary = build_trainer(workspace).fit()
     assert summary["epochs"] == 2 and summary["parameters"] > 0 and summary["images_per_s"] > 0
     assert summary["steady_images_per_s"] > 0  # epoch 2's rate
     # where the time outside the training steps went: two validations, two rounds of checkpoint writes
@@ -215,7 +229,7 @@ def test_outputs_and_summary(workspace, monkeypatch):
 
 def test_running_out_of_device_memory_names_a_smaller_batch_and_keeps_the_checkpoint(workspace, monkeypatch):
     """The gpu profile's batch of 512 does not fit every GPU: one line with the fix, not a traceback."""
-    trainer = Trainer(with_train(workspace, epochs=2))  # batch 8, lr 1e-3
+    trainer = build_trainer(with_train(workspace, epochs=2))  # batch 8, lr 1e-3
     real_step = trainer.train_step
 
     def step(x0):
@@ -231,7 +245,7 @@ def test_running_out_of_device_memory_names_a_smaller_batch_and_keeps_the_checkp
 
 
 def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(workspace, monkeypatch):
-    trainer = Trainer(with_train(workspace, epochs=3, max_nonfinite_steps=2))
+    trainer = build_trainer(with_train(workspace, epochs=3, max_nonfinite_steps=2))
     real_loss = trainer.loss_fn
     calls = {"n": 0}
 
@@ -248,7 +262,7 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(worksp
 
 def test_a_loss_that_rises_and_stays_up_stops_training_with_a_clear_error(workspace):
     # A finite collapse (the output stuck at zero after too high an lr) which max_nonfinite_steps cannot see.
-    trainer = Trainer(with_train(workspace, epochs=4, divergence_factor=3.0, max_diverged_steps=3))
+    trainer = build_trainer(with_train(workspace, epochs=4, divergence_factor=3.0, max_diverged_steps=3))
     real_loss = trainer.loss_fn
     trainer.loss_fn = lambda model, x0, gen: real_loss(model, x0, gen) * (100.0 if trainer.epoch >= 1 else 1.0)
     with pytest.raises(TrainingError, match=r"training diverged: .* above 3x its lowest .* for 3 steps .* lower "
@@ -259,7 +273,7 @@ def test_a_loss_that_rises_and_stays_up_stops_training_with_a_clear_error(worksp
 
 
 def test_the_divergence_guard_can_be_switched_off(workspace):
-    trainer = Trainer(with_train(workspace, epochs=2, divergence_factor=None, max_diverged_steps=1))
+    trainer = build_trainer(with_train(workspace, epochs=2, divergence_factor=None, max_diverged_steps=1))
     real_loss = trainer.loss_fn
     trainer.loss_fn = lambda model, x0, gen: real_loss(model, x0, gen) * (100.0 if trainer.epoch >= 1 else 1.0)
     assert trainer.fit()["epochs"] == 2
@@ -268,7 +282,7 @@ def test_the_divergence_guard_can_be_switched_off(workspace):
 def test_a_nonfinite_step_is_skipped_on_the_device_and_training_goes_on(workspace):
     # The skip happens inside the fused optimizer (found_inf), not in Python: weights and Adam moments stay as they
     # were, the counters live on the device, and the next finite step updates as usual.
-    trainer = Trainer(with_train(workspace, epochs=1))
+    trainer = build_trainer(with_train(workspace, epochs=1))
     x0 = torch.rand(8, 3, 16, 16) * 2 - 1
     trainer.train_step(x0)
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -279,11 +293,11 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_training_goes_on(workspac
     assert isinstance(loss, torch.Tensor) and torch.isnan(loss)
     assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
     assert all(torch.equal(trainer.optimizer.state[p]["exp_avg"], m) for p, m in zip(trainer.model.parameters(), moments))
-    assert trainer.nonfinite_steps == 1 and int(trainer.consecutive_nonfinite) == 1
+    assert trainer.nonfinite_steps == 1 and int(trainer.nonfinite_guard.consecutive) == 1
     assert all(torch.isfinite(p).all() for p in trainer.ema.model.parameters())
     trainer.loss_fn = real_loss
     assert torch.isfinite(trainer.train_step(x0))
-    assert int(trainer.consecutive_nonfinite) == 0 and trainer.step == 3
+    assert int(trainer.nonfinite_guard.consecutive) == 0 and trainer.step == 3
     assert not all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
 
 
@@ -294,7 +308,7 @@ def test_final_ema_model_is_logged_to_mlflow_and_loads_back(workspace):
     params = workspace.model_copy(deep=True)
     params.train.epochs = 1
     params.mlflow.log_model = True
-    trainer = Trainer(params)
+    trainer = build_trainer(params)
     summary = trainer.fit()
     models = mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name("ddim-denoise").experiment_id],
                                          output_format="list")
@@ -311,7 +325,7 @@ def test_final_ema_model_is_logged_to_mlflow_and_loads_back(workspace):
 def test_training_batches_have_the_memory_format_train_channels_last_asks_for(workspace, setting, memory_format):
     # The uint8 batch is permuted from NHWC, so it has channels_last strides already; left as it is, it made the
     # convolutions run channels_last under train.channels_last=false too (bf16 on a CPU at 0.6x its speed).
-    trainer = Trainer(with_train(workspace, epochs=1, channels_last=setting))
+    trainer = build_trainer(with_train(workspace, epochs=1, channels_last=setting))
     batch = trainer._batch_to_model_scale(torch.from_numpy(trainer.train_x[:4]))
     assert batch.shape == (4, 3, 32, 32) and batch.is_contiguous(memory_format=memory_format)
     weight = next(p for p in trainer.model.parameters() if p.ndim == 4)
@@ -333,20 +347,20 @@ def test_compiled_training_uses_train_compile_mode_and_marks_every_step(workspac
 
     monkeypatch.setattr(torch, "compile", stand_in_compile)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    trainer = Trainer(with_train(workspace, epochs=1, compile=True, compile_mode="max-autotune-no-cudagraphs",
-                                 inductor={"force_layout_optimization": True, "coordinate_descent_tuning": True}))
+    trainer = build_trainer(with_train(workspace, epochs=1, compile=True, compile_mode="max-autotune-no-cudagraphs",
+                                       inductor={"force_layout_optimization": True, "coordinate_descent_tuning": True}))
     trainer.fit()
     assert modes == ["max-autotune-no-cudagraphs"]
     assert len(marks) == trainer.step == trainer.batches_per_epoch
     assert settings_in_steps == {(True, True)}  # train.inductor while compiling: the backward compiles lazily too
     assert not inductor_config.force_layout_optimization and not inductor_config.coordinate_descent_tuning  # restored
     # params.yaml's compile: auto leaves a CPU run eager (compiling would cost minutes), steps unmarked
-    assert Trainer(with_train(workspace, epochs=1, compile="auto")).compile is False
+    assert build_trainer(with_train(workspace, epochs=1, compile="auto")).compile is False
 
 
 def test_a_misspelt_inductor_setting_stops_before_any_work_even_where_nothing_compiles(workspace):
     with pytest.raises(ParamsError, match="train.inductor: torch._inductor.config has no force_layout_optimisation"):
-        Trainer(with_train(workspace, compile=False, inductor={"force_layout_optimisation": True}))
+        build_trainer(with_train(workspace, compile=False, inductor={"force_layout_optimisation": True}))
 
 
 @pytest.mark.parametrize("setting", ["auto", True])
@@ -354,16 +368,14 @@ def test_a_failing_compiler_falls_back_to_eager_under_auto_and_stops_an_explicit
                                                                                           setting):
     """compile: auto is params.yaml's default on GPUs; a machine whose compiler fails (no C compiler, an unsupported
     GPU) must still train, eager. A compiler backend that always fails stands in for it, on the CPU."""
-    import ddim_denoise.training.trainer as train_module
-
     def broken_compiler(graph, example_inputs):
         raise RuntimeError("no working C compiler")
 
     real_compile = torch.compile
-    monkeypatch.setattr(train_module, "resolve_compile", lambda setting, device: True)  # compile on this CPU
+    monkeypatch.setattr(build_module, "resolve_compile", lambda setting, device: True)  # compile on this CPU
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: real_compile(module, backend=broken_compiler))
     torch._dynamo.reset()  # no compiled (or given-up) code from earlier tests
-    trainer = Trainer(with_train(workspace, epochs=1, compile=setting))
+    trainer = build_trainer(with_train(workspace, epochs=1, compile=setting))
     if setting == "auto":
         summary = trainer.fit()
         assert summary["epochs"] == 1 and np.isfinite(summary["best_val_psnr"])
@@ -376,7 +388,7 @@ def test_a_failing_compiler_falls_back_to_eager_under_auto_and_stops_an_explicit
 def test_batches_of_data_on_an_accelerator_are_indexed_on_its_device(workspace):
     """Indexing GPU data with a host index makes every step wait for the GPU (the index copy blocks): the index
     batches must live where the data does. A stand-in for GPU data (device 'meta') records what indexes it."""
-    trainer = Trainer(with_train(workspace, batch_size=4))
+    trainer = build_trainer(with_train(workspace, batch_size=4))
 
     class DeviceData:
         device = torch.device("meta")
@@ -400,13 +412,13 @@ def test_batches_of_data_on_an_accelerator_are_indexed_on_its_device(workspace):
 
 
 def test_a_time_budget_stops_after_the_last_epoch_that_fits_and_a_rerun_goes_on(workspace, monkeypatch, caplog):
-    clock = itertools.count(0, 40)  # the Trainer's clock: each reading 40 s after the last
-    monkeypatch.setattr("ddim_denoise.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    clock = itertools.count(0, 40)  # the EpochClock's clock: each reading 40 s after the last
+    monkeypatch.setattr("ddim_denoise.training.guards.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     params = with_train(workspace, epochs=5, val_every=10, max_minutes=2)
-    summary = Trainer(params).fit()
+    summary = build_trainer(params).fit()
     # Budget 120 s: after epoch 1 (at least 80 s on this clock, as much again to come) no second epoch fits.
     assert summary["epochs"] == 1 and summary["stopped_early"].startswith("train.max_minutes=2 reached after epoch 1")
     assert np.isfinite(summary["best_val_psnr"])  # the last epoch was validated although val_every is 10
     assert "rerun the same command to go on" in caplog.text
-    resumed = Trainer(with_train(workspace, epochs=5, val_every=10)).fit()  # the budget is operational: resumes
+    resumed = build_trainer(with_train(workspace, epochs=5, val_every=10)).fit()  # the budget is operational: resumes
     assert resumed["epochs"] == 5 and resumed["stopped_early"] is None

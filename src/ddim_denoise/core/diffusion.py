@@ -7,7 +7,8 @@ import math
 import torch
 
 from ddim_denoise.core.precond import Preconditioner
-from ddim_denoise.core.schedule import NoiseSchedule, pixel_to_model_sigma
+from ddim_denoise.core.scale import sigma_to_model
+from ddim_denoise.core.schedule import NoiseSchedule
 
 T_SAMPLINGS = ("uniform", "log_uniform", "log_normal")
 
@@ -27,8 +28,8 @@ class SigmaSampler:
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"diffusion.sigma_min ({sigma_min}) must be positive and below sigma_max ({sigma_max})")
         self.kind, self.schedule = kind, schedule
-        self.log_lo = math.log(pixel_to_model_sigma(sigma_min))
-        self.log_hi = math.log(pixel_to_model_sigma(sigma_max))
+        self.log_lo = math.log(sigma_to_model(sigma_min))
+        self.log_hi = math.log(sigma_to_model(sigma_max))
         self.p_mean, self.p_std = p_mean, p_std
 
     def __call__(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Conventions used throughout the package:
 - ``abar(t)`` is the DDPM cumulative signal fraction; ``x_t = sqrt(abar) * x0 + sqrt(1 - abar) * eps``.
 - ``model_sigma(t) = sqrt((1 - abar) / abar)`` is the noise level of ``x_t / sqrt(abar) = x0 + model_sigma * eps``
-  on the model's [-1, 1] scale. A pixel-scale sigma (images in [0, 1]) is half of it: see ``pixel_to_model_sigma``.
+  on the model's [-1, 1] scale. A pixel-scale sigma (images in [0, 1]) is half of it: see ``scale.sigma_to_model``.
 - Timesteps are 0-indexed like improved-diffusion: t=0 is the first noising step, t=T-1 the last. ``t`` may be
   fractional; between integers the log-SNR is interpolated linearly, so the map sigma <-> t is exact both ways.
 """
@@ -15,15 +15,6 @@ import math
 import torch
 
 SCHEDULES = ("linear", "cosine")
-
-
-def pixel_to_model_sigma(sigma: float | torch.Tensor) -> float | torch.Tensor:
-    """Pixel scale [0, 1] -> model scale [-1, 1]: the range doubles, so does the noise."""
-    return 2.0 * sigma
-
-
-def model_to_pixel_sigma(sigma: float | torch.Tensor) -> float | torch.Tensor:
-    return 0.5 * sigma
 
 
 def _betas(name: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:

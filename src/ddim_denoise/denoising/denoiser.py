@@ -17,7 +17,8 @@ from ddim_denoise.core.diffusion import denoise_ddim
 from ddim_denoise.denoising.grayscale import RGB_SIGMA_FACTOR, identical_channels, looks_mono_noise, to_gray, whiten
 from ddim_denoise.core.precond import Preconditioner
 from ddim_denoise.pipeline.runtime import resolve_channels_last, resolve_device, resolve_inference_precision
-from ddim_denoise.core.schedule import NoiseSchedule, pixel_to_model_sigma
+from ddim_denoise.core.scale import sigma_to_model, to_model, to_pixels
+from ddim_denoise.core.schedule import NoiseSchedule
 from ddim_denoise.core.unet import build_unet
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class Denoiser:
             raise ValueError(f"expected float images on the [0, 1] scale, got dtype {noisy.dtype}; divide integers by 255")
         options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed, mono_noise=mono_noise,
                        ddim_stop_sigma=ddim_stop_sigma, colour=colour)
-        stop = float(pixel_to_model_sigma(torch.tensor(float(ddim_stop_sigma))))
+        stop = float(sigma_to_model(torch.tensor(float(ddim_stop_sigma))))
         if noisy.shape[-1] == 3:
             gray = np.zeros(len(noisy), dtype=bool) if colour else identical_channels(noisy)
             if gray.any():  # as (N, H, W, 1) gray images, replicated back
@@ -216,13 +217,13 @@ class Denoiser:
         """``same_noise``: one noise draw in every channel (gray images, monochromatic noise): whiten it.
         ``stop_sigma``: model scale (``denoise_ddim``)."""
         y = torch.from_numpy(np.ascontiguousarray(noisy, dtype=np.float32)).to(self.device).permute(0, 3, 1, 2)
-        y = y * 2 - 1  # [0,1] pixels -> [-1,1] model scale
+        y = to_model(y)
         h, w = y.shape[-2:]
         pad_h, pad_w = (-h) % self.factor, (-w) % self.factor
         if pad_h or pad_w:
             mode = "reflect" if pad_h < h and pad_w < w else "replicate"
             y = F.pad(y, (0, pad_w, 0, pad_h), mode=mode)
-        model_sigma = pixel_to_model_sigma(torch.from_numpy(np.ascontiguousarray(sigma)).to(self.device))
+        model_sigma = sigma_to_model(torch.from_numpy(np.ascontiguousarray(sigma)).to(self.device))
         if same_noise:  # one noise draw in all three channels is not what the model knows: whiten it (grayscale.py)
             # Such noise leaves the colour differences (each channel less their mean) exact: keep them (0 if gray).
             colour = y - y.mean(dim=1, keepdim=True)
@@ -233,5 +234,5 @@ class Denoiser:
         x0 = x0[..., :h, :w].float()
         if same_noise:
             x0 = to_gray(x0) + colour[..., :h, :w]
-        return ((x0 + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return to_pixels(x0).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 

@@ -26,7 +26,7 @@ from torch import nn
 from ddim_denoise.pipeline.checkpoint import atomic_path
 from ddim_denoise.pipeline.errors import InputError
 from ddim_denoise.core.precond import Preconditioner
-from ddim_denoise.core.schedule import pixel_to_model_sigma
+from ddim_denoise.core.scale import sigma_to_model, to_model, to_pixels
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 INPUT_NAMES = ("images", "sigma")
@@ -46,12 +46,12 @@ class OneStepDenoiser(nn.Module):
 
     def forward(self, images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2], images.shape[-1]
-        y = images * 2 - 1  # [0, 1] pixels -> [-1, 1] model scale
+        y = to_model(images)
         pad_h = (self.factor - height % self.factor) % self.factor  # written so that it exports with symbolic sizes
         pad_w = (self.factor - width % self.factor) % self.factor
         y = F.pad(y, (0, pad_w, 0, pad_h), mode="reflect")
-        x0 = self.model(y, pixel_to_model_sigma(sigma))[..., :height, :width]
-        return ((x0 + 1) / 2).clamp(0, 1)
+        x0 = self.model(y, sigma_to_model(sigma))[..., :height, :width]
+        return to_pixels(x0).clamp(0, 1)
 
 
 def one_step_module(checkpoint: str | Path) -> OneStepDenoiser:

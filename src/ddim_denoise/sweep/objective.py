@@ -105,7 +105,7 @@ class TrialObjective:
     def __call__(self, trial):
         import optuna
 
-        from ddim_denoise.training.trainer import Trainer
+        from ddim_denoise.training.build import build_trainer
 
         trial.set_user_attr(WORKER_ATTR, worker_identity())
         sampled = self.space.sample(trial)
@@ -114,10 +114,10 @@ class TrialObjective:
         trainer = None
         try:
             params = self.space.trial_params(self.base, sampled, folder / "models")
-            trainer = Trainer(params, on_epoch_end=reporter, run_name=f"trial-{trial.number}",
-                              run_tags=sweep_tracking.trial_run_tags(self.parent_run_id, self.study_name,
-                                                                     trial.number),
-                              training_dir=folder / "training")
+            trainer = build_trainer(params, on_epoch_end=reporter, run_name=f"trial-{trial.number}",
+                                    run_tags=sweep_tracking.trial_run_tags(self.parent_run_id, self.study_name,
+                                                                           trial.number),
+                                    training_dir=folder / "training")
             summary = trainer.fit()
             if not math.isfinite(reporter.best_value):
                 raise DivergedError(f"no finite {reporter.metric} in any epoch: the model diverged")

@@ -35,7 +35,7 @@ from ddim_denoise.sweep.storage import (SweepError, default_storage_url, fail_de
                             redact)
 from ddim_denoise.sweep import tracking as sweep_tracking
 from ddim_denoise.pipeline.tracking import project_root
-from ddim_denoise.training.trainer import is_operational
+from ddim_denoise.training.resume import is_operational
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,2 @@
-"""The training loop and its launchers (one process, or torchrun ranks)."""
+"""Training: the loop (``trainer``), handed the parts ``build`` makes from the params; checkpoints and resuming
+(``resume``), the guards that stop a run (``guards``), its records (``records``), and the launchers (``distributed``)."""

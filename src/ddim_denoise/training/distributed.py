@@ -122,7 +122,7 @@ def train_as_launched(params: Params) -> dict | None:
     """Train as this process's part of the launch: a plain run, or one rank of a torchrun job. Returns the run's
     summary on rank 0 and None on the other ranks (their numbers are not the run's)."""
     from ddim_denoise.pipeline.runtime import resolve_device
-    from ddim_denoise.training.trainer import train
+    from ddim_denoise.training.build import train
 
     launch = launch_from_env()
     device = rank_device(params.train.device, launch)
