@@ -20,8 +20,8 @@ import numpy as np
 import yaml
 from cifar_fixtures import write_cifar_npz
 
-from ddim_denoise.pipeline.params import Params, set_dotted, validate_params
 from ddim_denoise.data.cifar10 import IMAGE_SHAPE, TRAIN_BATCHES, prepare
+from ddim_denoise.pipeline.params import Params, set_dotted, validate_params
 
 IMAGES_PER_BATCH_FILE = 8  # 5 batch files -> 40 training images, VAL_SIZE of them held out
 VAL_SIZE = 8

@@ -13,8 +13,8 @@ import torch
 def write_tiny_checkpoint(path: Path, params, perturb: float = 0.05, seed: int = 0) -> Path:
     """A checkpoint of the tiny model. A fresh U-Net is nearly the identity (zero-initialised block outputs), so the
     weights are jittered: every layer then shapes the output, as in a trained model."""
-    from ddim_denoise.pipeline.checkpoint import save_checkpoint
     from ddim_denoise.denoising.denoiser import build_model
+    from ddim_denoise.pipeline.checkpoint import save_checkpoint
 
     with torch.random.fork_rng():  # the same weights whatever ran before (tests compare against thresholds)
         torch.manual_seed(seed)

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 from cifar_fixtures import _RunsCode, malicious_batch_bytes, write_cifar_folder, write_cifar_npz, write_cifar_tar
 from cli_workspace import cli, make_workspace, one_error_line, process_env
 from denoise_fixtures import write_tiny_checkpoint
 from typer.testing import CliRunner
 
-from ddim_denoise.pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
 from ddim_denoise.cli import app
-from ddim_denoise.pipeline.params import ParamsError, default_params, flatten, load_params, set_dotted, validate_params
-from ddim_denoise.pipeline.files import MANIFEST_FILE
 from ddim_denoise.denoising.denoiser import Denoiser, build_model
+from ddim_denoise.pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
+from ddim_denoise.pipeline.files import MANIFEST_FILE
+from ddim_denoise.pipeline.params import ParamsError, default_params, flatten, load_params, set_dotted, validate_params
 
 QUICK_FAILURE_S = 30  # a params error must come before any data loading or training: seconds, even on a busy CI box
 

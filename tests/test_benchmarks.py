@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from denoise_fixtures import write_tiny_checkpoint
 
 from ddim_denoise.evaluation import throughput, training_speed

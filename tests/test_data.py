@@ -10,15 +10,20 @@ import pickle
 import numpy as np
 import pytest
 import yaml
-from cifar_fixtures import (make_cifar_arrays, malicious_batch_bytes, write_cifar_folder, write_cifar_npz,
-                            write_cifar_tar)
+from cifar_fixtures import (
+    make_cifar_arrays,
+    malicious_batch_bytes,
+    write_cifar_folder,
+    write_cifar_npz,
+    write_cifar_tar,
+)
 from typer.testing import CliRunner
 
-from ddim_denoise.data import cifar10 as data
-from ddim_denoise.pipeline.files import MANIFEST_FILE
 from ddim_denoise.cli import app
-from ddim_denoise.pipeline.params import validate_params
+from ddim_denoise.data import cifar10 as data
 from ddim_denoise.pipeline.errors import DataError
+from ddim_denoise.pipeline.files import MANIFEST_FILE
+from ddim_denoise.pipeline.params import validate_params
 
 N_PER_BATCH, N_TEST, VAL_SIZE = 6, 4, 6
 N_TRAIN = len(data.TRAIN_BATCHES) * N_PER_BATCH

@@ -19,12 +19,13 @@ import torch
 import torch.multiprocessing as mp
 from cli_workspace import TRAIN_IMAGES, cli, free_port, make_workspace, process_env, run, summary, with_train
 
-from ddim_denoise.training import distributed
-from ddim_denoise.training import build as build_module, resume as resume_module
-from ddim_denoise.pipeline.checkpoint import load_checkpoint
-from ddim_denoise.training.distributed import Launch, LaunchError, launch_from_env, rank_device
 from ddim_denoise.core.precond import DenoisingLoss
+from ddim_denoise.pipeline.checkpoint import load_checkpoint
+from ddim_denoise.training import build as build_module
+from ddim_denoise.training import distributed
+from ddim_denoise.training import resume as resume_module
 from ddim_denoise.training.build import build_trainer
+from ddim_denoise.training.distributed import Launch, LaunchError, launch_from_env, rank_device
 from ddim_denoise.training.trainer import Trainer
 
 GLOBAL_BATCH, EPOCHS, WORLD = 8, 20, 2

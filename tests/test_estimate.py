@@ -5,6 +5,7 @@ from __future__ import annotations
 from ddim_denoise.pipeline.params import CONF_DIR
 from ddim_denoise.training.estimate import QUICK_PROFILE, FirstEpochEstimate, long_run_warning
 
+
 def test_the_quick_profile_named_in_the_warning_exists():
     assert (CONF_DIR / "profile" / f"{QUICK_PROFILE}.yaml").is_file()
 

@@ -10,18 +10,28 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from ddim_denoise.evaluation.baselines import bm3d_denoise, map_images, nlm_denoise, resolve_workers
-from ddim_denoise.evaluation import evaluate as evaluate_module
-from ddim_denoise.pipeline.checkpoint import save_checkpoint
 from ddim_denoise.cli import app
-from ddim_denoise.pipeline.params import validate_params
-from ddim_denoise.data.cifar10 import MANIFEST_FORMAT
-from ddim_denoise.pipeline.files import GRID_FILE, MANIFEST_FILE, METRICS_FILE, TABLE_FILE
-from ddim_denoise.denoising.denoiser import build_model
-from ddim_denoise.evaluation.evaluate import (NOISY, NOISY_INPUT, TABLE_COLUMNS, Method,
-                                   build_methods, evaluate, method_label, model_methods, run_methods, write_evaluation)
 from ddim_denoise.core.metrics import make_noisy, psnr_ssim, to_float
+from ddim_denoise.data.cifar10 import MANIFEST_FORMAT
+from ddim_denoise.denoising.denoiser import build_model
+from ddim_denoise.evaluation import evaluate as evaluate_module
+from ddim_denoise.evaluation.baselines import bm3d_denoise, map_images, nlm_denoise, resolve_workers
+from ddim_denoise.evaluation.evaluate import (
+    NOISY,
+    NOISY_INPUT,
+    TABLE_COLUMNS,
+    Method,
+    build_methods,
+    evaluate,
+    method_label,
+    model_methods,
+    run_methods,
+    write_evaluation,
+)
 from ddim_denoise.evaluation.report import ORIGIN_REPORT, findings, write_report
+from ddim_denoise.pipeline.checkpoint import save_checkpoint
+from ddim_denoise.pipeline.files import GRID_FILE, MANIFEST_FILE, METRICS_FILE, TABLE_FILE
+from ddim_denoise.pipeline.params import validate_params
 
 N_TEST = 6
 SIGMAS = [0.05, 0.1]  # low enough that mid-gray images almost never clip: noisy PSNR = -20 log10(sigma)

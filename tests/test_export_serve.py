@@ -17,15 +17,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from denoise_fixtures import (decode_bytes_with_reference, decode_with_reference, encode_with_reference, noisy_photo,
-                              quantize, write_tiny_checkpoint)
+from denoise_fixtures import (
+    decode_bytes_with_reference,
+    decode_with_reference,
+    encode_with_reference,
+    noisy_photo,
+    quantize,
+    write_tiny_checkpoint,
+)
 from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
 from ddim_denoise.denoising.denoiser import Denoiser
+from ddim_denoise.serving.export import (
+    check_parity,
+    export_model,
+    load_exported,
+    one_step_module,
+    parity_batches,
+    run_eager,
+    verify_export,
+)
 from ddim_denoise.serving.image_io import decode_image
-from ddim_denoise.serving.export import (check_parity, export_model, load_exported, one_step_module, parity_batches, run_eager,
-                                 verify_export)
 
 REGISTERED_NAME = "ddim-denoiser-test"
 SERVER_START_TIMEOUT_S = 180  # a cold `mlflow models serve` imports mlflow and torch on 2 shared cores

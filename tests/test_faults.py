@@ -16,12 +16,21 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from cli_workspace import (TRAIN_IMAGES, cli, free_port, make_workspace, one_error_line, process_env, run, summary,
-                           with_train)
+from cli_workspace import (
+    TRAIN_IMAGES,
+    cli,
+    free_port,
+    make_workspace,
+    one_error_line,
+    process_env,
+    run,
+    summary,
+    with_train,
+)
 from typer.testing import CliRunner
 
-from ddim_denoise.pipeline.checkpoint import load_checkpoint
 from ddim_denoise.cli import app
+from ddim_denoise.pipeline.checkpoint import load_checkpoint
 from ddim_denoise.pipeline.errors import TrainingError
 from ddim_denoise.training.build import build_trainer
 

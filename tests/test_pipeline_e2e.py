@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cifar_fixtures import write_cifar_npz
 
 from ddim_denoise.pipeline.profiles import compose_params

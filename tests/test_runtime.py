@@ -7,11 +7,17 @@ import pytest
 import torch
 from denoise_fixtures import write_tiny_checkpoint
 
+from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.pipeline import runtime
 from ddim_denoise.pipeline.checkpoint import load_checkpoint, save_checkpoint
-from ddim_denoise.denoising.denoiser import Denoiser
-from ddim_denoise.pipeline.runtime import (configure_cudnn, resolve_channels_last, resolve_compile, resolve_compile_mode,
-                                  resolve_inference_precision, resolve_precision)
+from ddim_denoise.pipeline.runtime import (
+    configure_cudnn,
+    resolve_channels_last,
+    resolve_compile,
+    resolve_compile_mode,
+    resolve_inference_precision,
+    resolve_precision,
+)
 
 CPU = torch.device("cpu")
 AVX512_BF16_FLAGS = "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n"  # AVX512-BF16, no AMX

@@ -3,11 +3,11 @@ import pytest
 import torch
 from denoise_fixtures import write_tiny_checkpoint
 
-from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.core.diffusion import SigmaSampler, ddim_timesteps, denoise_ddim
 from ddim_denoise.core.precond import PREDICTIONS, DenoisingLoss, Preconditioner, precond_coefficients
 from ddim_denoise.core.scale import sigma_to_pixels
 from ddim_denoise.core.schedule import NoiseSchedule
+from ddim_denoise.denoising.denoiser import Denoiser
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])

@@ -49,7 +49,8 @@ def test_imports_are_found_at_any_depth_and_in_every_form(tmp_path, monkeypatch)
 
 
 def test_the_training_code_is_part_of_a_runs_identity(tmp_path, monkeypatch):
-    fake_package(tmp_path, {"training/__init__.py": "", "training/distributed.py": "from ddim_denoise.core.x import y\n",
+    fake_package(tmp_path, {"training/__init__.py": "",
+                            "training/distributed.py": "from ddim_denoise.core.x import y\n",
                             "core/__init__.py": "", "core/x.py": "STEP = 1\n"})
     monkeypatch.setattr(stage_code, "PACKAGE_DIR", tmp_path)
     before = code_digest("train")

@@ -12,24 +12,29 @@ import mlflow
 import optuna
 import pytest
 import yaml
+from cifar_fixtures import write_cifar_npz
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from cifar_fixtures import write_cifar_npz
 from ddim_denoise.cli import app
-from ddim_denoise.pipeline import params as params_module
-from ddim_denoise.pipeline.params import load_params
 from ddim_denoise.data import cifar10 as data_module
-from ddim_denoise.evaluation import evaluate as evaluate_module
-from ddim_denoise.training import build as train_build_module
 from ddim_denoise.data.cifar10 import load_split, prepare
-from ddim_denoise.sweep.study import SweepOptions, run_sweep
+from ddim_denoise.evaluation import evaluate as evaluate_module
+from ddim_denoise.pipeline import params as params_module
+from ddim_denoise.pipeline.params import load_params, validate_params
+from ddim_denoise.pipeline.profiles import compose_params
+from ddim_denoise.sweep import storage as sweep_storage
 from ddim_denoise.sweep.objective import DIVERGED_ATTR
 from ddim_denoise.sweep.report import BASELINE_ATTR
 from ddim_denoise.sweep.space import SpaceError, load_space
-from ddim_denoise.sweep import storage as sweep_storage
-from ddim_denoise.sweep.storage import FAIL_REASON_ATTR, WORKER_ATTR, default_storage_url
+from ddim_denoise.sweep.storage import (
+    FAIL_REASON_ATTR,
+    WORKER_ATTR,
+    default_storage_url,
+)
+from ddim_denoise.sweep.study import SweepOptions, run_sweep
 from ddim_denoise.sweep.tracking import PARENT_RUN_ATTR
+from ddim_denoise.training import build as train_build_module
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPACE = {
@@ -115,8 +120,8 @@ def test_shipped_space_file_is_valid_and_samples_valid_trials():
 
 
 def test_trials_validate_every_epoch_unless_the_budget_says_otherwise():
-    base = load_params(REPO / "params.yaml")
-    assert base.train.val_every > 1  # params.yaml validates every few epochs: a trial must not inherit that
+    base = validate_params(compose_params(["profile=gpu"]))
+    assert base.train.val_every > 1  # the gpu profile validates every few epochs: a trial must not inherit that
     space = load_space(REPO / "pipelines" / "sweep" / "space.yaml", base)
     assert space.trial_params(base, {}, "m").train.val_every == 1
     space.budget["train.val_every"] = 2

@@ -5,16 +5,17 @@ import types
 import numpy as np
 import pytest
 import torch
-
 from cifar_fixtures import write_cifar_npz
-from ddim_denoise.pipeline.checkpoint import CheckpointError, load_checkpoint
-from ddim_denoise.pipeline.params import ParamsError, validate_params
+
 from ddim_denoise.data.cifar10 import prepare
+from ddim_denoise.pipeline.checkpoint import CheckpointError, load_checkpoint
 from ddim_denoise.pipeline.errors import TrainingError
-from ddim_denoise.training import build as build_module, resume as resume_module
+from ddim_denoise.pipeline.params import ParamsError, validate_params
+from ddim_denoise.training import build as build_module
+from ddim_denoise.training import resume as resume_module
 from ddim_denoise.training.build import EMA, build_trainer, lr_factor
-from ddim_denoise.training.guards import EpochClock
 from ddim_denoise.training.estimate import format_duration
+from ddim_denoise.training.guards import EpochClock
 
 
 @pytest.fixture

@@ -1,1 +1,2 @@
-"""The maths of denoising diffusion: noise schedule, preconditioning, DDIM, the U-Net, image metrics (torch and numpy only)."""
+"""The maths of denoising diffusion, torch and numpy only: noise schedule, pixel/model scale, preconditioning, DDIM,
+the U-Net, image metrics."""

@@ -36,9 +36,9 @@ from typing import IO, Literal
 
 import numpy as np
 
-from ddim_denoise.pipeline.files import MANIFEST_FILE
 from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
 from ddim_denoise.pipeline.errors import DataError
+from ddim_denoise.pipeline.files import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddim_denoise.pipeline.checkpoint import load_checkpoint, load_model_weights
-from ddim_denoise.denoising.clipping import estimate_noise_sigma, saturated, share_noise, unclip
-from ddim_denoise.pipeline.params import Params, validate_params
 from ddim_denoise.core.diffusion import denoise_ddim
-from ddim_denoise.denoising.grayscale import RGB_SIGMA_FACTOR, identical_channels, looks_mono_noise, to_gray, whiten
 from ddim_denoise.core.precond import Preconditioner
-from ddim_denoise.pipeline.runtime import resolve_channels_last, resolve_device, resolve_inference_precision
 from ddim_denoise.core.scale import sigma_to_model, to_model, to_pixels
 from ddim_denoise.core.schedule import NoiseSchedule
 from ddim_denoise.core.unet import build_unet
+from ddim_denoise.denoising.clipping import estimate_noise_sigma, saturated, share_noise, unclip
+from ddim_denoise.denoising.grayscale import RGB_SIGMA_FACTOR, identical_channels, looks_mono_noise, to_gray, whiten
+from ddim_denoise.pipeline.checkpoint import load_checkpoint, load_model_weights
+from ddim_denoise.pipeline.params import Params, validate_params
+from ddim_denoise.pipeline.runtime import resolve_channels_last, resolve_device, resolve_inference_precision
 
 log = logging.getLogger(__name__)
 

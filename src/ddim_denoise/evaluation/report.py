@@ -15,12 +15,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
-from ddim_denoise.pipeline.params import Params
-from ddim_denoise.pipeline.errors import DataError
 from ddim_denoise.evaluation.evaluate import NOISY, ONE_STEP, method_label, save_png
-from ddim_denoise.pipeline.files import (GRID_FILE, REPORT_FILE, STEPS_FILE, SUMMARY_FILE, TABLE_FILE, TRAINING_DIR,
-                                        VAL_FILE)
+from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
+from ddim_denoise.pipeline.errors import DataError
+from ddim_denoise.pipeline.files import (
+    GRID_FILE,
+    REPORT_FILE,
+    STEPS_FILE,
+    SUMMARY_FILE,
+    TABLE_FILE,
+    TRAINING_DIR,
+    VAL_FILE,
+)
+from ddim_denoise.pipeline.params import Params
 
 log = logging.getLogger(__name__)
 

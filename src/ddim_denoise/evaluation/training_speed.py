@@ -16,13 +16,13 @@ import torch._inductor.config as inductor_config
 import yaml
 from torch.autograd import DeviceType
 
-from ddim_denoise.pipeline.params import Params
-from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.core.diffusion import SigmaSampler
 from ddim_denoise.core.precond import DenoisingLoss
-from ddim_denoise.pipeline.runtime import Precision, check_inductor_settings
 from ddim_denoise.core.unet import count_parameters
+from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.evaluation.throughput import PeakTable, count_flops, synchronize
+from ddim_denoise.pipeline.params import Params
+from ddim_denoise.pipeline.runtime import Precision, check_inductor_settings
 
 MODES = {  # name: (autocast dtype, channels_last, torch.compile mode or None for eager)
     "fp32": (None, False, None),

@@ -1,1 +1,2 @@
-"""What every stage shares: the params schema, stage file names, checkpoints, errors, runtime policy, MLflow tracking, code identity."""
+"""What every stage shares: the params schema and profiles, stage file names, checkpoints, errors, runtime policy,
+MLflow tracking, code identity."""

@@ -21,7 +21,8 @@ def profile_file(profile: str, conf_dir: Path | None = None) -> Path:
 
 
 def compose_params(overrides: list[str] | None = None, conf_dir: Path | None = None) -> dict:
-    """The composed params as a plain dict; ``overrides`` as for `dvc exp run -S` (``profile=gpu``, ``train.lr=1e-3``)."""
+    """The composed params as a plain dict; ``overrides`` as `dvc exp run -S` takes them (``profile=gpu``,
+    ``train.lr=1e-3``)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddim_denoise.pipeline.checkpoint import atomic_path
-from ddim_denoise.pipeline.errors import InputError
 from ddim_denoise.core.precond import Preconditioner
 from ddim_denoise.core.scale import sigma_to_model, to_model, to_pixels
+from ddim_denoise.pipeline.checkpoint import atomic_path
+from ddim_denoise.pipeline.errors import InputError
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 INPUT_NAMES = ("images", "sigma")

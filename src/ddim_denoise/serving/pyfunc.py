@@ -106,8 +106,8 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
         self.denoiser = Denoiser.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from ddim_denoise.serving.denoise_files import DenoiseOptions, denoise_decoded
         from ddim_denoise.pipeline.errors import InputError
+        from ddim_denoise.serving.denoise_files import DenoiseOptions, denoise_decoded
         from ddim_denoise.serving.image_io import decode_image, encode_image
 
         frame = pd.DataFrame(model_input)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ddim_denoise.pipeline.params import Params
 from ddim_denoise.pipeline.errors import DivergedError
+from ddim_denoise.pipeline.params import Params
+from ddim_denoise.sweep import tracking as sweep_tracking
 from ddim_denoise.sweep.space import SearchSpace
 from ddim_denoise.sweep.storage import FAIL_REASON_ATTR, WORKER_ATTR, worker_identity
-from ddim_denoise.sweep import tracking as sweep_tracking
 
 DIVERGED_ATTR = "diverged"  # the user attribute (and MLflow tag) holding a diverged trial's reason
 MAX_REASON_CHARS = 2000  # Optuna user attributes and MLflow tags hold the failure reason, not a full traceback
@@ -67,8 +67,8 @@ def ddim_scores(checkpoint: Path, clean: np.ndarray, params: Params, steps: int)
     """PSNR/SSIM of ``steps``-step DDIM denoising (stopping at ``eval.ddim_stop_sigma``) with the checkpoint's EMA
     weights, on the validation subset ``clean`` with the same fixed noise seeds as validation, averaged over
     ``eval.sigmas``."""
-    from ddim_denoise.denoising.denoiser import Denoiser
     from ddim_denoise.core.metrics import make_noisy, psnr_ssim
+    from ddim_denoise.denoising.denoiser import Denoiser
 
     denoiser = Denoiser.from_checkpoint(checkpoint, params.train.device, amp=params.eval.amp)
     psnrs, ssims = [], []

@@ -25,16 +25,22 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddim_denoise.pipeline.params import Params, flatten, load_params
 from ddim_denoise.data.cifar10 import data_identity, read_manifest
+from ddim_denoise.pipeline.params import Params, flatten, load_params
 from ddim_denoise.pipeline.stage_code import code_digest
+from ddim_denoise.pipeline.tracking import project_root
+from ddim_denoise.sweep import tracking as sweep_tracking
 from ddim_denoise.sweep.objective import TrialObjective
 from ddim_denoise.sweep.report import BASELINE_ATTR, chosen_trial, describe, dvc_exp_command, write_reports
 from ddim_denoise.sweep.space import DEFAULT_SPACE_FILE, SearchSpace, load_space
-from ddim_denoise.sweep.storage import (SweepError, default_storage_url, fail_dead_local_trials, open_storage, open_study,
-                            redact)
-from ddim_denoise.sweep import tracking as sweep_tracking
-from ddim_denoise.pipeline.tracking import project_root
+from ddim_denoise.sweep.storage import (
+    SweepError,
+    default_storage_url,
+    fail_dead_local_trials,
+    open_storage,
+    open_study,
+    redact,
+)
 from ddim_denoise.training.resume import is_operational
 
 log = logging.getLogger(__name__)

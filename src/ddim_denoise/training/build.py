@@ -17,14 +17,22 @@ from ddim_denoise.core.precond import DenoisingLoss, Preconditioner
 from ddim_denoise.core.schedule import NoiseSchedule
 from ddim_denoise.data.cifar10 import data_identity, load_split, read_manifest
 from ddim_denoise.denoising.denoiser import build_model
-from ddim_denoise.pipeline.checkpoint import load_checkpoint, load_model_weights
 from ddim_denoise.pipeline import tracking
-from ddim_denoise.pipeline.params import Params, ParamsError, TrainConfig
-from ddim_denoise.pipeline.runtime import (Precision, check_inductor_settings, configure_cudnn, device_name,
-                                           resolve_channels_last, resolve_compile, resolve_compile_mode,
-                                           resolve_device, resolve_precision)
-from ddim_denoise.training.guards import DivergenceGuard, NonfiniteGuard
+from ddim_denoise.pipeline.checkpoint import load_checkpoint, load_model_weights
 from ddim_denoise.pipeline.files import TRAINING_DIR
+from ddim_denoise.pipeline.params import Params, ParamsError, TrainConfig
+from ddim_denoise.pipeline.runtime import (
+    Precision,
+    check_inductor_settings,
+    configure_cudnn,
+    device_name,
+    resolve_channels_last,
+    resolve_compile,
+    resolve_compile_mode,
+    resolve_device,
+    resolve_precision,
+)
+from ddim_denoise.training.guards import DivergenceGuard, NonfiniteGuard
 from ddim_denoise.training.records import RunRecords
 from ddim_denoise.training.resume import prepare_output_folders, run_fingerprint
 from ddim_denoise.training.trainer import Trainer, epoch_batches

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ddim_denoise.pipeline.params import Params
 from ddim_denoise.pipeline.errors import TrainingError
+from ddim_denoise.pipeline.params import Params
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ddim_denoise.pipeline.files import LAST_CHECKPOINT
 from ddim_denoise.pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddim_denoise.pipeline.errors import TrainingError
+from ddim_denoise.pipeline.files import LAST_CHECKPOINT
 from ddim_denoise.pipeline.params import Params, flatten
 from ddim_denoise.pipeline.stage_code import code_digest
 from ddim_denoise.training.records import History

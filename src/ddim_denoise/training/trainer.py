@@ -28,12 +28,12 @@ from ddim_denoise.core.schedule import NoiseSchedule
 from ddim_denoise.core.unet import count_parameters
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.pipeline.errors import TrainingError
+from ddim_denoise.pipeline.files import BEST_CHECKPOINT, LAST_CHECKPOINT
 from ddim_denoise.pipeline.params import Params
 from ddim_denoise.pipeline.runtime import compile_context
 from ddim_denoise.training import guards, resume
-from ddim_denoise.training.guards import DivergenceGuard, EpochClock, NonfiniteGuard
-from ddim_denoise.pipeline.files import BEST_CHECKPOINT, LAST_CHECKPOINT
 from ddim_denoise.training.estimate import FirstEpochEstimate, format_duration
+from ddim_denoise.training.guards import DivergenceGuard, EpochClock, NonfiniteGuard
 from ddim_denoise.training.records import History, RunRecords
 
 if TYPE_CHECKING:
