@@ -254,7 +254,7 @@ def export_command(
             raise typer.Exit(1)
 
 
-# ---- sweep: Optuna search over params.yaml keys (logic in sweep.py) -------------------------------------------------
+# ---- sweep: Optuna search over params.yaml keys (logic in sweep/) -------------------------------------------------
 sweep_app = typer.Typer(no_args_is_help=True, help="Optuna search over params.yaml keys "
                         "(pipelines/sweep/space.yaml), tracked in MLflow, resumable and parallel.")
 app.add_typer(sweep_app, name="sweep")

@@ -1,11 +1,11 @@
 """Optuna search over params.yaml keys (``pipelines/sweep/space.yaml``), tracked in MLflow, resumable and parallel.
 
 ``run_sweep`` opens (or creates) the study, nests every trial's MLflow run under the study's parent run, trains
-trial after trial (``sweep_objective``), and rebuilds the reports (``sweep_report``) when the run ends.
+trial after trial (``objective``), and rebuilds the reports (``report``) when the run ends.
 ``best_trial_report`` prints the best trial and the ``dvc exp run -S ...`` command that trains it for real, and can
-write its values into params.yaml.
+write its values into the profile params.yaml was composed with.
 
-Resuming: the study lives in persistent storage (``sweep_storage``); run the same command again and finished trials
+Resuming: the study lives in persistent storage (``storage``); run the same command again and finished trials
 are kept, the trials a killed worker left RUNNING are marked FAIL, and ``--total`` counts what is already done.
 The default study name is derived from what defines a trial's result (params.yaml less the searched keys, the space,
 the prepared data), so the same command resumes the same study, and changed settings start a new one.
