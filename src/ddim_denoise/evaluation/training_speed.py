@@ -18,6 +18,7 @@ from torch.autograd import DeviceType
 
 from ddim_denoise.core.diffusion import SigmaSampler
 from ddim_denoise.core.precond import DenoisingLoss
+from ddim_denoise.core.scale import to_model
 from ddim_denoise.core.unet import count_parameters
 from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.evaluation.throughput import PeakTable, count_flops, synchronize
@@ -55,7 +56,7 @@ def build_step(params, mode: str, batch: int, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer builds it
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     precision = Precision(dtype, dtype == torch.float16)
-    x = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    x = to_model(torch.rand(batch, 3, 32, 32, device=device))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
@@ -149,7 +150,7 @@ def flops_per_image(params, device) -> float:
     model.to(device)
     d = params.diffusion
     loss_fn = DenoisingLoss(SigmaSampler(d.t_sampling, schedule, d.sigma_min, d.sigma_max), d.prediction, d.sigma_data)
-    x = torch.rand(2, 3, 32, 32, device=device) * 2 - 1
+    x = to_model(torch.rand(2, 3, 32, 32, device=device))
     return count_flops(lambda: loss_fn(model, x).backward()) / 2
 
 

@@ -9,6 +9,8 @@ hour of training. Unknown keys are errors (``extra='forbid'``).
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -191,11 +193,17 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, object] |
     return validate_params(raw, source=str(path))
 
 
-def default_params() -> dict:
-    """Every key's default: conf/config.yaml, the one place defaults are written (DVC composes params.yaml from it)."""
-    defaults = read_yaml_mapping(CONF_DIR / "config.yaml", ParamsError, "reinstall the package", "a mapping")
+@functools.cache
+def _read_defaults(path: Path) -> dict:
+    defaults = read_yaml_mapping(path, ParamsError, "reinstall the package", "a mapping")
     defaults.pop("defaults")  # Hydra's defaults list: which profile DVC composes in
     return defaults
+
+
+def default_params() -> dict:
+    """Every key's default: conf/config.yaml, the one place defaults are written (DVC composes params.yaml from it).
+    Read once per process; each caller gets its own copy."""
+    return copy.deepcopy(_read_defaults(CONF_DIR / "config.yaml"))
 
 
 def with_defaults(raw: dict) -> dict:

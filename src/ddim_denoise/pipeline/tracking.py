@@ -94,7 +94,7 @@ def training_run_name(params) -> str:
     first: ``bushy-vole (quick ch32 e3 b16 lr2e-3)``. Without a profile the key params follow ``train``."""
     key_params = (f"ch{params.model.base_channels} e{params.train.epochs} b{params.train.batch_size} "
                   f"lr{short_number(params.train.lr)}")
-    profile = getattr(params, "profile", None)  # a top-level key that not every params.yaml has
+    profile = params.profile
     described = f"{profile} {key_params}" if profile else key_params
     experiment = dvc_experiment_name()
     if experiment:
@@ -104,21 +104,28 @@ def training_run_name(params) -> str:
 
 def training_run_tags(params) -> dict[str, str]:
     """Tags that say which recipe a training run followed (the DVC experiment name is added by ``start_run``)."""
-    profile = getattr(params, "profile", None)
-    return {PROFILE_TAG: str(profile)} if profile else {}
+    return {PROFILE_TAG: params.profile} if params.profile else {}
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (which may itself hold spaces and parentheses):
+    [0] is the state (field 3), [19] the start time (field 22); None where it cannot be read (not Linux, no pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def process_start(pid: int) -> str | None:
     """``<boot id>:<start time in clock ticks since boot>`` of process ``pid`` (Linux), or None where that cannot
     be read. A pid is reused once its process ends; this pair is not, so it tells a new process from the old one."""
+    fields = _stat_fields(pid)
     try:
         boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # Fields after the command name, which may itself hold spaces and parentheses: state is field 3, starttime 22.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return f"{boot_id}:{fields[19]}" if len(fields) > 19 else None
+    return f"{boot_id}:{fields[19]}" if fields is not None and len(fields) > 19 else None
 
 
 def process_tags() -> dict[str, str]:
@@ -140,12 +147,9 @@ def process_alive(pid: int, recorded_start: str | None) -> bool:
         return False
     except PermissionError:  # another user's process: it exists
         pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat[stat.rindex(")") + 2 :].startswith("Z"):  # exited, waiting for its parent to collect it
-            return False
-    except (OSError, ValueError):
-        pass
+    fields = _stat_fields(pid)
+    if fields and fields[0] == "Z":  # exited, waiting for its parent to collect it
+        return False
     if recorded_start is not None:
         current = process_start(pid)
         if current is not None and current != recorded_start:  # the pid now belongs to another process

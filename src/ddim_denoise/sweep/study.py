@@ -240,19 +240,18 @@ def best_trial_report(options: SweepOptions, trial_number: int | None = None, ap
     text = describe(study, trial, setup.space.objective.metric)
     if trial is None:
         return BestTrialReport(text, None)
+    command = dvc_exp_command(trial.params)
     if not apply:
-        return BestTrialReport(text, dvc_exp_command(trial.params))
+        return BestTrialReport(text, command)
     from ddim_denoise.pipeline.params_file import set_values
     from ddim_denoise.pipeline.profiles import profile_file, write_params_yaml
 
-    profile = load_params(options.params_path).profile
-    if profile is None:
-        return BestTrialReport(text, dvc_exp_command(trial.params), set_values(options.params_path, trial.params),
-                               options.params_path)
-    target = profile_file(profile)
-    changes = set_values(target, trial.params, add_sections=True)
-    write_params_yaml(options.params_path, [f"profile={profile}"])
-    return BestTrialReport(text, dvc_exp_command(trial.params), changes, target)
+    profile = setup.base.profile
+    target = options.params_path if profile is None else profile_file(profile)
+    changes = set_values(target, trial.params, add_sections=profile is not None)
+    if profile is not None:
+        write_params_yaml(options.params_path, [f"profile={profile}"])
+    return BestTrialReport(text, command, changes, target)
 
 
 @contextlib.contextmanager
