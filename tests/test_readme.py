@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,3 +23,10 @@ def test_the_first_code_blocks_are_the_two_commands():
     run, tests = (block.split("```")[0].strip() for block in blocks)
     assert run.endswith("dvc repro") and "pip install -e '.[dev]'" in run
     assert tests.endswith("python -m pytest")
+
+
+def test_the_readme_training_time_is_the_committed_reports():
+    readme = (REPO / "README.md").read_text()
+    report = (REPO / "reports" / "report.md").read_text()
+    seconds = re.search(r"training took (\d+) s", readme).group(1)
+    assert f"| training time | {seconds} s " in report
