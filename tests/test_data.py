@@ -115,29 +115,33 @@ def test_prepare_writes_uint8_splits_and_a_manifest(tmp_path):
     assert not [p.name for p in (tmp_path / "prepared").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def write_originals(tmp_path, k: int, shift: int = 3) -> tuple:
-    """An .npz whose x_train = the first k training images, each value moved by ``shift`` (a "lossless" twin)."""
-    x = make_cifar_arrays(N_PER_BATCH, N_TEST)["x_train"][:k].astype(np.int16)
-    originals = np.clip(x + shift, 0, 255).astype(np.uint8)
-    path = tmp_path / "originals.npz"
-    np.savez(path, x_train=originals, x_test=originals[:2])
-    return path, originals
+def write_originals(path, k: int, k_test: int = 2, shift: int = 3) -> tuple:
+    """An .npz whose x_train / x_test = the first k / k_test images of each split, every value moved by ``shift``
+    (a "lossless" twin of a lossy copy)."""
+    arrays = make_cifar_arrays(N_PER_BATCH, N_TEST)
+    twins = {key: np.clip(arrays[key][:n].astype(np.int16) + shift, 0, 255).astype(np.uint8)
+             for key, n in (("x_train", k), ("x_test", k_test))}
+    np.savez(path, **twins)
+    return path, twins["x_train"], twins["x_test"]
 
 
 def test_originals_replace_their_jpeg_twins_and_can_form_the_training_set_alone(tmp_path):
     write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
     plain = data.prepare(params_for(tmp_path))
-    path, originals = write_originals(tmp_path, k=12)
+    path, originals, test_originals = write_originals(tmp_path / "originals.npz", k=12)
     idx_train, idx_val = data.split_indices(N_TRAIN, VAL_SIZE, 0)
-    expected = make_cifar_arrays(N_PER_BATCH, N_TEST)["x_train"]
-    expected[:12] = originals
+    arrays = make_cifar_arrays(N_PER_BATCH, N_TEST)
+    expected, expected_test = arrays["x_train"], arrays["x_test"]
+    expected[:12], expected_test[:2] = originals, test_originals
 
     params = params_for(tmp_path)
-    params.data.originals = str(path)
+    params.data.originals, params.data.val_split = str(path), "random"
     manifest = data.prepare(params)
     assert np.array_equal(data.load_split(tmp_path / "prepared", "train")[0], expected[idx_train])
     assert np.array_equal(data.load_split(tmp_path / "prepared", "val")[0], expected[idx_val])
-    assert manifest["originals"]["count"] == 12 and manifest["dataset_sha256"] != plain["dataset_sha256"]
+    assert np.array_equal(data.load_split(tmp_path / "prepared", "test")[0], expected_test)
+    assert manifest["originals"]["count"] == 12 and manifest["originals"]["test_count"] == 2
+    assert manifest["dataset_sha256"] != plain["dataset_sha256"]
 
     params.data.originals_only = True
     manifest = data.prepare(params)
@@ -147,11 +151,40 @@ def test_originals_replace_their_jpeg_twins_and_can_form_the_training_set_alone(
     assert manifest["counts"]["train"] == len(only) and manifest["counts"]["val"] == VAL_SIZE
 
 
+def test_validation_on_originals_is_their_last_images_and_leaves_training(tmp_path):
+    """data/raw/originals.npz is found by data.originals=auto, and validation (val_split=auto) is taken from it."""
+    write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
+    _, originals, _ = write_originals(tmp_path / "raw" / data.ORIGINALS_NPZ, k=12)
+    manifest = data.prepare(params_for(tmp_path, val_size=4))
+    val = data.load_split(tmp_path / "prepared", "val")[0]
+    train = data.load_split(tmp_path / "prepared", "train")[0]
+    assert manifest["val_split"] == "originals" and manifest["source"]["path"].endswith("cifar10.npz")
+    assert np.array_equal(val, originals[8:12]) and len(train) == N_TRAIN - 4
+    assert not any((image == train).all(axis=(1, 2, 3)).any() for image in val)
+    random = params_for(tmp_path, val_size=4)
+    random.data.val_split = "random"
+    assert data.data_identity(data.prepare(random)) != data.data_identity(manifest)  # no resume across the two
+
+
+def test_validation_on_originals_needs_enough_of_them(tmp_path):
+    write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
+    params = params_for(tmp_path, val_size=12)
+    params.data.originals, params.data.val_split = str(write_originals(tmp_path / "o.npz", k=12)[0]), "originals"
+    with pytest.raises(DataError, match="val_split=originals takes data.val_size=12 of the 12 original"):
+        data.prepare(params)
+    params.data.originals = None
+    with pytest.raises(DataError, match="takes data.val_size=12 of the 0 original"):
+        data.prepare(params)
+
+
 def test_originals_of_other_images_are_refused(tmp_path):
     write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
     params = params_for(tmp_path)
-    params.data.originals = str(write_originals(tmp_path, k=12, shift=128)[0])
-    with pytest.raises(DataError, match="is not the first 12 training images"):
+    params.data.originals = str(write_originals(tmp_path / "originals.npz", k=12, shift=128)[0])
+    with pytest.raises(DataError, match="its x_train is not the first 12 images"):
+        data.prepare(params)
+    params.data.originals = str(tmp_path / "missing.npz")
+    with pytest.raises(DataError, match="missing.npz not found"):
         data.prepare(params)
 
 

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
-from ddim_denoise.core.metrics import make_noisy, psnr_ssim, to_float
+from ddim_denoise.core.metrics import make_noisy, psnr_of_mean_mse, psnr_ssim, to_float
 from ddim_denoise.data.cifar10 import MANIFEST_FORMAT
 from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.evaluation import evaluate as evaluate_module
@@ -317,3 +317,11 @@ def test_report_needs_the_evaluation_first(workspace):
 
     with pytest.raises(DataError, match="evaluate"):
         write_report(workspace)
+
+
+def test_psnr_of_the_mean_mse_is_what_the_published_figures_use():
+    """Two images at 20 and 40 dB: MSE 0.01 and 0.0001, so the mean MSE gives 22.97 dB where the mean PSNR is 30."""
+    value, ci = psnr_of_mean_mse(np.array([20.0, 40.0]))
+    assert value == pytest.approx(-10 * np.log10(0.00505)) and ci > 0
+    assert psnr_of_mean_mse(np.full(5, 25.0)) == pytest.approx((25.0, 0.0))
+

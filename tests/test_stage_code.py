@@ -25,6 +25,9 @@ def test_every_stage_depends_on_the_folders_it_runs():
     assert set(PIPELINES) == set(STAGE_ENTRIES)
     for stage, pipeline in PIPELINES.items():
         assert code_deps(pipeline, stage) == stage_folders(stage), stage
+    # the results studies run the same entry points as the main chain
+    assert code_deps("pipelines/results/headline/dvc.yaml", "evaluate") == stage_folders("evaluate")
+    assert code_deps("pipelines/results/levers/dvc.yaml", "levers") == stage_folders("sweep")
 
 
 def fake_package(root: Path, files: dict[str, str]) -> None:

@@ -135,7 +135,10 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
                                                      help="checkpoint to evaluate"),
                      device: Optional[str] = typer.Option(None, "--device", help="default: train.device"),
                      workers: Optional[int] = typer.Option(None, "--workers", min=1,
-                                                           help="processes for BM3D/NLM (default: eval.workers)")):
+                                                           help="processes for BM3D/NLM (default: eval.workers)"),
+                     mlflow_prefix: str = typer.Option("test", "--mlflow-prefix",
+                                                       help="MLflow metric names start with it (a study's own "
+                                                            "evaluation keeps the pipeline's test_* metrics)")):
     """Score the model, the noisy input, BM3D and NLM on the test split; write eval.out_dir."""
     from ddim_denoise.evaluation.baselines import resolve_workers
     from ddim_denoise.evaluation.evaluate import evaluate, mlflow_metrics
@@ -145,8 +148,8 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
     table = evaluate(cfg, checkpoint, device=device, workers=workers or resolve_workers(cfg.eval.workers))
     out = Path(cfg.eval.out_dir)
     files = [out / name for name in (METRICS_FILE, TABLE_FILE, GRID_FILE) if (out / name).is_file()]
-    metrics = mlflow_metrics(table)
-    run_id = log_to_training_run(cfg, metrics, tuple((f, "evaluation") for f in files))
+    metrics = mlflow_metrics(table, mlflow_prefix)
+    run_id = log_to_training_run(cfg, metrics, tuple((f, out.name) for f in files))
     if run_id and cfg.mlflow.registered_model:
         from ddim_denoise.serving.pyfunc import register_evaluated_model
 

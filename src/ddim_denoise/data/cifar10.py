@@ -52,6 +52,7 @@ IMAGE_SHAPE = (32, 32, 3)  # stored as HWC uint8
 NUM_CLASSES = 10
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 PREFERRED_NPZ = "cifar10.npz"  # the name the offline copy's command writes (docs/pipeline.md, *Data*); chosen first
+ORIGINALS_NPZ = "originals.npz"  # in raw_dir: original pixels of the first images (data.originals: auto finds it)
 CIFAR_HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 # What prepare writes.
@@ -100,7 +101,8 @@ def find_source(raw_dir: str | Path) -> Source | None:
         return Source("tar", raw_dir / ARCHIVE_NAME)
     if (raw_dir / BATCH_FOLDER).is_dir():
         return Source("folder", raw_dir / BATCH_FOLDER)
-    npz_files = sorted(p for p in raw_dir.glob("*.npz") if p.is_file()) if raw_dir.is_dir() else []
+    npz_files = (sorted(p for p in raw_dir.glob("*.npz") if p.is_file() and p.name != ORIGINALS_NPZ)
+                 if raw_dir.is_dir() else [])
     if (raw_dir / PREFERRED_NPZ) in npz_files:
         return Source("npz", raw_dir / PREFERRED_NPZ)
     if len(npz_files) > 1:
@@ -433,52 +435,88 @@ def load_images_npz(path: str | Path, key: str = "x_test", n: int | None = None)
 ORIGINALS_MIN_PSNR_DB = 20.0
 
 
-def substitute_originals(x_train: np.ndarray, originals_path: str | Path) -> tuple[np.ndarray, int, str]:
-    """``x_train`` with its first images replaced by their original pixels from ``originals_path`` (``x_train`` of an
-    .npz holding official training images 0..K-1, such as ``cifar10-lossless-subset.npz``).
+def substitute_originals(x: np.ndarray, originals_path: str | Path, key: str) -> tuple[np.ndarray, int]:
+    """``x`` with its first images replaced by their original pixels: ``originals_path``'s ``key`` array (``x_train``
+    or ``x_test``) holds the official images 0..K-1 of that split, e.g. ``cifar10-lossless-subset.npz``.
 
     The project's offline copy was rebuilt from JPEGs; a denoiser trained on it learns JPEG's smoothing and measures
-    ~0.8 dB worse at sigma 0.1 on original pixels than on JPEG pixels. Returns (images, K, sha256 of the file).
+    ~0.8 dB worse at sigma 0.1 on original pixels than on JPEG pixels. Returns (images, K); K is 0 where the file has
+    no ``key``.
     """
-    originals = load_images_npz(originals_path, "x_train")
+    with _reading(Path(originals_path)), np.load(originals_path, allow_pickle=False) as archive:
+        if key not in archive:
+            return x, 0
+    originals = load_images_npz(originals_path, key)
     k = len(originals)
-    if k > len(x_train) or originals.shape[1:] != x_train.shape[1:]:
-        raise DataError(f"data.originals {originals_path}: {originals.shape} does not fit the training images "
-                        f"{x_train.shape}: give an .npz whose x_train holds the first official training images")
-    diff = originals.astype(np.float32) - x_train[:k].astype(np.float32)
+    where = f"data.originals {originals_path}: its {key}"
+    if k > len(x) or originals.shape[1:] != x.shape[1:]:
+        raise DataError(f"{where} {originals.shape} does not fit the images {x.shape}: give an .npz whose "
+                        f"{key} holds the first official images of that split")
+    diff = originals.astype(np.float32) - x[:k].astype(np.float32)
     psnr = 10 * np.log10(255.0**2 / max(float(np.mean(diff**2)), 1e-12))
     if psnr < ORIGINALS_MIN_PSNR_DB:
-        raise DataError(f"data.originals {originals_path}: its x_train is not the first {k} training images of "
-                        f"{x_train.shape[0]} here (PSNR {psnr:.1f} dB against them): check the file and its order")
-    out = x_train.copy()
+        raise DataError(f"{where} is not the first {k} images of the {x.shape[0]} here (PSNR {psnr:.1f} dB "
+                        "against them): check the file and its order")
+    out = x.copy()
     out[:k] = originals
-    with _reading(Path(originals_path)), open(originals_path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return out, k, digest
+    return out, k
+
+
+def originals_file(cfg) -> Path | None:
+    """The originals file prepare uses: ``data.originals``, where ``auto`` means ``raw_dir``/originals.npz if present."""
+    if cfg.originals == "auto":
+        path = Path(cfg.raw_dir) / ORIGINALS_NPZ
+        return path if path.is_file() else None
+    if cfg.originals and not Path(cfg.originals).is_file():
+        raise DataError(f"data.originals {cfg.originals} not found: fix the path, or set data.originals to null")
+    return Path(cfg.originals) if cfg.originals else None
+
+
+def split_train_val(n: int, cfg, seed: int, n_originals: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train, validation) indices and how validation was chosen (``data.val_split``).
+
+    ``originals``: the last ``val_size`` original-pixel training images, so that choices are scored on pixels no
+    lossy copy touched and on images training never sees; ``random``: a seeded draw; ``auto``: originals when there
+    are any."""
+    mode = cfg.val_split if cfg.val_split != "auto" else ("originals" if n_originals else "random")
+    if mode == "random":
+        return (*split_indices(n, cfg.val_size, seed), mode)
+    if not 0 < cfg.val_size < n_originals:
+        raise DataError(f"data.val_split=originals takes data.val_size={cfg.val_size} of the {n_originals} "
+                        "original-pixel training images (data.originals): lower data.val_size, or set "
+                        "data.val_split=random")
+    val_idx = np.arange(n_originals - cfg.val_size, n_originals)
+    return np.setdiff1d(np.arange(n), val_idx), val_idx, mode
 
 
 def prepare(params) -> dict:
-    """Load the raw data, split off a seeded validation set, and write the splits and a manifest.
+    """Load the raw data, put in the original pixels ``data.originals`` holds, split off the validation set
+    (``data.val_split``), and write the splits and a manifest.
 
     Writes ``{train,val,test}_{x,y}.npy`` (uint8) into ``params.data.prepared_dir``, each atomically, then
-    ``manifest.json`` last, so a manifest means a complete set. The official test set is kept as it is. Returns the
-    manifest.
+    ``manifest.json`` last, so a manifest means a complete set. The test set is the official one, in its order.
+    Returns the manifest.
     """
     cfg = params.data
     source = ensure_source(cfg.raw_dir, cfg.download)
     data = load_source(source)
-    x_train, originals = data.x_train, None
-    train_idx, val_idx = split_indices(len(x_train), cfg.val_size, params.seed)
-    if cfg.originals:
-        x_train, n_originals, originals_sha256 = substitute_originals(x_train, cfg.originals)
-        originals = {"path": str(cfg.originals), "sha256": originals_sha256, "count": n_originals,
-                     "only": cfg.originals_only}
-        if cfg.originals_only:  # a fine-tuning set: the original-pixel training images alone
-            train_idx = train_idx[train_idx < n_originals]
+    x_train, x_test, originals = data.x_train, data.x_test, None
+    originals_path = originals_file(cfg)
+    n_train_originals = 0
+    if originals_path is not None:
+        x_train, n_train_originals = substitute_originals(x_train, originals_path, "x_train")
+        x_test, n_test_originals = substitute_originals(x_test, originals_path, "x_test")
+        with _reading(originals_path), open(originals_path, "rb") as f:
+            originals_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        originals = {"path": str(originals_path), "sha256": originals_sha256, "count": n_train_originals,
+                     "test_count": n_test_originals, "only": cfg.originals_only}
+    train_idx, val_idx, val_split = split_train_val(len(x_train), cfg, params.seed, n_train_originals)
+    if originals and cfg.originals_only:  # a fine-tuning set: the original-pixel training images alone
+        train_idx = train_idx[train_idx < n_train_originals]
     splits = {
         "train": (x_train[train_idx], data.y_train[train_idx]),
         "val": (x_train[val_idx], data.y_train[val_idx]),
-        "test": (data.x_test, data.y_test),
+        "test": (x_test, data.y_test),
     }
     prepared_dir = Path(cfg.prepared_dir)
     # Gone first: a prepare killed midway must not leave the last manifest vouching for a mix of two splits.
@@ -497,7 +535,8 @@ def prepare(params) -> dict:
         "originals": originals,
         "seed": params.seed,
         "val_size": cfg.val_size,
-        "counts": {split: int(len(x)) for split, (x, _) in splits.items()},
+        "val_split": val_split,
+        "counts": {split: len(x) for split, (x, _) in splits.items()},
         "image_shape": list(IMAGE_SHAPE),
         "dtype": "uint8",
     }
@@ -509,7 +548,8 @@ def prepare(params) -> dict:
 def data_identity(manifest: dict) -> str:
     """What a run trains and validates on: the data set and how prepare split it. Runs and sweep studies resume only
     on the same; a larger data.val_size would move images a checkpoint trained on into validation."""
-    return f"{manifest['dataset_sha256']}/seed {manifest['seed']}/val_size {manifest['val_size']}"
+    identity = f"{manifest['dataset_sha256']}/seed {manifest['seed']}/val_size {manifest['val_size']}"
+    return identity + ("/validation on originals" if manifest.get("val_split") == "originals" else "")
 
 
 def read_manifest(prepared_dir: str | Path) -> dict:

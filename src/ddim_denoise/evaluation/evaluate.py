@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from ddim_denoise.core.metrics import make_noisy, mean_ci95, psnr_ssim, to_float
+from ddim_denoise.core.metrics import make_noisy, mean_ci95, psnr_of_mean_mse, psnr_ssim, to_float
 from ddim_denoise.data.cifar10 import load_split
 from ddim_denoise.denoising.clipping import as_8bit
 from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 # psnr/ssim_1step_same_images: the one-step model's mean on the images the row covers, so a method run on a prefix
 # (BM3D on 200 of 10,000, DDIM on eval.ddim_images) is compared with the model on the same images, not with its mean
 # over all of them.
+# psnr_of_mean_mse: the PSNR of the mean MSE over the images, the form published diffusion-denoiser figures take.
 TABLE_COLUMNS = ["sigma", "method", "n_images", "psnr", "psnr_ci95", "ssim", "ssim_ci95", "images_per_s",
-                 "psnr_1step_same_images", "ssim_1step_same_images"]
+                 "psnr_1step_same_images", "ssim_1step_same_images", "psnr_of_mean_mse", "psnr_of_mean_mse_ci95"]
 
 CLEAN = "clean"
 NOISY = "noisy"
@@ -167,9 +168,11 @@ def run_methods(clean: np.ndarray, sigmas: Iterable[float], methods: dict[str, M
             seconds = time.perf_counter() - start
             psnr, ssim = psnr_ssim(clean[:n], estimate)
             (psnr_mean, psnr_ci), (ssim_mean, ssim_ci) = mean_ci95(psnr), mean_ci95(ssim)
+            mse_psnr, mse_psnr_ci = psnr_of_mean_mse(psnr)
             speed = n / seconds if method.timed and seconds > 0 else float("nan")
             sigma_rows.append(dict(sigma=sigma, method=name, n_images=n, psnr=psnr_mean, psnr_ci95=psnr_ci,
-                                   ssim=ssim_mean, ssim_ci95=ssim_ci, images_per_s=speed))
+                                   ssim=ssim_mean, ssim_ci95=ssim_ci, images_per_s=speed,
+                                   psnr_of_mean_mse=mse_psnr, psnr_of_mean_mse_ci95=mse_psnr_ci))
             samples[sigma][name], per_image[name] = np.clip(estimate[:keep_images], 0, 1), (psnr, ssim)
             log.info("sigma %g  %-14s PSNR %6.2f ± %.2f dB  SSIM %.4f  n=%d  %.1f images/s",
                      sigma, name, psnr_mean, psnr_ci, ssim_mean, n, speed)
@@ -194,15 +197,16 @@ def metrics_dict(table: pd.DataFrame) -> dict:
     return out
 
 
-def mlflow_metrics(table: pd.DataFrame) -> dict[str, float]:
-    """Flat MLflow names: ``test_psnr_model_1step_sigma0.2``, ``test_ssim_bm3d_sigma0.5``, ``test_mean_psnr_1step``."""
+def mlflow_metrics(table: pd.DataFrame, prefix: str = "test") -> dict[str, float]:
+    """Flat MLflow names: ``test_psnr_model_1step_sigma0.2``, ``test_ssim_bm3d_sigma0.5``, ``test_mean_psnr_1step``
+    (``prefix`` in place of ``test``)."""
     out = {}
     for row in table.itertuples(index=False):
-        for metric in ("psnr", "ssim"):
-            out[f"test_{metric}_{row.method}_sigma{row.sigma:g}"] = float(getattr(row, metric))
+        for metric in ("psnr", "ssim", "psnr_of_mean_mse"):
+            out[f"{prefix}_{metric}_{row.method}_sigma{row.sigma:g}"] = float(getattr(row, metric))
     one_step = table.loc[table.method == ONE_STEP, "psnr"]
     if len(one_step):
-        out["test_mean_psnr_1step"] = float(one_step.mean())
+        out[f"{prefix}_mean_psnr_1step"] = float(one_step.mean())
     return out
 
 

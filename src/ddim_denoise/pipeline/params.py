@@ -36,8 +36,9 @@ class DataConfig(_Section):
     raw_dir: str
     prepared_dir: str
     val_size: int = Field(ge=1)
+    val_split: Literal["auto", "random", "originals"]
     download: bool  # fall back to torchvision's download when data/raw holds no archive
-    originals: str | None  # .npz whose x_train = original pixels of the first training images (JPEG copies)
+    originals: str | None  # .npz of original pixels of the first train/test images (for JPEG copies), or "auto"
     originals_only: bool  # train split = those original-pixel images alone (a fine-tuning set)
 
 
