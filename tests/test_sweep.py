@@ -36,6 +36,8 @@ from ddim_denoise.sweep.study import SweepOptions, run_sweep
 from ddim_denoise.sweep.tracking import PARENT_RUN_ATTR
 from ddim_denoise.training import build as train_build_module
 
+pytestmark = pytest.mark.usefixtures("package_conf_unchanged")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPACE = {
     "parameters": {
@@ -59,8 +61,11 @@ def mlflow_uri(tmp_path_factory):
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch, tiny_params, mlflow_uri, request):
-    """A project folder with tiny prepared data, params.yaml, space.yaml, and its own MLflow experiment."""
+    """A project folder with tiny prepared data, params.yaml, space.yaml, its own MLflow experiment, and its own copy
+    of the package's conf/ (defaults and profiles), which is where `sweep best --apply` writes a profile's values."""
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(params_module.CONF_DIR, tmp_path / "conf")
+    monkeypatch.setattr(params_module, "CONF_DIR", tmp_path / "conf")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     mlflow.set_tracking_uri(mlflow_uri)
     write_cifar_npz(tmp_path / "data" / "raw", n_train_per_batch=8, n_test=4)
@@ -237,7 +242,7 @@ def test_hyperband_pruner_builds_and_judges_every_epoch(workspace, monkeypatch):
 
 
 # ---- a sweep, end to end ----------------------------------------------------------------------------------------
-def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace, monkeypatch):
+def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace):
     result = run_sweep(options(trials=2))
     study = load_study(result["study"])
     assert states(study) == ["COMPLETE", "COMPLETE"]
@@ -274,8 +279,6 @@ def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace,
 
     # params.yaml composed from a profile: the values go into the profile, and params.yaml is composed again
     conf = workspace / "conf"
-    shutil.copytree(params_module.CONF_DIR, conf)
-    monkeypatch.setattr(params_module, "CONF_DIR", conf)
     params_file = workspace / "params.yaml"
     params_file.write_text(params_file.read_text() + "profile: quick\n")
     cli = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", result["study"], "--apply"])
