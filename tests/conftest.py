@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+from ddim_denoise.pipeline.params import CONF_DIR
+
+PACKAGE_CONF_DIR = CONF_DIR  # taken before any test points params.CONF_DIR at a copy
+
 # The CI machine has 2 cores; tests that run beside each other should not each spawn a full thread pool.
 torch.set_num_threads(1)
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -22,3 +26,20 @@ def tiny_params():
         "eval": {"n_images": 8, "bm3d_images": 2, "nlm_images": 4, "sigmas": [0.1, 0.3], "ddim_steps": 3,
                  "batch_size": 4, "grid_images": 2},
     })
+
+
+@pytest.fixture
+def package_conf_unchanged():
+    """Fails a test that changed, added or removed a file of the package's conf/ (the defaults and profiles every
+    run composes): `sweep best --apply` writes into a profile, so its tests must aim it at a copy (the sweep tests'
+    workspace does)."""
+
+    def snapshot() -> dict:
+        return {path.relative_to(PACKAGE_CONF_DIR).as_posix(): path.read_bytes()
+                for path in sorted(PACKAGE_CONF_DIR.rglob("*")) if path.is_file()}
+
+    before = snapshot()
+    yield
+    after = snapshot()
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"the test changed the package's conf/: {changed} (git status lists them)"

@@ -12,6 +12,8 @@ from ddim_denoise.pipeline.params import CONF_DIR, load_params, validate_params
 from ddim_denoise.pipeline.params_file import set_values
 from ddim_denoise.pipeline.profiles import compose_params, profile_file, write_params_yaml
 
+pytestmark = pytest.mark.usefixtures("package_conf_unchanged")
+
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml"))
 

@@ -13,6 +13,7 @@ import optuna
 import pytest
 import yaml
 from cifar_fixtures import write_cifar_npz
+from cli_workspace import one_error_line
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -35,6 +36,8 @@ from ddim_denoise.sweep.storage import (
 from ddim_denoise.sweep.study import SweepOptions, run_sweep
 from ddim_denoise.sweep.tracking import PARENT_RUN_ATTR
 from ddim_denoise.training import build as train_build_module
+
+pytestmark = pytest.mark.usefixtures("package_conf_unchanged")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPACE = {
@@ -59,8 +62,11 @@ def mlflow_uri(tmp_path_factory):
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch, tiny_params, mlflow_uri, request):
-    """A project folder with tiny prepared data, params.yaml, space.yaml, and its own MLflow experiment."""
+    """A project folder with tiny prepared data, params.yaml, space.yaml, its own MLflow experiment, and its own copy
+    of the package's conf/ (defaults and profiles), which is where `sweep best --apply` writes a profile's values."""
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(params_module.CONF_DIR, tmp_path / "conf")
+    monkeypatch.setattr(params_module, "CONF_DIR", tmp_path / "conf")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     mlflow.set_tracking_uri(mlflow_uri)
     write_cifar_npz(tmp_path / "data" / "raw", n_train_per_batch=8, n_test=4)
@@ -91,6 +97,10 @@ def load_study(name: str, storage: str | None = None) -> optuna.Study:
 
 def states(study: optuna.Study) -> list[str]:
     return [t.state.name for t in study.get_trials(deepcopy=False)]
+
+
+def warning_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
 
 
 def nested_runs(parent_run_id: str) -> list:
@@ -237,7 +247,7 @@ def test_hyperband_pruner_builds_and_judges_every_epoch(workspace, monkeypatch):
 
 
 # ---- a sweep, end to end ----------------------------------------------------------------------------------------
-def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace, monkeypatch):
+def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace):
     result = run_sweep(options(trials=2))
     study = load_study(result["study"])
     assert states(study) == ["COMPLETE", "COMPLETE"]
@@ -274,8 +284,6 @@ def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace,
 
     # params.yaml composed from a profile: the values go into the profile, and params.yaml is composed again
     conf = workspace / "conf"
-    shutil.copytree(params_module.CONF_DIR, conf)
-    monkeypatch.setattr(params_module, "CONF_DIR", conf)
     params_file = workspace / "params.yaml"
     params_file.write_text(params_file.read_text() + "profile: quick\n")
     cli = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", result["study"], "--apply"])
@@ -285,6 +293,45 @@ def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace,
     assert composed.profile == "quick" and composed.train.epochs == 3  # the quick profile's own budget
     assert composed.train.lr == best.params["train.lr"]
     assert composed.diffusion.prediction == best.params["diffusion.prediction"]
+
+
+def test_best_applies_a_winner_only_under_the_defaults_its_study_ran_under(workspace):
+    """A study's winner is evidence for the defaults it was found under: after params.yaml changed a key the space
+    does not search, `sweep best` warns, and `--apply` refuses (one line, exit 2) and leaves params.yaml as it was."""
+    study = run_sweep(options(trials=1, pruner="none", study="s"))["study"]
+    best = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study, "--apply"])
+    assert best.exit_code == 0 and not warning_lines(best), best.output  # the same defaults: applied
+    assert load_params("params.yaml").train.lr == load_study(study).best_trial.params["train.lr"]
+
+    params_file = workspace / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    ran_under = params["diffusion"]["schedule"]
+    params["diffusion"]["schedule"] = now = "linear" if ran_under == "cosine" else "cosine"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    before = params_file.read_bytes()
+    drift = f"ran under other defaults than params.yaml (diffusion.schedule: {ran_under} there, {now} here)"
+
+    best = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study])
+    assert best.exit_code == 0 and "dvc exp run -S" in best.stdout, best.output
+    warnings = warning_lines(best)
+    assert len(warnings) == 1 and drift in warnings[0], best.output
+
+    refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study, "--apply"])
+    error = one_error_line(refused)
+    assert error.startswith("error: sweep best --apply: ") and drift in error
+    assert "rerun the sweep (dvc repro pipelines/sweep/dvc.yaml) before applying its winner" in error
+    assert params_file.read_bytes() == before
+
+
+def test_best_refuses_to_apply_a_study_that_did_not_record_its_defaults(workspace):
+    """A study made before studies recorded the defaults they ran under (or by another tool) may hold any."""
+    old = optuna.create_study(study_name="old", storage=default_storage_url(), direction="maximize")
+    old.add_trial(optuna.trial.create_trial(params={"train.lr": 2e-4}, value=20.0, distributions={
+        "train.lr": optuna.distributions.FloatDistribution(1e-5, 3e-3, log=True)}))
+    before = (workspace / "params.yaml").read_bytes()
+    refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", "old", "--apply"])
+    assert "study 'old' predates the record of the defaults its trials ran under" in one_error_line(refused)
+    assert (workspace / "params.yaml").read_bytes() == before
 
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(workspace):

@@ -329,7 +329,8 @@ def sweep_best_command(
     trial: Optional[int] = typer.Option(None, "--trial", help="a given trial instead of the best (e.g. from the "
                                         "Pareto front)"),
     apply: bool = typer.Option(False, "--apply", help="write the trial's values into params.yaml's profile "
-                               "(conf/profile/NAME.yaml, comments kept) and compose params.yaml again"),
+                               "(conf/profile/NAME.yaml, comments kept) and compose params.yaml again; refused "
+                               "when the study ran under other defaults than params.yaml's"),
     params: str = PARAMS_OPT,
 ):
     """Print the best trial and the `dvc exp run -S ...` command that trains it with the full budget."""
@@ -340,6 +341,8 @@ def sweep_best_command(
     typer.echo(report.text)
     if report.command:
         typer.echo(f"train it for real:\n  {report.command}")
+    if report.warning:
+        typer.echo(f"warning: {report.warning}", err=True)
     for key, old, new in report.changes:
         typer.echo(f"{report.applied_to}: {key}: {old} -> {new}")
     if apply and report.command and not report.changes:

@@ -148,9 +148,15 @@ def _check_directions(study, directions: list[str]) -> None:
                          f"{'add' if len(have) > 1 else 'drop'} --multi-objective, or use another --study name")
 
 
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """The keys of two flat mappings whose values differ, a key on one side only included; sorted."""
+    absent = object()
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, absent) != new.get(k, absent))
+
+
 def _settings_changed_message(name: str, old: dict, new: dict) -> str:
     old_flat, new_flat = _flat(old), _flat(new)
-    changed = sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
+    changed = changed_keys(old_flat, new_flat)
     shown = "; ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in changed[:8])
     more = f"; and {len(changed) - 8} more" if len(changed) > 8 else ""
     return (f"study {name!r} was created with other settings ({shown}{more}): its trials would not be comparable. "

@@ -3,7 +3,8 @@
 ``run_sweep`` opens (or creates) the study, nests every trial's MLflow run under the study's parent run, trains
 trial after trial (``objective``), and rebuilds the reports (``report``) when the run ends.
 ``best_trial_report`` prints the best trial and the ``dvc exp run -S ...`` command that trains it for real, and can
-write its values into the profile params.yaml was composed with.
+write its values into the profile params.yaml was composed with: only when the study ran under the params.yaml of now
+(``defaults_drift``), since a winner found under other defaults is no evidence for today's.
 
 Resuming: the study lives in persistent storage (``storage``); run the same command again and finished trials
 are kept, the trials a killed worker left RUNNING are marked FAIL, and ``--total`` counts what is already done.
@@ -31,10 +32,19 @@ from ddim_denoise.pipeline.stage_code import code_digest
 from ddim_denoise.pipeline.tracking import project_root
 from ddim_denoise.sweep import tracking as sweep_tracking
 from ddim_denoise.sweep.objective import TrialObjective
-from ddim_denoise.sweep.report import BASELINE_ATTR, chosen_trial, describe, dvc_exp_command, write_reports
+from ddim_denoise.sweep.report import (
+    BASELINE_ATTR,
+    chosen_trial,
+    describe,
+    dvc_exp_command,
+    format_value,
+    write_reports,
+)
 from ddim_denoise.sweep.space import DEFAULT_SPACE_FILE, SearchSpace, load_space
 from ddim_denoise.sweep.storage import (
+    SETTINGS_ATTR,
     SweepError,
+    changed_keys,
     default_storage_url,
     fail_dead_local_trials,
     open_storage,
@@ -50,6 +60,8 @@ STUDY_NAME_PREFIX = "sweep-"
 # params.yaml keys that define what a trial measures, besides the seed/model/diffusion/train sections.
 OBJECTIVE_EVAL_KEYS = ("eval.sigmas", "eval.noise_seed", "eval.ddim_steps", "eval.ddim_stop_sigma", "eval.amp")
 TRAINING_SECTIONS = ("seed", "model", "diffusion", "train")
+RERUN_HINT = f"rerun the sweep (dvc repro {DEFAULT_SPACE_FILE.parent / 'dvc.yaml'})"
+DRIFT_KEYS_SHOWN = 3  # the refusal stays one readable line
 
 
 @dataclass
@@ -78,14 +90,40 @@ class SweepSetup:
     settings: dict = field(repr=False)
 
 
-def study_settings(base: Params, space: SearchSpace, data: str) -> dict:
-    """Everything that defines what a trial measures: budget-applied params (less the searched keys and the purely
-    operational ones), the space and objective, the prepared data (``data.data_identity``) and the code."""
+def fixed_params(base: Params, space: SearchSpace) -> dict:
+    """The flat params every trial shares and that shape its result, as the trials see them (budget applied): the
+    training sections and the objective's eval keys, less the searched keys and the purely operational ones."""
     flat = flatten(space.budget_params(base))
-    kept = {key: value for key, value in flat.items()
+    return {key: value for key, value in flat.items()
             if (key.split(".")[0] in TRAINING_SECTIONS or key in OBJECTIVE_EVAL_KEYS)
             and not is_operational(key) and key not in space.parameters}
-    return {"params": kept, "space": space.describe(), "data": data, "code": code_digest("sweep")}
+
+
+def study_settings(base: Params, space: SearchSpace, data: str) -> dict:
+    """Everything that defines what a trial measures: ``fixed_params``, the space and objective, the prepared data
+    (``data.data_identity``) and the code. A study records them when it is created (``open_study``)."""
+    return {"params": fixed_params(base, space), "space": space.describe(), "data": data, "code": code_digest("sweep")}
+
+
+def defaults_drift(study, base: Params, space: SearchSpace, params_path: Path) -> str | None:
+    """None when the study's trials ran under the fixed params ``base`` gives now; else why its winner is no
+    evidence for them: the keys that differ (a few), or that the study recorded none. With ``--study NAME`` an
+    old study is found whatever params.yaml says now (the default name follows params.yaml)."""
+    ran_under = study.user_attrs.get(SETTINGS_ATTR, {}).get("params")
+    if ran_under is None:
+        return f"study {study.study_name!r} predates the record of the defaults its trials ran under"
+    now = fixed_params(base, space)
+    changed = changed_keys(ran_under, now)
+    if not changed:
+        return None
+
+    def shown(values: dict, key: str) -> str:
+        return format_value(values[key]) if key in values else "absent"
+
+    listed = "; ".join(f"{key}: {shown(ran_under, key)} there, {shown(now, key)} here"
+                       for key in changed[:DRIFT_KEYS_SHOWN])
+    more = f"; and {len(changed) - DRIFT_KEYS_SHOWN} more" if len(changed) > DRIFT_KEYS_SHOWN else ""
+    return f"study {study.study_name!r} ran under other defaults than {params_path} ({listed}{more})"
 
 
 def fingerprint_of(settings: dict) -> str:
@@ -218,12 +256,14 @@ class BestTrialReport:
     command: str | None  # dvc exp run -S key=value ...: trains the trial's values with params.yaml's full budget
     changes: list = field(default_factory=list)  # (key, old, new) written by apply
     applied_to: Path | None = None  # the file apply wrote them into
+    warning: str | None = None  # the study ran under other defaults than params.yaml (``defaults_drift``)
 
 
 def best_trial_report(options: SweepOptions, trial_number: int | None = None, apply: bool = False) -> BestTrialReport:
     """The best (or the given) trial of the study, the command to train it for real, and with ``apply`` its values
     written where the next run reads them (comments kept): the profile params.yaml was composed with, then
-    params.yaml composed again as `dvc exp run` would; a params.yaml written by hand, in place."""
+    params.yaml composed again as `dvc exp run` would; a params.yaml written by hand, in place. A study that ran
+    under other defaults than params.yaml's is refused by ``apply`` (SweepError) and only warned about without."""
     import optuna
 
     setup = prepare_setup(options, need_fingerprint=False)
@@ -241,8 +281,12 @@ def best_trial_report(options: SweepOptions, trial_number: int | None = None, ap
     if trial is None:
         return BestTrialReport(text, None)
     command = dvc_exp_command(trial.params)
+    drift = defaults_drift(study, setup.base, setup.space, options.params_path)
     if not apply:
-        return BestTrialReport(text, command)
+        warning = f"{drift}: its winner may not win under today's; {RERUN_HINT}" if drift else None
+        return BestTrialReport(text, command, warning=warning)
+    if drift:
+        raise SweepError(f"sweep best --apply: {drift}: {RERUN_HINT} before applying its winner")
     from ddim_denoise.pipeline.params_file import set_values
     from ddim_denoise.pipeline.profiles import profile_file, write_params_yaml
 
