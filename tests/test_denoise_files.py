@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numpy as np
 import pytest
 from denoise_fixtures import decode_with_reference, encode_with_reference, noisy_photo, quantize, write_tiny_checkpoint
@@ -167,6 +168,7 @@ def test_a_big_endian_npy_reads_as_its_values():
     np.testing.assert_array_equal(image.rgb, decode_image(encode_with_reference("npy", pixels)).rgb)
 
 
+@functools.cache  # one profile per run: its header holds its creation time, so two calls can differ
 def srgb_profile() -> bytes:
     from PIL import ImageCms
 

@@ -26,7 +26,7 @@ from ddim_denoise.pipeline.params import load_params, validate_params
 from ddim_denoise.pipeline.profiles import compose_params
 from ddim_denoise.sweep import storage as sweep_storage
 from ddim_denoise.sweep.objective import DIVERGED_ATTR
-from ddim_denoise.sweep.report import BASELINE_ATTR
+from ddim_denoise.sweep.report import BASELINE_ATTR, ENQUEUED_ATTR
 from ddim_denoise.sweep.space import SpaceError, load_space
 from ddim_denoise.sweep.storage import (
     FAIL_REASON_ATTR,
@@ -129,6 +129,27 @@ def test_shipped_space_file_is_valid_and_samples_valid_trials():
         study.tell(trial, 0.0)
 
 
+def test_the_lever_study_changes_one_default_per_trial():
+    """pipelines/results/levers: trial 0 is params.yaml's values, each enqueued trial differs from it in its entry."""
+    base = load_params(REPO / "params.yaml")
+    space = load_space(REPO / "pipelines" / "results" / "levers" / "space.yaml", base)
+    baseline = space.baseline(base)
+    assert baseline["diffusion.prediction"] == base.diffusion.prediction and space.spec.pruner.default == "none"
+    for changes in space.objective.enqueue:
+        trial = space.baseline(base, changes)
+        assert {k: v for k, v in trial.items() if baseline.get(k) != v} == changes
+        space.trial_params(base, trial, "m")  # a valid params file
+
+
+def test_enqueued_trials_must_lie_in_the_space(tmp_path):
+    base = load_params(REPO / "params.yaml")
+    path = write_space(tmp_path / "space.yaml", objective={"enqueue": [{"train.lr": 1.0}, {"train.epochs": 3}]})
+    with pytest.raises(SpaceError) as err:
+        load_space(path, base)
+    assert "objective.enqueue[0].train.lr: 1.0 lies outside" in str(err.value)
+    assert "objective.enqueue[1].train.epochs: not a parameter of this space" in str(err.value)
+
+
 def test_trials_validate_every_epoch_unless_the_budget_says_otherwise():
     base = validate_params(compose_params(["profile=gpu"]))
     assert base.train.val_every > 1  # the gpu profile validates every few epochs: a trial must not inherit that
@@ -197,8 +218,9 @@ def test_the_parent_run_is_recorded_before_the_baseline_trial_is_queued(workspac
 
 
 def test_baseline_trial_runs_params_yaml_values_first(workspace):
-    """objective.baseline: trial 0 is params.yaml's own values of the searched keys, marked, and it completes."""
-    write_space(workspace / "space.yaml", objective={"baseline": True})
+    """objective.baseline: trial 0 is params.yaml's own values of the searched keys, marked, and it completes;
+    objective.enqueue: the next trials change one of them each."""
+    write_space(workspace / "space.yaml", objective={"baseline": True, "enqueue": [{"train.lr": 2.0e-3}]})
     base = load_params("params.yaml")
     result = run_sweep(options(trials=2, pruner="none"))
     first, second = load_study(result["study"]).trials
@@ -206,6 +228,8 @@ def test_baseline_trial_runs_params_yaml_values_first(workspace):
     assert first.params == {"train.lr": base.train.lr, "diffusion.prediction": base.diffusion.prediction}
     assert first.state == TrialState.COMPLETE and first.value is not None
     assert BASELINE_ATTR not in second.user_attrs  # only trial 0 is the reference
+    assert second.params == {"train.lr": 2.0e-3, "diffusion.prediction": base.diffusion.prediction}
+    assert second.user_attrs[ENQUEUED_ATTR] == "train.lr=0.002"
     assert result["baseline"]["trial"] == 0
 
 

@@ -220,6 +220,7 @@ def test_outputs_and_summary(workspace, monkeypatch):
     assert run.info.run_name == "train ch8 e2 b8 lr1e-3" and run.info.status == "FINISHED"  # what it was, not "train"
     tags = run.data.tags
     assert tags["compile"] == "off" and tags["channels_last"] == "False" and tags["device_name"] == summary["device_name"]
+    assert tags["data_source"].startswith("npz ") and tags["data_val_split"].endswith(" images")
     on_disk = json.loads(open("training/summary.json").read())
     assert on_disk["best_val_psnr"] == summary["best_val_psnr"] and np.isfinite(on_disk["best_val_psnr"])
     assert open("training/steps.csv").readline().strip() == "step,epoch,loss,lr"

@@ -89,13 +89,14 @@ def train(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT,
 @user_errors
 def prepare_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT):
     """Split CIFAR-10 into seeded train/val and the official test set, as .npy files (the DVC prepare stage)."""
-    from ddim_denoise.data.cifar10 import prepare
+    from ddim_denoise.data.cifar10 import manifest_tags, prepare
 
     manifest = prepare(load(params, set_))
     counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
     source = manifest["source"]
     typer.echo(f"prepared {counts} images from {source['kind']} {source['path']} "
-               f"(sha256 {manifest['dataset_sha256'][:12]})")
+               f"(sha256 {manifest['dataset_sha256'][:12]}); originals: {manifest_tags(manifest)['data_originals']}; "
+               f"validation: {manifest['val_split']}")
 
 
 @app.command("fetch-data")
@@ -167,6 +168,20 @@ def report_command(params: str = PARAMS_OPT):
     path = write_report(cfg)
     log_to_training_run(cfg, artifacts=((path.parent, "reports"),))
     typer.echo(str(path))
+
+
+@app.command("docs")
+@user_errors
+def docs_command(check: bool = typer.Option(False, "--check", help="write nothing; list the blocks that differ from "
+                                            "their files and exit 1 if any does"),
+                 root: Path = typer.Option(Path("."), "--root", help="repository root")):
+    """Write the generated blocks of README.md and docs/*.md (their figures) from the committed pipeline outputs."""
+    from ddim_denoise.results.docs import write_docs
+
+    lines = write_docs(root, check)
+    typer.echo("\n".join(lines) or "every generated block matches its files")
+    if check and lines:
+        raise typer.Exit(1)
 
 
 def given(**options) -> dict:

@@ -552,6 +552,15 @@ def data_identity(manifest: dict) -> str:
     return identity + ("/validation on originals" if manifest.get("val_split") == "originals" else "")
 
 
+def manifest_tags(manifest: dict) -> dict[str, str]:
+    """MLflow tags saying which data a run trained and validated on: the source, the originals, the split."""
+    source, originals = manifest["source"], manifest.get("originals")
+    return {"data_source": f"{source['kind']} {source['path']}",
+            "data_originals": (f"{originals['path']} ({originals['count']} train, {originals.get('test_count', 0)} test)"
+                               if originals else "none"),
+            "data_val_split": f"{manifest.get('val_split', 'random')}, {manifest['val_size']} images"}
+
+
 def read_manifest(prepared_dir: str | Path) -> dict:
     """The manifest prepare wrote; a DataError saying to run prepare if there is none."""
     path = Path(prepared_dir) / MANIFEST_FILE

@@ -1,4 +1,4 @@
-"""A checkpoint on the lossless CIFAR-10 subset beside BM3D: the quality figures of docs/results.md.
+"""A checkpoint on the lossless CIFAR-10 subset beside BM3D, from the command line (benchmarks/eval_lossless.py).
 
 The project's full CIFAR-10 copy was rebuilt from JPEGs (about 30 dB from the originals), so final quality figures
 use the 1000 bit-exact original test images instead. Same noise convention and the same functions as

@@ -85,7 +85,7 @@ class TrainConfig(_Section):
     # torch.compile's mode; reduce-overhead replays each step as CUDA graphs (one GPU only: runtime.resolve_compile_mode)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
     # torch._inductor.config settings while compiling (runtime.compile_context). Forcing Inductor's layout
-    # optimisation, which skips U-Nets by default, trained the gpu profile 1.2x faster (docs/results.md, *Training*).
+    # optimisation, which skips U-Nets by default, trained the gpu profile faster (benchmarks/train_speed.py).
     inductor: dict[str, bool | int | float | str]
     cudnn_benchmark: bool  # GPU: time cuDNN's convolution algorithms once per shape and keep the fastest
     num_workers: int = Field(ge=0)

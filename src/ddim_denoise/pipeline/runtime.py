@@ -45,7 +45,7 @@ def cpu_has_bf16_dot() -> bool:
 
     AMX is not needed: on a 2-core CPU with AVX512-BF16 and no AMX, bf16 trained the 1.54M U-Net 1.64x as fast as
     fp32 (benchmarks/train_speed.py, batch 16), and the 4.44M U-Net denoised 109 img/s in bf16 against 62 in fp32
-    (benchmarks/denoise_speed.py --amp off,auto; docs/results.md, *Speed*).
+    (benchmarks/denoise_speed.py --amp off,auto).
     """
     flags = _cpu_flags()
     return " avx512_bf16" in flags or " amx_bf16" in flags
@@ -96,8 +96,8 @@ def resolve_channels_last(setting: str | bool, device: torch.device) -> bool:
 
 def resolve_compile(setting: str | bool, device: torch.device) -> bool:
     """``train.compile``: ``auto`` compiles on GPUs, where it doubled the training rate, and not on CPUs, where it
-    added nothing after a minute or more of compiling (docs/results.md, *Training*: 33.5 img/s compiled against 35.5
-    eager in bf16, the 4.44M model)."""
+    added nothing after a minute or more of compiling (benchmarks/train_speed.py: bf16_cl_compile against bf16,
+    the 4.44M model)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
@@ -152,5 +152,5 @@ def configure_cudnn(device: torch.device, benchmark: bool) -> None:
 
 def resolve_inference_precision(amp: str, device: torch.device) -> Precision:
     """``eval.amp`` for denoising: as ``train.amp``, without a GradScaler. bf16 moves one-step PSNR by
-    thousandths of a dB (docs/results.md, *Denoising*)."""
+    thousandths of a dB (benchmarks/eval_lossless.py --amp off against --amp auto)."""
     return Precision(resolve_precision(amp, device, key="eval.amp").dtype, False)

@@ -57,6 +57,7 @@ def chosen_trial(study, number: int | None = None):
 
 
 BASELINE_ATTR = "baseline_params_yaml"  # marks the trial that ran params.yaml's own values
+ENQUEUED_ATTR = "enqueued"  # the space file's objective.enqueue entry a trial ran, e.g. "train.lr=0.001"
 
 
 def format_value(value) -> str:
@@ -64,6 +65,10 @@ def format_value(value) -> str:
     if isinstance(value, bool) or value is None:
         return yaml.safe_dump(value).splitlines()[0]
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def format_changes(values: dict) -> str:
+    return ", ".join(f"{key}={format_value(value)}" for key, value in values.items())
 
 
 def dvc_exp_command(values: dict) -> str:

@@ -145,6 +145,9 @@ class ObjectiveSettings(_Strict):
     ddim_steps: int | None = Field(None, ge=1)  # steps of the end-of-trial DDIM score; null: eval.ddim_steps
     ddim_images: int | None = Field(None, ge=1)  # first N validation images for it (steps x one-step cost); null: all
     baseline: bool = False  # run params.yaml's own values first (at the same budget), as the reference
+    # trials to run next, in order, each {parameter: value, ...} with params.yaml's values for the rest: a lever
+    # study's one change at a time, or a search warm-started from known configurations
+    enqueue: list[dict[str, Any]] = []
 
     @field_validator("metric")
     @classmethod
@@ -197,16 +200,19 @@ class SearchSpace:
                 sampled[key] = spec.suggest(trial, key)
         return sampled
 
-    def baseline(self, base: Params) -> dict[str, Any] | None:
+    def baseline(self, base: Params, changes: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """params.yaml's own values of the active parameters, to enqueue as a study's first trial so the search is
-        compared with the defaults at the same budget; None (with a warning) when a value lies outside the space."""
+        compared with the defaults at the same budget; with ``changes`` (an ``objective.enqueue`` entry), the same
+        with those values instead. None (with a warning) when a value lies outside the space."""
         flat, chosen = flatten(base), {}
         for key, spec in self.parameters.items():
             if spec.is_active(chosen):
-                if not spec.contains(flat[key]):
-                    log.warning("no baseline trial: params.yaml's %s=%r lies outside the space", key, flat[key])
+                value = (changes or {}).get(key, flat[key])
+                if not spec.contains(value):
+                    log.warning("no trial %s: %s=%r lies outside the space", changes or "of params.yaml's values",
+                                key, value)
                     return None
-                chosen[key] = flat[key]
+                chosen[key] = value
         return chosen
 
     def trial_params(self, base: Params, sampled: dict[str, Any], out_dir: str | Path) -> Params:
@@ -378,6 +384,13 @@ def _semantic_problems(space: SearchSpace, base: Params) -> list[str]:
         seen[key] = spec
 
     problems += _objective_problems(space.objective, budget_base)
+    for i, changes in enumerate(space.objective.enqueue):
+        for key, value in changes.items():
+            spec = space.parameters.get(key)
+            if spec is None:
+                problems.append(f"objective.enqueue[{i}].{key}: not a parameter of this space")
+            elif not spec.contains(value):
+                problems.append(f"objective.enqueue[{i}].{key}: {value!r} lies outside its range or choices")
     configured = {name for name in PRUNERS if getattr(space.spec.pruner, name, None)} | {space.spec.pruner.default}
     for build, args in ((space.build_sampler, ()), *((space.build_pruner, (name, 1)) for name in sorted(configured))):
         try:

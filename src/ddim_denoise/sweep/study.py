@@ -34,9 +34,11 @@ from ddim_denoise.sweep import tracking as sweep_tracking
 from ddim_denoise.sweep.objective import TrialObjective
 from ddim_denoise.sweep.report import (
     BASELINE_ATTR,
+    ENQUEUED_ATTR,
     chosen_trial,
     describe,
     dvc_exp_command,
+    format_changes,
     format_value,
     write_reports,
 )
@@ -206,6 +208,10 @@ def run_sweep(options: SweepOptions) -> dict:
     baseline = space.baseline(base) if created and space.objective.baseline else None
     if baseline is not None:  # the defaults as trial 0: the reference every sampled trial is judged against
         study.enqueue_trial(baseline, user_attrs={BASELINE_ATTR: True})
+    for changes in space.objective.enqueue if created else ():  # then the file's own trials, in order
+        values = space.baseline(base, changes)
+        if values is not None:
+            study.enqueue_trial(values, user_attrs={ENQUEUED_ATTR: format_changes(changes)})
     study.sampler = space.build_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
     fail_dead_local_trials(study, on_failed=sweep_tracking.record_dead_trial)
 

@@ -15,7 +15,7 @@ from ddim_denoise.core.diffusion import SigmaSampler
 from ddim_denoise.core.metrics import to_float
 from ddim_denoise.core.precond import DenoisingLoss, Preconditioner
 from ddim_denoise.core.schedule import NoiseSchedule
-from ddim_denoise.data.cifar10 import data_identity, load_split, read_manifest
+from ddim_denoise.data.cifar10 import data_identity, load_split, manifest_tags, read_manifest
 from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.pipeline import tracking
 from ddim_denoise.pipeline.checkpoint import load_checkpoint, load_model_weights
@@ -171,7 +171,7 @@ def build_trainer(params: Params, rank: int = 0, world: int = 1, on_epoch_end=No
         nonfinite_guard=NonfiniteGuard(cfg.max_nonfinite_steps, runtime.device),
         divergence_guard=DivergenceGuard(cfg.divergence_factor, cfg.max_diverged_steps),
         records=RunRecords(params, out_dir, training_dir, run_name or tracking.training_run_name(params),
-                           {**tracking.training_run_tags(params), **(run_tags or {})}), on_epoch_end=on_epoch_end)
+                           {**tracking.training_run_tags(params), **manifest_tags(manifest), **(run_tags or {})}), on_epoch_end=on_epoch_end)
 
 
 def train(params: Params, rank: int = 0, world: int = 1) -> dict:

@@ -1,0 +1,1 @@
+"""The results studies, and the docs written from them: the generated blocks of README.md and docs/ (``docs``)."""

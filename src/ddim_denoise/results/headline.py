@@ -1,0 +1,97 @@
+"""The headline study's table (pipelines/results/headline): the model on the first 1,000 test images in their
+original pixels, beside the published diffusion denoisers in the form they publish, the PSNR of the mean MSE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ddim_denoise.evaluation.evaluate import NOISY, ONE_STEP, TABLE_COLUMNS
+from ddim_denoise.pipeline.files import TABLE_FILE
+from ddim_denoise.results.sources import TRAINING_SUMMARY, read_csv, training_summary
+
+STUDY = "pipelines/results/headline"
+TABLE = f"{STUDY}/{TABLE_FILE}"
+ANCHORS = f"{STUDY}/anchors.csv"  # published figures, typed in with their source
+ANCHOR_COLUMNS = ("model", "parameters", "sigma", "psnr_of_mean_mse", "source")
+SOURCES = (TABLE, ANCHORS, TRAINING_SUMMARY)
+BM3D = "bm3d"
+
+
+def _by_sigma(table: pd.DataFrame, method: str) -> pd.DataFrame:
+    return table[table.method == method].set_index("sigma")
+
+
+def _with_ci(value: float, ci: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f} ± {ci:.{digits}f}"
+
+
+def _study(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    return read_csv(root, TABLE, TABLE_COLUMNS), read_csv(root, ANCHORS, ANCHOR_COLUMNS), training_summary(root)
+
+
+def _standing(one: pd.DataFrame, anchors: pd.DataFrame) -> list[str]:
+    """Per published model: our PSNR of the mean MSE minus theirs at each sigma, and where ours is at or above."""
+    lines = []
+    for model, published in anchors.groupby("model", sort=False):
+        gaps = one.psnr_of_mean_mse.reindex(published.sigma).to_numpy() - published.psnr_of_mean_mse.to_numpy()
+        at_or_above = [f"{s:g}" for s, gap in zip(published.sigma, gaps) if gap >= 0]
+        lines.append(f"- PSNR of the mean MSE minus {model}: "
+                     + " / ".join(f"{gap:+.2f}" for gap in gaps) + " dB at σ = "
+                     + " / ".join(f"{s:g}" for s in published.sigma) + "; at or above it at "
+                     + (f"σ = {', '.join(at_or_above)}" if at_or_above else "no σ") + ".")
+    return lines
+
+
+def _lead(one: pd.DataFrame, anchors: pd.DataFrame, summary: dict) -> str:
+    return (f"The main chain's model ({summary['parameters'] / 1e6:.2f}M parameters, {summary['train_seconds']:.0f} s "
+            f"of training) on the first {int(one.n_images.max()):,} CIFAR-10 test images in their original pixels "
+            f"(`dvc repro {STUDY}/dvc.yaml`), one step. Published: {anchors.source.iloc[0]}, over all 10,000 test "
+            "images.")
+
+
+def render(root: Path) -> str:
+    """Every column the issue of comparability needs: both PSNR forms with 95% CIs, SSIM, the noisy input, BM3D
+    paired on its own images, and the anchors."""
+    table, anchors, summary = _study(root)
+    one, noisy, bm3d = (_by_sigma(table, m) for m in (ONE_STEP, NOISY, BM3D))
+    published = anchors.pivot(index="sigma", columns="model", values="psnr_of_mean_mse")
+    models = list(dict.fromkeys(anchors.model))
+    sizes = anchors.drop_duplicates("model").set_index("model").parameters
+    n_bm3d = int(bm3d.n_images.max()) if len(bm3d) else 0
+    header = ["σ", "noisy input", "one-step: mean PSNR", "one-step: PSNR of mean MSE", "one-step: SSIM",
+              *(f"{m} ({sizes[m]})" for m in models), f"BM3D (n={n_bm3d})", "one-step on BM3D's images"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for sigma, row in one.iterrows():
+        cells = [f"{sigma:g}", f"{noisy.psnr.get(sigma, float('nan')):.2f}", _with_ci(row.psnr, row.psnr_ci95),
+                 _with_ci(row.psnr_of_mean_mse, row.psnr_of_mean_mse_ci95), _with_ci(row.ssim, row.ssim_ci95, 4),
+                 *(f"{published.at[sigma, m]:.1f}" for m in models)]
+        if sigma in bm3d.index:
+            paired = bm3d.loc[sigma]
+            cells += [_with_ci(paired.psnr, paired.psnr_ci95), f"{paired.psnr_1step_same_images:.2f}"]
+        else:
+            cells += ["–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- One-step minus BM3D on BM3D's {n_bm3d} images: "
+             + ", ".join(f"{bm3d.psnr_1step_same_images[s] - bm3d.psnr[s]:+.2f} dB at σ={s:g}" for s in bm3d.index)
+             + "."] if n_bm3d else []
+    return "\n".join([_lead(one, anchors, summary), "", "PSNR in dB ± 95% CI.", "", *lines, "", *notes,
+                      *_standing(one, anchors)])
+
+
+def render_short(root: Path) -> str:
+    """The README's form: the published comparison alone."""
+    table, anchors, summary = _study(root)
+    one = _by_sigma(table, ONE_STEP)
+    published = anchors.pivot(index="sigma", columns="model", values="psnr_of_mean_mse")
+    models = list(dict.fromkeys(anchors.model))
+    sizes = anchors.drop_duplicates("model").set_index("model").parameters
+    header = ["σ", f"this model ({summary['parameters'] / 1e6:.2f}M)", *(f"{m} ({sizes[m]})" for m in models)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for sigma, row in one.iterrows():
+        lines.append("| " + " | ".join([f"{sigma:g}", _with_ci(row.psnr_of_mean_mse, row.psnr_of_mean_mse_ci95),
+                                        *(f"{published.at[sigma, m]:.1f}" for m in models)]) + " |")
+    return "\n".join([f"PSNR of the mean MSE (dB), one step, on the first {int(one.n_images.max()):,} test images in "
+                      f"their original pixels; the published figures are {anchors.source.iloc[0]}. "
+                      "More in [docs/results.md](docs/results.md).", "", *lines, "", *_standing(one, anchors)])
