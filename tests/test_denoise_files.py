@@ -355,6 +355,32 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_any_image_is_denois
     assert "cannot create or write to this folder (Not a directory)" in one_line_error(result)
 
 
+def test_existing_outputs_are_kept_unless_overwrite_is_given(tmp_path, checkpoint, monkeypatch):
+    """``denoise`` replaced files already in --out unasked. It refuses, naming them, before the model loads;
+    ``--overwrite`` replaces them; an output that is its own input is refused even then."""
+    import ddim_denoise.serving.denoise_files as denoise_files_module
+
+    inputs = [write_kind(tmp_path / "in", name) for name in ("png8_rgb", "jpeg_rgb")]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / inputs[1].name).write_bytes(b"an earlier result")
+
+    def denoise(out_dir, *extra):
+        return CliRunner().invoke(app, ["denoise", *map(str, inputs), "-o", str(out_dir), "--sigma", "0.1",
+                                        "-c", str(checkpoint), "--no-progress", *extra])
+
+    load_denoiser = denoise_files_module.load_denoiser
+    monkeypatch.setattr(denoise_files_module, "load_denoiser", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert f"{out / inputs[1].name}: already exists; pass --overwrite" in one_line_error(denoise(out))
+    assert not (out / inputs[0].name).exists() and (out / inputs[1].name).read_bytes() == b"an earlier result"
+    assert "would overwrite the input" in one_line_error(denoise(tmp_path / "in", "--overwrite"))
+
+    monkeypatch.setattr(denoise_files_module, "load_denoiser", load_denoiser)
+    result = denoise(out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sniff_format((out / inputs[1].name).read_bytes()) == "jpeg" and (out / inputs[0].name).is_file()
+
+
 @pytest.mark.parametrize("sigma", ["nan", "0", "-0.1", "1.5", "inf", "abc"])
 def test_bad_sigma_is_one_line_and_exit_2(tmp_path, checkpoint, sigma):
     path = write_kind(tmp_path, "png8_rgb")

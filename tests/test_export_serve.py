@@ -109,6 +109,38 @@ def test_export_command_writes_and_checks_the_file(tmp_path, checkpoint):
     assert bad.exit_code == 2 and bad.output.strip().startswith("error: unknown export format")
 
 
+def test_export_never_writes_over_its_checkpoint_nor_an_unforced_file(tmp_path, checkpoint, monkeypatch):
+    """``export -c ckpt.pt --out ckpt.pt`` exited 0 and the checkpoint was gone; an existing file was replaced
+    unasked. Both are refused before the model loads, and the files keep their bytes."""
+    import ddim_denoise.serving.export as export_module
+
+    original = checkpoint.read_bytes()
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "hard.pt").hardlink_to(checkpoint)
+    (tmp_path / "links" / "soft.pt").symlink_to(checkpoint)
+    existing = tmp_path / "denoiser.pt"
+    existing.write_bytes(b"an earlier export")
+    monkeypatch.setattr(export_module, "one_step_module", lambda *args: pytest.fail("the model was loaded"))
+    for out, extra, message in [(checkpoint, [], "is the checkpoint being exported"),
+                                (checkpoint, ["--force"], "is the checkpoint being exported"),
+                                (tmp_path / "links" / "hard.pt", ["--force"], "is the checkpoint being exported"),
+                                (tmp_path / "links" / "soft.pt", ["--force"], "is the checkpoint being exported"),
+                                (tmp_path / "." / checkpoint.name, [], "is the checkpoint being exported"),
+                                (existing, [], "already exists; pass --force"),
+                                (tmp_path / "links", ["--force"], "is a folder")]:
+        result = CliRunner().invoke(app, ["export", "-c", str(checkpoint), "--format", "torchscript",
+                                          "--out", str(out), *extra])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert checkpoint.read_bytes() == original and existing.read_bytes() == b"an earlier export"
+
+    monkeypatch.undo()
+    forced = CliRunner().invoke(app, ["export", "-c", str(checkpoint), "--format", "torchscript",
+                                      "--out", str(existing), "--force", "--no-check"])
+    assert forced.exit_code == 0, forced.output
+    assert existing.read_bytes() != b"an earlier export" and checkpoint.read_bytes() == original
+
+
 def test_parity_batches_are_noisy_photos():
     batches = parity_batches()
     assert all(images.dtype == np.float32 and images.shape[1] == 3 for images, _ in batches)

@@ -219,11 +219,18 @@ def denoise_command(
     model_uri: Optional[str] = typer.Option(None, "--model-uri", help="MLflow model, e.g. models:/ddim-denoiser/1"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace files already in --out (never an input)"),
 ):
     """Remove Gaussian noise from image files (large ones in blended tiles); write them to --out."""
     from tqdm import tqdm
 
-    from ddim_denoise.serving.denoise_files import DenoiseOptions, check_pixel_sigma, denoise_files, load_denoiser
+    from ddim_denoise.serving.denoise_files import (
+        DenoiseOptions,
+        check_pixel_sigma,
+        denoise_files,
+        load_denoiser,
+        plan_outputs,
+    )
     from ddim_denoise.serving.model_source import resolved_checkpoint
     from ddim_denoise.serving.tiling import TileOptions
 
@@ -236,6 +243,7 @@ def denoise_command(
                              ddim_stop_sigma=ddim_stop_sigma,
                              mono_noise="auto" if detect_mono_noise else mono_noise,
                              **given(quality=quality)).validate()
+    plan_outputs(inputs, out, overwrite)  # missing inputs and existing outputs: refused before the model loads
     with resolved_checkpoint(checkpoint, run_id, model_uri, **given(run_artifact=run_artifact)) as path:
         denoiser = load_denoiser(path, device)
 
@@ -246,7 +254,7 @@ def denoise_command(
         if found:
             tqdm.write(f"{item.source}: " + ", ".join(found))
 
-    done = denoise_files(denoiser, inputs, out, options, progress=progress, report=report)
+    done = denoise_files(denoiser, inputs, out, options, progress=progress, report=report, overwrite=overwrite)
     typer.echo(f"denoised {len(done)} image(s) into {out}")
 
 
@@ -259,11 +267,12 @@ def export_command(
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)"),
     check: bool = typer.Option(True, "--check/--no-check", help="compare with PyTorch on noisy photos afterwards"),
     atol: Optional[float] = typer.Option(None, "--atol", min=0.0, help="parity tolerance on [0,1] pixels (default 1e-4)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out file (never the checkpoint itself)"),
 ):
     """Export the one-step denoiser (images in [0,1] NCHW + per-image sigma -> denoised), dynamic batch and size."""
     from ddim_denoise.serving.export import DEFAULT_PARITY_ATOL, export_model, verify_export
 
-    path = export_model(checkpoint, fmt, out, opset)
+    path = export_model(checkpoint, fmt, out, opset, force)
     typer.echo(f"exported {fmt} to {path}")
     if check:
         report = verify_export(path, checkpoint, fmt, DEFAULT_PARITY_ATOL if atol is None else atol)

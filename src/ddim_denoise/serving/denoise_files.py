@@ -5,8 +5,8 @@ line and one sent over REST go through the same code. The noise level is either 
 every image: 0.1 means 25.5/255) or estimated per image from the whole image (refined on its central tile where
 clipping hid part of the noise), never per tile, so the tiles of one image are all denoised at the same level.
 
-All inputs are checked (present, distinct output names, not overwriting themselves) before the first one is
-denoised, so a typo in the tenth path does not cost nine images' work.
+All inputs are checked (present, distinct output names, not overwriting themselves, no existing output replaced
+unless asked) before the first one is denoised, so a typo in the tenth path does not cost nine images' work.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ddim_denoise.denoising.denoiser import Denoiser, check_denoise_options, est
 from ddim_denoise.denoising.grayscale import identical_channels, looks_mono_noise
 from ddim_denoise.pipeline.errors import InputError
 from ddim_denoise.serving.image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
+from ddim_denoise.serving.output_paths import refuse_existing, same_file
 from ddim_denoise.serving.tiling import TileOptions, denoise_tiled, tile_boxes
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,10 @@ class DenoisedFile:
     mono_noise: bool = False
 
 
-def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:
-    """(input, output) pairs, output = out_dir / input's name; InputError on missing inputs or clashing outputs."""
+def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path,
+                 overwrite: bool = False) -> list[tuple[Path, Path]]:
+    """(input, output) pairs, output = out_dir / input's name; InputError on missing inputs, clashing outputs, an
+    output that is its own input, or (unless ``overwrite``) outputs that already exist."""
     if not inputs:
         raise InputError("no input images given")
     out_dir = Path(out_dir)
@@ -166,13 +169,15 @@ def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tupl
         if not source.is_file():
             raise InputError(f"{source}: no such file")
         output = out_dir / source.name
-        if output.resolve() == source.resolve():
+        if same_file(output, source):
             raise InputError(f"{source}: the output would overwrite the input; choose another --out folder")
         if output in seen:
             raise InputError(f"{source} and {seen[output]} would both be written to {output}; denoise them into "
                              "separate folders")
         seen[output] = source
         pairs.append((source, output))
+    if not overwrite:
+        refuse_existing([output for _, output in pairs], "--overwrite")
     return pairs
 
 
@@ -189,15 +194,16 @@ def make_out_dir(out_dir: str | Path) -> None:
 
 def denoise_files(denoiser: Denoiser, inputs: Sequence[str | Path], out_dir: str | Path,
                   options: DenoiseOptions = DenoiseOptions(), progress: bool = True,
-                  report: Callable[[DenoisedFile], None] | None = None) -> list[DenoisedFile]:
+                  report: Callable[[DenoisedFile], None] | None = None, overwrite: bool = False) -> list[DenoisedFile]:
     """Denoise every input into ``out_dir`` (same name, format and bit depth); ``report`` hears of each file as done.
+    Existing files in ``out_dir`` are replaced only with ``overwrite``.
 
     Two progress bars on stderr: files done, and below it the tiles of the file in hand (a large photo takes long).
     """
     from tqdm import tqdm
 
     options.validate()
-    pairs = plan_outputs(inputs, out_dir)
+    pairs = plan_outputs(inputs, out_dir, overwrite)
     make_out_dir(out_dir)
     done: list[DenoisedFile] = []
     with tqdm(total=len(pairs), unit="file", disable=not progress, position=0) as files_bar:

@@ -27,6 +27,7 @@ from ddim_denoise.core.precond import Preconditioner
 from ddim_denoise.core.scale import sigma_to_model, to_model, to_pixels
 from ddim_denoise.pipeline.checkpoint import atomic_path
 from ddim_denoise.pipeline.errors import InputError
+from ddim_denoise.serving.output_paths import refuse_existing, same_file
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 INPUT_NAMES = ("images", "sigma")
@@ -84,15 +85,30 @@ def _export_torchscript(module: OneStepDenoiser, path: Path) -> None:
     torch.jit.save(traced, str(path))
 
 
-def export_model(checkpoint: str | Path, fmt: str, out: str | Path, opset: int | None = None) -> Path:
+def check_export_target(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path:
+    """``out`` as a Path, or InputError if writing it would replace the checkpoint itself (never allowed), a folder,
+    or an existing file without ``force``. Cheap: called before the model is loaded."""
+    out = Path(out)
+    if same_file(out, checkpoint):
+        raise InputError(f"--out {out} is the checkpoint being exported; write the export to another file")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a file name, e.g. {out / 'denoiser.onnx'}")
+    if not force:
+        refuse_existing([out], "--force")
+    return out
+
+
+def export_model(checkpoint: str | Path, fmt: str, out: str | Path, opset: int | None = None,
+                 force: bool = False) -> Path:
     """Write the one-step denoiser of ``checkpoint`` to ``out`` as ``onnx`` or ``torchscript``; return the path.
 
-    ``opset`` picks the ONNX opset (None: the exporter's default).
+    ``opset`` picks the ONNX opset (None: the exporter's default). An existing ``out`` is replaced only with
+    ``force``, and never when it is the checkpoint.
     """
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    out = check_export_target(checkpoint, out, force)
     module = one_step_module(checkpoint)
-    out = Path(out)
     with atomic_path(out, suffix=out.suffix) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice; the format is still asked for
         warnings.simplefilter("ignore", UserWarning)  # the ONNX exporter's notes on renamed dynamic axes
