@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+
 import numpy as np
 import pytest
 from denoise_fixtures import decode_with_reference, encode_with_reference, noisy_photo, quantize, write_tiny_checkpoint
@@ -168,7 +169,7 @@ def test_a_big_endian_npy_reads_as_its_values():
     np.testing.assert_array_equal(image.rgb, decode_image(encode_with_reference("npy", pixels)).rgb)
 
 
-@functools.cache  # one profile per run: its header holds its creation time, so two calls can differ
+@functools.cache  # one profile: it holds its creation time, so two made a second apart differ
 def srgb_profile() -> bytes:
     from PIL import ImageCms
 
