@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from ddim_denoise.serving.image_io import DEFAULT_MAX_PIXELS  # light: numpy, which the package imports anyway
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and use a DDIM diffusion denoiser.")
 
 PARAMS_OPT = typer.Option("params.yaml", "--params", "-p", help="params file (DVC's params.yaml)")
@@ -220,6 +222,9 @@ def denoise_command(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace files already in --out (never an input)"),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="refuse images with more pixels, read from "
+                                             "their header before decoding (default "
+                                             f"{DEFAULT_MAX_PIXELS:,})"),
 ):
     """Remove Gaussian noise from image files (large ones in blended tiles); write them to --out."""
     from tqdm import tqdm
@@ -231,6 +236,7 @@ def denoise_command(
         load_denoiser,
         plan_outputs,
     )
+    from ddim_denoise.serving.image_io import DecodeLimits
     from ddim_denoise.serving.model_source import resolved_checkpoint
     from ddim_denoise.serving.tiling import TileOptions
 
@@ -243,6 +249,7 @@ def denoise_command(
                              ddim_stop_sigma=ddim_stop_sigma,
                              mono_noise="auto" if detect_mono_noise else mono_noise,
                              **given(quality=quality)).validate()
+    limits = DecodeLimits(**given(max_pixels=max_pixels)).validate()
     plan_outputs(inputs, out, overwrite)  # missing inputs and existing outputs: refused before the model loads
     with resolved_checkpoint(checkpoint, run_id, model_uri, **given(run_artifact=run_artifact)) as path:
         denoiser = load_denoiser(path, device)
@@ -254,7 +261,8 @@ def denoise_command(
         if found:
             tqdm.write(f"{item.source}: " + ", ".join(found))
 
-    done = denoise_files(denoiser, inputs, out, options, progress=progress, report=report, overwrite=overwrite)
+    done = denoise_files(denoiser, inputs, out, options, progress=progress, report=report, overwrite=overwrite,
+                         limits=limits)
     typer.echo(f"denoised {len(done)} image(s) into {out}")
 
 

@@ -25,7 +25,7 @@ from ddim_denoise.denoising.clipping import saturated
 from ddim_denoise.denoising.denoiser import Denoiser, check_denoise_options, estimate_sigma, max_sigma
 from ddim_denoise.denoising.grayscale import identical_channels, looks_mono_noise
 from ddim_denoise.pipeline.errors import InputError
-from ddim_denoise.serving.image_io import DEFAULT_QUALITY, DecodedImage, read_image, write_image
+from ddim_denoise.serving.image_io import DEFAULT_QUALITY, DecodedImage, DecodeLimits, read_image, write_image
 from ddim_denoise.serving.output_paths import refuse_existing, same_file
 from ddim_denoise.serving.tiling import TileOptions, denoise_tiled, tile_boxes
 
@@ -194,21 +194,23 @@ def make_out_dir(out_dir: str | Path) -> None:
 
 def denoise_files(denoiser: Denoiser, inputs: Sequence[str | Path], out_dir: str | Path,
                   options: DenoiseOptions = DenoiseOptions(), progress: bool = True,
-                  report: Callable[[DenoisedFile], None] | None = None, overwrite: bool = False) -> list[DenoisedFile]:
+                  report: Callable[[DenoisedFile], None] | None = None, overwrite: bool = False,
+                  limits: DecodeLimits = DecodeLimits()) -> list[DenoisedFile]:
     """Denoise every input into ``out_dir`` (same name, format and bit depth); ``report`` hears of each file as done.
-    Existing files in ``out_dir`` are replaced only with ``overwrite``.
+    Existing files in ``out_dir`` are replaced only with ``overwrite``; files over ``limits`` are refused unread.
 
     Two progress bars on stderr: files done, and below it the tiles of the file in hand (a large photo takes long).
     """
     from tqdm import tqdm
 
     options.validate()
+    limits.validate()
     pairs = plan_outputs(inputs, out_dir, overwrite)
     make_out_dir(out_dir)
     done: list[DenoisedFile] = []
     with tqdm(total=len(pairs), unit="file", disable=not progress, position=0) as files_bar:
         for source, output in pairs:
-            image = read_image(source)
+            image = read_image(source, limits)
             height, width = image.rgb.shape[:2]
             n_tiles = len(tile_boxes(height, width, options.tiles))
             log.debug("%s: %s, %d tile(s)", source, image.layout.describe(), n_tiles)

@@ -15,12 +15,18 @@ orientation too (``extras``), and TIFF its kind of alpha (associated or not).
 Palette and 1/2/4-bit PNGs are expanded on reading, so their output is an 8-bit RGB(A) or grayscale PNG. A JPEG
 with extra images appended (MPO: an Ultra HDR gain map, a depth map) is read as its main image, and written back as
 a plain JPEG. Floats must be on the [0, 1] scale: a float image on the 0-255 scale is refused, not whitened.
+
+Sizes are bounded before anything is decoded (``DecodeLimits``): the file's size, then the pixel count its header
+declares, read without decoding the pixels (PNG's IHDR, Pillow's lazy open, the first TIFF page's tags, the .npy
+header). A small file that declares a huge image (a decompression bomb) is refused in one line, never decoded.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +47,42 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 CHANNEL_LAYOUTS = {1: "grayscale", 2: "grayscale + alpha", 3: "RGB", 4: "RGBA"}
 # Floats beyond these are on another scale (0-255, 0-65535), not [0, 1] with noise straying a little outside it
 FLOAT_RANGE = (-1.0, 2.0)
+
+# 64 megapixels: above the largest common camera sensors (61 MP full frame, 50 MP phones), so real photos pass, while
+# an image in flight (decoded pixels, float32 RGB, the tiles' float32 accumulators, the output: tens of bytes per
+# pixel) stays within a few GB of memory. Larger images are refused unless the limit is raised.
+DEFAULT_MAX_PIXELS = 64_000_000
+WIDEST_PIXEL_BYTES = 4 * 8  # RGBA float64 (.npy): no file holding an allowed image needs more per pixel ...
+METADATA_BYTES = 16 * 2**20  # ... plus its headers and metadata (ICC profile, EXIF)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one image file may cost to decode. ``setting`` names where the user raises the limit (for the error)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    setting: str = "--max-pixels"
+
+    def validate(self) -> "DecodeLimits":
+        if not (isinstance(self.max_pixels, int) and self.max_pixels >= 1):
+            raise InputError(f"{self.setting} must be a whole number of pixels >= 1, got {self.max_pixels!r}")
+        return self
+
+    @property
+    def max_file_bytes(self) -> int:
+        """The largest file an image within ``max_pixels`` can need: stored uncompressed at the widest pixel type."""
+        return self.max_pixels * WIDEST_PIXEL_BYTES + METADATA_BYTES
+
+    def check_file_bytes(self, size: int, source: str) -> None:
+        if size > self.max_file_bytes:
+            raise InputError(f"{source}: the file is {size:,} bytes, more than any image within the limit of "
+                             f"{self.max_pixels:,} pixels needs ({self.max_file_bytes:,}); raise {self.setting} if "
+                             "the image is that large")
+
+    def check_pixels(self, pixels: int, source: str) -> None:
+        if pixels > self.max_pixels:
+            raise InputError(f"{source}: the image has {pixels:,} pixels, over the limit of {self.max_pixels:,}; "
+                             f"crop or downscale it, or raise {self.setting}")
 
 
 @dataclass(frozen=True)
@@ -157,6 +199,13 @@ def _png_chunk(kind: bytes, contents: bytes) -> bytes:
     return len(contents).to_bytes(4, "big") + kind + contents + zlib.crc32(kind + contents).to_bytes(4, "big")
 
 
+def _png_pixels(data: bytes, source: str) -> int:
+    """Width x height from the IHDR chunk, which the PNG standard puts first."""
+    if len(data) < PNG_IHDR_END or data[12:16] != b"IHDR":
+        raise InputError(f"{source}: cannot decode the PNG (it does not start with an IHDR header)")
+    return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+
+
 def _decode_png(data: bytes, source: str) -> tuple[np.ndarray, dict]:
     import imagecodecs
 
@@ -190,27 +239,46 @@ def _quiet_logger(name: str):
         logger.setLevel(level)
 
 
-def _decode_tiff(data: bytes, source: str) -> tuple[np.ndarray, dict]:
+@contextmanager
+def _open_tiff(data: bytes, source: str):
+    """The TiffFile, its tags parsed and no pixels decoded; any failure of tifffile's as one InputError."""
     import tifffile
 
     try:
         with _quiet_logger("tifffile"), tifffile.TiffFile(io.BytesIO(data)) as tif:
-            if not tif.pages or not tif.series:
+            if not tif.pages:
                 raise InputError(f"{source}: the TIFF holds no image")
-            series, page = tif.series[0], tif.pages[0]
-            if len(tif.series) > 1 or len(series.pages) > 1:
-                raise InputError(f"{source}: multi-page TIFFs are not supported; save each page as its own file")
-            photometric = getattr(page.photometric, "name", str(page.photometric))
-            if photometric not in ("MINISBLACK", "RGB"):
-                raise InputError(f"{source}: TIFF photometric {photometric} is not supported (use grayscale or RGB)")
-            pixels, axes = series.asarray(), series.axes
-            extras = {"iccprofile": page.iccprofile, "extrasamples": page.extrasamples}
-            if 274 in page.tags:  # Orientation: how viewers turn the stored pixels
-                extras["orientation"] = page.tags[274].value
+            yield tif
     except InputError:
         raise
     except Exception as e:
         raise InputError(f"{source}: cannot decode the TIFF ({type(e).__name__}: {e})") from None
+
+
+def _tiff_pixels(data: bytes, source: str) -> int:
+    """Pixels of the first page (its depth counted, for volumes), from its tags."""
+    with _open_tiff(data, source) as tif:
+        page = tif.pages[0]
+        if page.samplesperpixel not in CHANNEL_LAYOUTS:
+            raise InputError(f"{source}: the TIFF has {page.samplesperpixel} samples per pixel; expected 1 (gray), "
+                             "2 (gray + alpha), 3 (RGB) or 4 (RGBA)")
+        return page.imagelength * page.imagewidth * page.imagedepth
+
+
+def _decode_tiff(data: bytes, source: str) -> tuple[np.ndarray, dict]:
+    with _open_tiff(data, source) as tif:
+        if not tif.series:
+            raise InputError(f"{source}: the TIFF holds no image")
+        series, page = tif.series[0], tif.pages[0]
+        if len(tif.series) > 1 or len(series.pages) > 1:
+            raise InputError(f"{source}: multi-page TIFFs are not supported; save each page as its own file")
+        photometric = getattr(page.photometric, "name", str(page.photometric))
+        if photometric not in ("MINISBLACK", "RGB"):
+            raise InputError(f"{source}: TIFF photometric {photometric} is not supported (use grayscale or RGB)")
+        pixels, axes = series.asarray(), series.axes
+        extras = {"iccprofile": page.iccprofile, "extrasamples": page.extrasamples}
+        if 274 in page.tags:  # Orientation: how viewers turn the stored pixels
+            extras["orientation"] = page.tags[274].value
     if axes == "SYX":  # planar configuration: one plane per sample
         pixels = np.moveaxis(pixels, 0, -1)
     elif axes not in ("YX", "YXS"):
@@ -234,31 +302,51 @@ def _encode_tiff(pixels: np.ndarray, extras: dict, quality: int) -> bytes:
 PILLOW_MODES = {"L": None, "LA": None, "RGB": None, "RGBA": None, "1": "L", "P": "RGB", "PA": "RGBA"}
 
 
-def _decode_pillow(data: bytes, source: str) -> tuple[np.ndarray, dict]:
+@contextmanager
+def _open_pillow(data: bytes, source: str):
+    """The image opened lazily (header read, no pixels decoded); Pillow's failures as one InputError.
+
+    Pillow's own decompression-bomb check (``Image.MAX_IMAGE_PIXELS``) warns, then raises at twice the size, while
+    opening: both become the error line. It only ever tightens ``DecodeLimits`` for JPEG and WebP."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format == "MPO":  # a JPEG photo with images appended after it, open at the photo (frame 0)
-                log.warning("%s: keeping the main image and dropping the %d extra image(s) stored with it (a gain "
-                            "map or depth map); the output is a plain JPEG", source, im.n_frames - 1)
-            elif getattr(im, "n_frames", 1) > 1:
-                raise InputError(f"{source}: animated images are not supported")
-            if im.mode not in PILLOW_MODES:
-                raise InputError(f"{source}: image mode {im.mode} is not supported (use grayscale, RGB or RGBA)")
-            target = PILLOW_MODES[im.mode]
-            if im.mode == "P" and "transparency" in im.info:
-                target = "RGBA"
-            extras = {k: im.info[k] for k in ("icc_profile", "exif") if im.info.get(k)}
-            if im.format == "WEBP":
-                extras["lossless"] = _webp_is_lossless(data)
-            pixels = np.asarray(im.convert(target) if target else im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                yield im
     except InputError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{source}: refused by Pillow's decompression-bomb check ({e}); JPEG and WebP images are "
+                         f"limited to {Image.MAX_IMAGE_PIXELS:,} pixels") from None
     except UnidentifiedImageError:
         raise InputError(f"{source}: corrupt or truncated {sniff_format(data).upper()} file") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{source}: cannot decode the {sniff_format(data).upper()} ({e})") from None
+
+
+def _pillow_pixels(data: bytes, source: str) -> int:
+    with _open_pillow(data, source) as im:
+        return im.width * im.height
+
+
+def _decode_pillow(data: bytes, source: str) -> tuple[np.ndarray, dict]:
+    with _open_pillow(data, source) as im:
+        if im.format == "MPO":  # a JPEG photo with images appended after it, open at the photo (frame 0)
+            log.warning("%s: keeping the main image and dropping the %d extra image(s) stored with it (a gain "
+                        "map or depth map); the output is a plain JPEG", source, im.n_frames - 1)
+        elif getattr(im, "n_frames", 1) > 1:
+            raise InputError(f"{source}: animated images are not supported")
+        if im.mode not in PILLOW_MODES:
+            raise InputError(f"{source}: image mode {im.mode} is not supported (use grayscale, RGB or RGBA)")
+        target = PILLOW_MODES[im.mode]
+        if im.mode == "P" and "transparency" in im.info:
+            target = "RGBA"
+        extras = {k: im.info[k] for k in ("icc_profile", "exif") if im.info.get(k)}
+        if im.format == "WEBP":
+            extras["lossless"] = _webp_is_lossless(data)
+        pixels = np.asarray(im.convert(target) if target else im)
     return pixels, extras
 
 
@@ -288,11 +376,52 @@ def _pillow_encoder(pillow_format: str) -> Callable[[np.ndarray, dict, int], byt
     return encode
 
 
-def _decode_npy(data: bytes, source: str) -> tuple[np.ndarray, dict]:
+@dataclass(frozen=True)
+class NpyHeader:
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype
+    offset: int  # where the array's bytes start
+
+
+def _npy_header(data: bytes, source: str) -> NpyHeader:
+    """The .npy header, read with NumPy's own parser; InputError unless the bytes after it hold the whole array.
+
+    ``np.load`` allocates the array the header declares before reading it from a stream, so a 100-byte file could
+    ask for terabytes: the declared size is compared with the bytes actually present first."""
+    from numpy.lib import format as npy_format
+
+    stream = io.BytesIO(data)
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False), {}
-    except Exception as e:  # pickled object arrays, truncated headers
+        version = npy_format.read_magic(stream)
+        read_header = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"version {version[0]}.{version[1]} is not supported (save with numpy.save)")
+        shape, fortran_order, dtype = read_header(stream)
+    except ValueError as e:  # a bad magic string, version or header dictionary
+        raise InputError(f"{source}: cannot read the .npy header ({e})") from None
+    if dtype.hasobject:
+        raise InputError(f"{source}: the .npy array holds Python objects, not pixels")
+    header = NpyHeader(tuple(shape), fortran_order, dtype, stream.tell())
+    declared = math.prod(header.shape) * dtype.itemsize
+    if len(data) - header.offset < declared:
+        raise InputError(f"{source}: the .npy file is truncated: its header declares {declared:,} bytes of "
+                         f"{dtype} {header.shape}, and {len(data) - header.offset:,} follow")
+    return header
+
+
+def _npy_pixels(data: bytes, source: str) -> int:
+    shape = _npy_header(data, source).shape
+    return math.prod(shape[:2])  # height x width; the channel axis, or any other, is checked on decoding
+
+
+def _decode_npy(data: bytes, source: str) -> tuple[np.ndarray, dict]:
+    header = _npy_header(data, source)
+    try:  # a view of the bytes already read: no second copy
+        array = np.frombuffer(data, header.dtype, math.prod(header.shape), header.offset)
+    except ValueError as e:  # zero-size or otherwise unusable dtypes
         raise InputError(f"{source}: cannot read the .npy array ({e})") from None
+    return array.reshape(header.shape, order="F" if header.fortran_order else "C"), {}
 
 
 def _encode_npy(pixels: np.ndarray, extras: dict, quality: int) -> bytes:
@@ -303,26 +432,39 @@ def _encode_npy(pixels: np.ndarray, extras: dict, quality: int) -> bytes:
 
 @dataclass(frozen=True)
 class Codec:
+    pixels: Callable[[bytes, str], int]  # the pixel count its header declares, without decoding
     decode: Callable[[bytes, str], tuple[np.ndarray, dict]]
     encode: Callable[[np.ndarray, dict, int], bytes]  # (pixels, extras, quality) -> bytes
 
 
 CODECS = {
-    "png": Codec(_decode_png, _encode_png),
-    "jpeg": Codec(_decode_pillow, _pillow_encoder("JPEG")),
-    "tiff": Codec(_decode_tiff, _encode_tiff),
-    "webp": Codec(_decode_pillow, _pillow_encoder("WEBP")),
-    "npy": Codec(_decode_npy, _encode_npy),
+    "png": Codec(_png_pixels, _decode_png, _encode_png),
+    "jpeg": Codec(_pillow_pixels, _decode_pillow, _pillow_encoder("JPEG")),
+    "tiff": Codec(_tiff_pixels, _decode_tiff, _encode_tiff),
+    "webp": Codec(_pillow_pixels, _decode_pillow, _pillow_encoder("WEBP")),
+    "npy": Codec(_npy_pixels, _decode_npy, _encode_npy),
 }
 
 
 # --- public entry points ---------------------------------------------------------------------------------------------
 
-def decode_image(data: bytes, source: str = "image") -> DecodedImage:
-    """Any supported file's bytes -> the model's RGB and the layout to write it back; InputError when unusable."""
+def image_pixels(data: bytes, source: str = "image", limits: DecodeLimits = DecodeLimits()) -> int:
+    """The pixel count an image file's header declares, decoding nothing; InputError when the file is not an
+    image or is over ``limits``."""
+    limits.check_file_bytes(len(data), source)
     fmt = sniff_format(data)
     if fmt is None:
         raise InputError(f"{source}: not a PNG, JPEG, TIFF, WebP or .npy image")
+    pixels = CODECS[fmt].pixels(data, source)
+    limits.check_pixels(pixels, source)
+    return pixels
+
+
+def decode_image(data: bytes, source: str = "image", limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+    """Any supported file's bytes -> the model's RGB and the layout to write it back; InputError when unusable or
+    over ``limits`` (checked from the header, before decoding)."""
+    image_pixels(data, source, limits)
+    fmt = sniff_format(data)
     pixels, extras = CODECS[fmt].decode(data, source)
     return split_channels(np.asarray(pixels), fmt, source, extras)
 
@@ -333,15 +475,17 @@ def encode_image(rgb: np.ndarray, like: DecodedImage, quality: int = DEFAULT_QUA
     return CODECS[layout.format].encode(merge_channels(rgb, layout, like.alpha), layout.extras, quality)
 
 
-def read_image(path: str | Path) -> DecodedImage:
+def read_image(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+    """``decode_image`` of a file, whose size is checked before it is read."""
     path = Path(path)
     try:
+        limits.check_file_bytes(path.stat().st_size, str(path))
         data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
-    return decode_image(data, source=str(path))
+    return decode_image(data, str(path), limits)
 
 
 def write_image(path: str | Path, rgb: np.ndarray, like: DecodedImage, quality: int = DEFAULT_QUALITY) -> None:
