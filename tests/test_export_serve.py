@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -235,6 +236,65 @@ def test_the_pyfunc_model_takes_base64_wrapped_in_lines(checkpoint):
     assert out["image"][0] == expected["image"][0]
 
 
+def loaded_model(checkpoint):
+    from types import SimpleNamespace
+
+    from ddim_denoise.serving.pyfunc import CHECKPOINT_ARTIFACT, DenoiserModel
+
+    model = DenoiserModel()
+    model.load_context(SimpleNamespace(artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)}))
+    return model
+
+
+def gray_png(height: int, width: int) -> str:
+    """base64 of a flat 8-bit gray PNG: a few hundred bytes, whatever its size."""
+    return base64.b64encode(encode_with_reference("png", np.full((height, width), 128, np.uint8))).decode("ascii")
+
+
+def test_the_pyfunc_model_refuses_requests_over_its_limits_before_any_work(checkpoint, monkeypatch):
+    """Rows, base64 length, pixels per image and per request, steps: each refused with the reason and the setting,
+    before anything is denoised (and base64 or pixels decoded where the refusal is about them)."""
+    import imagecodecs
+    from mlflow.exceptions import MlflowException
+
+    import ddim_denoise.serving.denoise_files as denoise_files_module
+    from ddim_denoise.pipeline.errors import InputError
+    from ddim_denoise.serving.pyfunc import LIMIT_VARIABLES
+
+    limits = {"max_rows": 2, "max_base64_chars": 2000, "max_image_pixels": 1000, "max_request_pixels": 1500,
+              "max_steps": 3}
+    for name, value in limits.items():
+        monkeypatch.setenv(LIMIT_VARIABLES[name], str(value))
+    model = loaded_model(checkpoint)
+    assert model.predict(None, pd.DataFrame({"image": [gray_png(20, 40)], "sigma": [0.1]}), {"steps": 3}).shape == (1, 2)
+
+    monkeypatch.setattr(denoise_files_module, "denoise_decoded", lambda *args, **kwargs: pytest.fail("denoised"))
+    monkeypatch.setattr(imagecodecs, "png_decode", lambda *args, **kwargs: pytest.fail("pixels decoded"))
+    cases = [({"image": [gray_png(8, 8)] * 3}, {}, "the request has 3 rows, over the limit of 2 (the server's "
+                                                   "DDIM_DENOISE_MAX_ROWS); send fewer images per request"),
+             ({"image": ["A" * 2004]}, {}, "row 0: the image's base64 text has 2,004 characters, over the limit of "
+                                           "2,000 (the server's DDIM_DENOISE_MAX_BASE64_CHARS)"),
+             ({"image": [gray_png(8, 8), gray_png(100, 100)]}, {}, "row 1: image: the image has 10,000 pixels, over "
+                                                                   "the limit of 1,000; crop or downscale it, or "
+                                                                   "raise the server's DDIM_DENOISE_MAX_IMAGE_PIXELS"),
+             ({"image": [gray_png(20, 40)] * 2}, {}, "the request's images have 1,600 pixels in all, over the limit "
+                                                     "of 1,500 (the server's DDIM_DENOISE_MAX_REQUEST_PIXELS)"),
+             ({"image": [gray_png(8, 8)]}, {"steps": 4}, "steps is 4, over the limit of 3 (the server's "
+                                                         "DDIM_DENOISE_MAX_STEPS)"),
+             ({"image": [gray_png(8, 8)] * 2, "sigma": [0.1, 1.5]}, {}, "row 1: sigma must lie in")]
+    for index, (columns, params, message) in enumerate(cases):
+        with monkeypatch.context() as no_base64:
+            if index < 2:  # refused before any base64 is decoded; the others need the headers
+                no_base64.setattr(base64, "b64decode", lambda *args, **kwargs: pytest.fail("base64 decoded"))
+            with pytest.raises(MlflowException, match=re.escape(message)) as refused:
+                model.predict(None, pd.DataFrame(columns), params)
+        assert refused.value.get_http_status_code() == 400
+
+    monkeypatch.setenv(LIMIT_VARIABLES["max_rows"], "many")
+    with pytest.raises(InputError, match="DDIM_DENOISE_MAX_ROWS='many': expected a whole number >= 1"):
+        loaded_model(checkpoint)
+
+
 def test_a_run_artifact_without_a_run_id_is_refused(tmp_path, checkpoint):
     """``--run-artifact`` names a checkpoint in a training run; without ``--run-id`` it was silently ignored."""
     image = tmp_path / "photo.png"
@@ -286,7 +346,7 @@ def test_mlflow_models_serve_denoises_over_rest(mlflow_store, checkpoint, tmp_pa
     command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve",
                "-m", f"models:/{REGISTERED_NAME}/{info.registered_model_version}",
                "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store["uri"]}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store["uri"], "DDIM_DENOISE_MAX_IMAGE_PIXELS": "10000"}
     with open(log, "wb") as log_file:
         server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -305,6 +365,10 @@ def test_mlflow_models_serve_denoises_over_rest(mlflow_store, checkpoint, tmp_pa
         status, body = post_json(url, {"dataframe_split": {"columns": ["image", "sigma"],
                                                            "data": [[base64.b64encode(b"text").decode(), 0.1]]}})
         assert status == 400 and "not a PNG" in body.get("message", ""), body
+
+        status, body = post_json(url, {"dataframe_split": {"columns": ["image"], "data": [[gray_png(200, 200)]]}})
+        assert status == 400 and "the image has 40,000 pixels, over the limit of 10,000; crop or downscale it, or " \
+                                 "raise the server's DDIM_DENOISE_MAX_IMAGE_PIXELS" in body.get("message", ""), body
     finally:
         stop_process_group(server)
 

@@ -14,6 +14,10 @@ false: true when every colour image's noise is one draw copied to R, G and B, as
 Output: one row per input, ``image`` (base64 of the denoised file, in the input's format, bit depth and channels,
 alpha untouched) and ``sigma`` (the level used). A bad image or sigma answers HTTP 400 with the reason.
 
+Each request is bounded before any image is decoded (``RequestLimits``, set by environment variables of the serving
+process): rows, base64 characters per image (checked before base64 decoding), pixels per image and per request (read
+from the image headers), DDIM steps. A request over a limit answers HTTP 400 naming it.
+
 Serve and call (port 5001 here)::
 
     mlflow models serve -m models:/ddim-denoiser/1 --env-manager local -h 127.0.0.1 -p 5001
@@ -36,8 +40,11 @@ import base64
 import binascii
 import logging
 import math
+import os
+from dataclasses import dataclass, fields, replace
 from importlib import metadata
 from pathlib import Path
+from typing import Mapping
 
 import mlflow.pyfunc
 import numpy as np
@@ -80,11 +87,71 @@ def _invalid(message: str):
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)  # the scoring server answers 400
 
 
-def _row_bytes(value, row: int) -> bytes:
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of the server. Rows are denoised one after another, so memory in flight is about one
+    image's, and a request's time grows with its pixels times its steps."""
+
+    max_rows: int = 64  # images per request
+    # 64 Mi characters of base64 = 48 MiB of file: a noisy 16-megapixel 8-bit RGB PNG (noise hardly compresses).
+    # The server holds the JSON text, the DataFrame's strings and the decoded bytes of every row at once.
+    max_base64_chars: int = 64 * 2**20
+    # 16 megapixels per image: a modern photo, and about 1 GB in flight (float32 RGB, tile accumulators, output);
+    # larger images are for the command line (`ddim-denoise denoise --max-pixels`)
+    max_image_pixels: int = 16_000_000
+    max_request_pixels: int = 32_000_000  # the request's total: bounds its time at one step
+    max_steps: int = 50  # DDIM steps: each is a full model pass over every pixel (10-50 is DDIM's usual range)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "RequestLimits":
+        """The defaults, each overridden by its environment variable (``LIMIT_VARIABLES``) when set."""
+        from ddim_denoise.pipeline.errors import InputError
+
+        values = {}
+        for name, variable in LIMIT_VARIABLES.items():
+            text = environ.get(variable)
+            if text is None:
+                continue
+            try:
+                values[name] = int(text)
+            except ValueError:
+                values[name] = 0
+            if values[name] < 1:
+                raise InputError(f"{variable}={text!r}: expected a whole number >= 1 (default {getattr(cls, name)})")
+        return cls(**values)
+
+    def decode_limits(self):
+        from ddim_denoise.serving.image_io import DecodeLimits
+
+        return DecodeLimits(self.max_image_pixels, setting=_setting("max_image_pixels"))
+
+
+LIMIT_VARIABLES = {field.name: f"DDIM_DENOISE_{field.name.upper()}" for field in fields(RequestLimits)}
+
+
+def _setting(limit: str) -> str:
+    return f"the server's {LIMIT_VARIABLES[limit]}"
+
+
+def _over(what: str, limits: RequestLimits, limit: str, fix: str):
+    """The HTTP 400 for a request over a limit: what it asked, the limit, the variable that sets it, the fix."""
+    return _invalid(f"{what}, over the limit of {getattr(limits, limit):,} ({_setting(limit)}); {fix}")
+
+
+def _row_bytes(value, row: int, limits: RequestLimits) -> bytes:
+    """The image file's bytes of one row, its base64 length checked before decoding."""
+    if isinstance(value, (bytes, bytearray)):  # a Python caller's raw bytes: counted as their base64 would be
+        size = 4 * math.ceil(len(value) / 3)
+    else:
+        value = str(value)
+        size = len(value)
+    if size > limits.max_base64_chars:
+        raise _over(f"row {row}: the image's base64 text has {size:,} characters", limits, "max_base64_chars",
+                    "send a smaller file, or use the command line for large images")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     try:
-        return base64.b64decode("".join(str(value).split()), validate=True)  # `base64` wraps its lines at 76
+        return base64.b64decode("".join(value.split()), validate=True)  # `base64` wraps its lines at 76
     except (binascii.Error, ValueError):
         raise _invalid(f"row {row}: 'image' is not the base64 text of an image file") from None
 
@@ -104,31 +171,57 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
         from ddim_denoise.denoising.denoiser import Denoiser
 
         self.denoiser = Denoiser.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.limits = RequestLimits.from_environment()  # read as the server starts: a bad value stops it there
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from ddim_denoise.pipeline.errors import InputError
-        from ddim_denoise.serving.denoise_files import DenoiseOptions, denoise_decoded
+        from ddim_denoise.serving.denoise_files import denoise_decoded
         from ddim_denoise.serving.image_io import decode_image, encode_image
 
-        frame = pd.DataFrame(model_input)
-        if "image" not in frame.columns:
-            raise _invalid("the input needs an 'image' column (base64 of an image file) and optionally 'sigma'")
-        sigmas = frame["sigma"] if "sigma" in frame.columns else [None] * len(frame)
-        params = params or {}
+        checked = self._checked_rows(pd.DataFrame(model_input), params or {})
         images, used = [], []
-        for row, (value, sigma) in enumerate(zip(frame["image"], sigmas, strict=True)):
+        for row, (data, options) in enumerate(checked):
             try:
-                options = DenoiseOptions(sigma=_row_sigma(sigma), steps=int(params.get("steps", 1)),
-                                         eta=float(params.get("eta", 0.0)),
-                                         mono_noise="auto" if params.get("detect_mono_noise") else
-                                         bool(params.get("mono_noise", False))).validate()
-                image = decode_image(_row_bytes(value, row), source="image")
+                image = decode_image(data, "image", self.limits.decode_limits())
                 result = denoise_decoded(self.denoiser, image, options)
             except InputError as e:
                 raise _invalid(f"row {row}: {e}") from None
             images.append(base64.b64encode(encode_image(result.rgb, image, options.quality)).decode("ascii"))
             used.append(result.sigma)
         return pd.DataFrame({"image": images, "sigma": np.asarray(used, dtype=np.float64)})
+
+    def _checked_rows(self, frame: pd.DataFrame, params: dict) -> list:
+        """(file bytes, options) per row, once the whole request is within ``self.limits`` and every option and
+        sigma is valid: a bad last row costs no work on the others. Nothing is decoded but base64 and headers."""
+        from ddim_denoise.pipeline.errors import InputError
+        from ddim_denoise.serving.denoise_files import DenoiseOptions
+        from ddim_denoise.serving.image_io import image_pixels
+
+        limits = self.limits
+        if "image" not in frame.columns:
+            raise _invalid("the input needs an 'image' column (base64 of an image file) and optionally 'sigma'")
+        if len(frame) > limits.max_rows:
+            raise _over(f"the request has {len(frame):,} rows", limits, "max_rows", "send fewer images per request")
+        steps = int(params.get("steps", 1))
+        if steps > limits.max_steps:
+            raise _over(f"steps is {steps:,}", limits, "max_steps", "ask for fewer DDIM steps")
+        base = DenoiseOptions(steps=steps, eta=float(params.get("eta", 0.0)),
+                              mono_noise="auto" if params.get("detect_mono_noise") else
+                              bool(params.get("mono_noise", False)))
+        sigmas = frame["sigma"] if "sigma" in frame.columns else [None] * len(frame)
+        checked, total_pixels = [], 0
+        for row, (value, sigma) in enumerate(zip(frame["image"], sigmas, strict=True)):
+            data = _row_bytes(value, row, limits)
+            try:
+                options = replace(base, sigma=_row_sigma(sigma)).validate()
+                total_pixels += image_pixels(data, "image", limits.decode_limits())
+            except InputError as e:
+                raise _invalid(f"row {row}: {e}") from None
+            checked.append((data, options))
+        if total_pixels > limits.max_request_pixels:
+            raise _over(f"the request's images have {total_pixels:,} pixels in all", limits, "max_request_pixels",
+                        "send fewer or smaller images per request")
+        return checked
 
 
 def serving_requirements() -> list[str]:
