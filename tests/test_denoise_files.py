@@ -392,7 +392,7 @@ def test_bad_sigma_is_one_line_and_exit_2(tmp_path, checkpoint, sigma):
 
 
 @pytest.mark.parametrize("case", ["not_an_image", "missing_file", "no_sigma", "sigma_and_estimate", "two_sources",
-                                  "bad_checkpoint", "same_names", "bad_tiles"])
+                                  "bad_checkpoint", "same_names", "bad_tiles", "huge_steps"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, case):
     good = write_kind(tmp_path, "png8_rgb")
     text = tmp_path / "notes.png"
@@ -409,6 +409,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, case):
         "bad_checkpoint": [str(good), "--sigma", "0.1", "-c", str(text)],
         "same_names": [str(good), str(twin), "--sigma", "0.1"],
         "bad_tiles": [str(good), "--sigma", "0.1", "--tile", "16", "--overlap", "16"],
+        "huge_steps": [str(good), "--sigma", "0.1", "--steps", "10000000000"],  # allocated 40 GB of timesteps
     }[case]
     if "-c" not in args:
         args += ["-c", str(checkpoint)]

@@ -43,6 +43,9 @@ def check_pixel_sigma(sigma: float) -> float:
     return value
 
 
+# DDIM steps: the default schedule's timesteps (diffusion.T). More steps than the schedule has levels add only time,
+# and a count in the billions allocated its table of timesteps until memory ran out.
+MAX_STEPS = 1000
 TRANSPARENT_FILL = 0.5  # what fully transparent pixels show the model (denoise_decoded): flat, and far from 0 and 1
 
 
@@ -59,8 +62,8 @@ class DenoiseOptions:
     def validate(self) -> "DenoiseOptions":
         if self.sigma is not None:
             check_pixel_sigma(self.sigma)
-        if self.steps < 1:
-            raise InputError(f"steps must be at least 1, got {self.steps}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise InputError(f"steps must lie in [1, {MAX_STEPS}], got {self.steps}")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise InputError(f"eta must be a finite number >= 0, got {self.eta}")
         if not 1 <= self.quality <= 100:
