@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import signal
+import struct
 
 import numpy as np
 import pytest
@@ -103,3 +105,47 @@ def test_the_denoise_command_takes_max_pixels(tmp_path, tiny_params):
                                           "--max-pixels", max_pixels])
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 2 and lines == [f"error: {lines[0][7:]}"] and message in lines[0], result.output
+
+
+def tiff_with_looping_pages(pages: int = 200) -> bytes:
+    """A valid one-page TIFF whose page links on to ``pages`` empty pages (IFDs without tags), the last linking back
+    to the first of them: 1.4 kB that tifffile's loop detection, which looks back only so far, does not catch."""
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((4, 4), np.uint8))
+    data = bytearray(buffer.getvalue())
+    first_page = struct.unpack("<I", data[4:8])[0]
+    link = first_page + 2 + 12 * struct.unpack("<H", data[first_page:first_page + 2])[0]
+    loop_start = len(data)
+    data[link:link + 4] = struct.pack("<I", loop_start)
+    for index in range(pages):
+        following = loop_start if index == pages - 1 else len(data) + 6
+        data += struct.pack("<HI", 0, following)
+    return bytes(data)
+
+
+def test_a_tiff_whose_pages_link_in_a_loop_is_refused_at_once():
+    """Grouping the pages into series walked their links: a loop kept the decoder (and a server thread) busy for
+    good. Only the first page's link is read now."""
+
+    def too_slow(*args):
+        raise TimeoutError("the TIFF decoder is still walking the page loop")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(10)
+    try:
+        with pytest.raises(InputError, match="multi-page TIFFs are not supported"):
+            decode_image(tiff_with_looping_pages())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_garbled_npy_header_is_the_one_line_error():
+    """A header length pointing past the header, into the data, made NumPy's header parser raise tokenize's
+    TokenError (not a ValueError)."""
+    data = bytearray(encode_with_reference("npy", np.zeros((4, 5), np.uint8)))
+    data[8:10] = (0x176).to_bytes(2, "little")
+    with pytest.raises(InputError, match="cannot read the .npy header"):
+        decode_image(bytes(data) + b"(" * 400)  # an open bracket: tokenize looks for its end

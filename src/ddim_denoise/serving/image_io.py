@@ -153,7 +153,8 @@ def split_channels(pixels: np.ndarray, fmt: str, source: str, extras: dict | Non
     layout = ImageLayout(fmt, pixels.dtype, tuple(pixels.shape), extras or {})
     planes = pixels.reshape(*pixels.shape[:2], -1)
     color = planes[..., :1] if layout.gray else planes[..., :3]
-    rgb = color.astype(np.float32) / np.float32(_scale(pixels.dtype))
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range: inf, refused just below
+        rgb = color.astype(np.float32) / np.float32(_scale(pixels.dtype))
     if not np.all(np.isfinite(rgb)):
         raise InputError(f"{source}: the image holds NaN or infinite values")
     if pixels.dtype.kind == "f" and not FLOAT_RANGE[0] <= rgb.min() <= rgb.max() <= FLOAT_RANGE[1]:
@@ -265,13 +266,23 @@ def _tiff_pixels(data: bytes, source: str) -> int:
         return page.imagelength * page.imagewidth * page.imagedepth
 
 
+def _has_second_page(tif) -> bool:
+    """Whether the first page links to another: read up to that link only. Counting pages, or grouping them into
+    series, walks every page, which in a corrupt file can mean a near-endless chain."""
+    try:
+        tif.pages[1]
+    except IndexError:
+        return False
+    return True
+
+
 def _decode_tiff(data: bytes, source: str) -> tuple[np.ndarray, dict]:
     with _open_tiff(data, source) as tif:
+        if _has_second_page(tif):
+            raise InputError(f"{source}: multi-page TIFFs are not supported; save each page as its own file")
         if not tif.series:
             raise InputError(f"{source}: the TIFF holds no image")
         series, page = tif.series[0], tif.pages[0]
-        if len(tif.series) > 1 or len(series.pages) > 1:
-            raise InputError(f"{source}: multi-page TIFFs are not supported; save each page as its own file")
         photometric = getattr(page.photometric, "name", str(page.photometric))
         if photometric not in ("MINISBLACK", "RGB"):
             raise InputError(f"{source}: TIFF photometric {photometric} is not supported (use grayscale or RGB)")
@@ -398,8 +409,8 @@ def _npy_header(data: bytes, source: str) -> NpyHeader:
         if read_header is None:
             raise ValueError(f"version {version[0]}.{version[1]} is not supported (save with numpy.save)")
         shape, fortran_order, dtype = read_header(stream)
-    except ValueError as e:  # a bad magic string, version or header dictionary
-        raise InputError(f"{source}: cannot read the .npy header ({e})") from None
+    except Exception as e:  # a bad magic string, version or header: ValueError, or tokenize's errors on a garbled one
+        raise InputError(f"{source}: cannot read the .npy header ({type(e).__name__}: {e})") from None
     if dtype.hasobject:
         raise InputError(f"{source}: the .npy array holds Python objects, not pixels")
     header = NpyHeader(tuple(shape), fortran_order, dtype, stream.tell())
