@@ -266,7 +266,8 @@ def test_the_pyfunc_model_refuses_requests_over_its_limits_before_any_work(check
     for name, value in limits.items():
         monkeypatch.setenv(LIMIT_VARIABLES[name], str(value))
     model = loaded_model(checkpoint)
-    assert model.predict(None, pd.DataFrame({"image": [gray_png(20, 40)], "sigma": [0.1]}), {"steps": 3}).shape == (1, 2)
+    within = model.predict(None, pd.DataFrame({"image": [gray_png(20, 40)], "sigma": [0.1]}), {"steps": 3})
+    assert within.shape == (1, 2)
 
     monkeypatch.setattr(denoise_files_module, "denoise_decoded", lambda *args, **kwargs: pytest.fail("denoised"))
     monkeypatch.setattr(imagecodecs, "png_decode", lambda *args, **kwargs: pytest.fail("pixels decoded"))
