@@ -149,16 +149,19 @@ def _answers_health(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, artifacts_destination: Path, log: Path) -> Iterator[str]:
+def mlflow_server(backend_store_uri: str, artifacts_destination: Path, log: Path, app_name: str | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[str]:
     """``mlflow server`` on a free port of 127.0.0.1, serving artifacts from ``artifacts_destination``; yields its
-    URL and stops the server and its workers (its own process group) afterwards."""
+    URL and stops the server and its workers (its own process group) afterwards. ``app_name``: e.g. "basic-auth";
+    ``env``: the server's environment (default: this process's)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", backend_store_uri,
                "--artifacts-destination", str(artifacts_destination), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
+               "--workers", "1", *(["--app-name", app_name] if app_name else [])]
     with open(log, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=env)
     try:
         wait_until(lambda: _answers_health(url), "mlflow server", START_TIMEOUT_S, process, log)
         yield url
