@@ -149,3 +149,20 @@ def test_a_garbled_npy_header_is_the_one_line_error():
     data[8:10] = (0x176).to_bytes(2, "little")
     with pytest.raises(InputError, match="cannot read the .npy header"):
         decode_image(bytes(data) + b"(" * 400)  # an open bracket: tokenize looks for its end
+
+
+def test_a_tiff_size_tag_holding_two_values_is_the_one_line_error():
+    """Found by tests/test_decode_fuzz.py: an ImageWidth tag with two values made the pixel count a tuple, and the
+    limit check raised TypeError."""
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((4, 4), np.uint8))
+    data = bytearray(buffer.getvalue())
+    first_page = struct.unpack("<I", data[4:8])[0]
+    tags = struct.unpack("<H", data[first_page:first_page + 2])[0]
+    for entry in range(first_page + 2, first_page + 2 + 12 * tags, 12):  # 12-byte entries: tag, type, count, value
+        if struct.unpack("<H", data[entry:entry + 2])[0] == 256:  # ImageWidth: a SHORT or LONG, count 1
+            data[entry + 2:entry + 8] = struct.pack("<HI", 3, 2)  # two SHORTs, stored in the entry itself
+    with pytest.raises(InputError, match="malformed image size tags"):
+        decode_image(bytes(data))

@@ -263,7 +263,10 @@ def _tiff_pixels(data: bytes, source: str) -> int:
         if page.samplesperpixel not in CHANNEL_LAYOUTS:
             raise InputError(f"{source}: the TIFF has {page.samplesperpixel} samples per pixel; expected 1 (gray), "
                              "2 (gray + alpha), 3 (RGB) or 4 (RGBA)")
-        return page.imagelength * page.imagewidth * page.imagedepth
+        sizes = (page.imagelength, page.imagewidth, page.imagedepth)
+        if not all(isinstance(size, int) for size in sizes):  # a size tag holding several values
+            raise InputError(f"{source}: cannot decode the TIFF (malformed image size tags {sizes})")
+        return math.prod(sizes)
 
 
 def _has_second_page(tif) -> bool:
