@@ -31,6 +31,13 @@ def _study(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     return read_csv(root, TABLE, TABLE_COLUMNS), read_csv(root, ANCHORS, ANCHOR_COLUMNS), training_summary(root)
 
 
+def _published(anchors: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The published PSNRs by sigma x model, and each model's column heading with its size, in the file's order."""
+    sizes = anchors.drop_duplicates("model").set_index("model").parameters
+    return (anchors.pivot(index="sigma", columns="model", values="psnr_of_mean_mse"),
+            {model: f"{model} ({size})" for model, size in sizes.items()})
+
+
 def _standing(one: pd.DataFrame, anchors: pd.DataFrame) -> list[str]:
     """Per published model: our PSNR of the mean MSE minus theirs at each sigma, and where ours is at or above."""
     lines = []
@@ -56,17 +63,15 @@ def render(root: Path) -> str:
     paired on its own images, and the anchors."""
     table, anchors, summary = _study(root)
     one, noisy, bm3d = (_by_sigma(table, m) for m in (ONE_STEP, NOISY, BM3D))
-    published = anchors.pivot(index="sigma", columns="model", values="psnr_of_mean_mse")
-    models = list(dict.fromkeys(anchors.model))
-    sizes = anchors.drop_duplicates("model").set_index("model").parameters
+    published, named = _published(anchors)
     n_bm3d = int(bm3d.n_images.max()) if len(bm3d) else 0
     header = ["σ", "noisy input", "one-step: mean PSNR", "one-step: PSNR of mean MSE", "one-step: SSIM",
-              *(f"{m} ({sizes[m]})" for m in models), f"BM3D (n={n_bm3d})", "one-step on BM3D's images"]
+              *named.values(), f"BM3D (n={n_bm3d})", "one-step on BM3D's images"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for sigma, row in one.iterrows():
         cells = [f"{sigma:g}", f"{noisy.psnr.get(sigma, float('nan')):.2f}", _with_ci(row.psnr, row.psnr_ci95),
                  _with_ci(row.psnr_of_mean_mse, row.psnr_of_mean_mse_ci95), _with_ci(row.ssim, row.ssim_ci95, 4),
-                 *(f"{published.at[sigma, m]:.1f}" for m in models)]
+                 *(f"{published.at[sigma, m]:.1f}" for m in named)]
         if sigma in bm3d.index:
             paired = bm3d.loc[sigma]
             cells += [_with_ci(paired.psnr, paired.psnr_ci95), f"{paired.psnr_1step_same_images:.2f}"]
@@ -84,14 +89,12 @@ def render_short(root: Path) -> str:
     """The README's form: the published comparison alone."""
     table, anchors, summary = _study(root)
     one = _by_sigma(table, ONE_STEP)
-    published = anchors.pivot(index="sigma", columns="model", values="psnr_of_mean_mse")
-    models = list(dict.fromkeys(anchors.model))
-    sizes = anchors.drop_duplicates("model").set_index("model").parameters
-    header = ["σ", f"this model ({summary['parameters'] / 1e6:.2f}M)", *(f"{m} ({sizes[m]})" for m in models)]
+    published, named = _published(anchors)
+    header = ["σ", f"this model ({summary['parameters'] / 1e6:.2f}M)", *named.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for sigma, row in one.iterrows():
         lines.append("| " + " | ".join([f"{sigma:g}", _with_ci(row.psnr_of_mean_mse, row.psnr_of_mean_mse_ci95),
-                                        *(f"{published.at[sigma, m]:.1f}" for m in models)]) + " |")
+                                        *(f"{published.at[sigma, m]:.1f}" for m in named)]) + " |")
     return "\n".join([f"PSNR of the mean MSE (dB), one step, on the first {int(one.n_images.max()):,} test images in "
                       f"their original pixels; the published figures are {anchors.source.iloc[0]}. "
                       "More in [docs/results.md](docs/results.md).", "", *lines, "", *_standing(one, anchors)])

@@ -30,12 +30,13 @@ def render(root: Path) -> str:
         raise ValueError(f"{root / TRIALS}: no trial ran params.yaml's own values (objective.baseline)")
     reference = float(trials.value[is_baseline].iloc[0])
     change = _attr(trials, ENQUEUED_ATTR).where(~is_baseline, "none: params.yaml's defaults")
+    ssim = _attr(trials, "val_ssim_mean")
     lines = ["| trial | change | validation PSNR (dB) | minus the defaults | validation SSIM | state |",
              "|---|---|---|---|---|---|"]
     for i, row in trials.iterrows():
         done = row.state == "COMPLETE"
         lines.append(f"| {row.number} | {change[i]} | " + (f"{row.value:.3f} | {row.value - reference:+.3f}" if done
-                     else "– | –") + f" | {_attr(trials, 'val_ssim_mean')[i]:.4f} | {row.state} |")
+                     else "– | –") + f" | {ssim[i]:.4f} | {row.state} |")
     complete = trials[trials.state == "COMPLETE"]
     better = complete[complete.value > reference]
     verdict = ("No change beats the defaults at this budget." if better.empty else
