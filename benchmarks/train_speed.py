@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py                       # default model from params.yaml, batch 64, this device
     python benchmarks/train_speed.py -S model.base_channels=32 --steps 20 --modes fp32,bf16_cl,bf16_cl_compile
+    python benchmarks/train_speed.py --out speed.csv        # the rows as CSV too (pipelines/results/speed)
 
 Prints one row per mode and the speed-up over the first row, plus the model's training FLOPs per image, the achieved
 TFLOP/s and its share of the matrix-product peak measured on the same device in the mode's precision
@@ -11,10 +12,14 @@ TFLOP/s and its share of the matrix-product peak measured on the same device in 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
+from pathlib import Path
 
+import pandas as pd
 import yaml
 
-from ddim_denoise.evaluation.training_speed import inductor_settings, training_speed_report
+from ddim_denoise.evaluation.training_speed import TrainingSpeedRow, inductor_settings, training_speed_report
+from ddim_denoise.pipeline.checkpoint import atomic_write_text
 from ddim_denoise.pipeline.params import load_params
 from ddim_denoise.pipeline.runtime import resolve_device
 
@@ -34,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="after the last row, profile this many of its steps and print where the time went")
     ap.add_argument("--profile-rows", type=int, default=30)
+    ap.add_argument("--out", type=Path, help="also write the rows to this CSV (a results pipeline's output)")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="a torch._inductor.config setting for the compiled modes on top of params' train.inductor "
                          "(as the Trainer applies it), e.g. coordinate_descent_tuning=True")
@@ -49,8 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     report = training_speed_report(params, [int(b) for b in args.batch.split(",")], args.modes.split(","),
                                    resolve_device(args.device), args.steps, args.warmup, cudnn_settings,
                                    {**params.train.inductor, **inductor_overrides}, args.profile, args.profile_rows)
-    for line in report:
-        print(line, flush=True)
+    rows = []
+    for item in report:
+        print(item, flush=True)
+        if isinstance(item, TrainingSpeedRow):
+            rows.append(item)
+    if args.out:
+        atomic_write_text(args.out, pd.DataFrame(map(asdict, rows)).to_csv(index=False))
 
 
 if __name__ == "__main__":

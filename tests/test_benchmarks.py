@@ -15,6 +15,7 @@ from denoise_fixtures import write_tiny_checkpoint
 from ddim_denoise.evaluation import throughput, training_speed
 from ddim_denoise.evaluation.lossless import evaluate_lossless, load_lossless_images
 from ddim_denoise.evaluation.throughput import count_flops
+from ddim_denoise.results import speed
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -193,3 +194,23 @@ def test_export_latency_prints_every_backend_with_its_difference_from_eager(tmp_
     assert [r[0] for r in rows] == ["pytorch eager", "torchscript (torch.jit)", "onnx (onnxruntime)"]
     assert all(float(ms) > 0 for _, ms, _, _ in rows)
     assert float(rows[0][3]) == 0 and all(float(error) < 1e-3 for *_, error in rows)  # a wrong export would show
+
+
+def test_the_speed_study_renders_what_the_benchmarks_write(tmp_path, tiny_params, capsys):
+    """pipelines/results/speed runs both scripts with --out; its docs block reads those CSVs back."""
+    checkpoint, data = tiny_checkpoint_and_images(tmp_path, tiny_params, 4, 32)  # BM3D needs its block size
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
+    study = tmp_path / speed.STUDY
+    run_benchmark("train_speed", ["--params", str(params_file), "--batch", "4", "--steps", "1", "--warmup", "1",
+                                  "--modes", "fp32,bf16", "--device", "cpu", "--out", str(tmp_path / speed.TRAINING)])
+    run_benchmark("denoise_speed", ["--checkpoint", checkpoint, "--data", data, "--n-images", "4", "--bm3d-images",
+                                    "1", "--ddim-steps", "2", "--amp", "off", "--device", "cpu",
+                                    "--out", str(tmp_path / speed.DENOISING)])
+    assert sorted(p.name for p in study.iterdir()) == ["denoising_speed.csv", "training_speed.csv"]
+    text = speed.render(tmp_path)
+    rates = [float(line.split("|")[3]) for line in text.splitlines() if line.startswith(("| fp32 ", "| bf16 "))]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)
+    assert "| one-step | cpu fp32 | 4 |" in text and "| DDIM-2 | cpu fp32 | 4 |" in text
+    assert re.search(r"\| BM3D \| cpu, 1 process\(es\) \| 1 \|", text)
+    assert "failed" not in text

@@ -7,7 +7,14 @@ from pathlib import Path
 import yaml
 
 from ddim_denoise.pipeline import stage_code
-from ddim_denoise.pipeline.stage_code import STAGE_ENTRIES, code_digest, package_imports, stage_folders, stage_modules
+from ddim_denoise.pipeline.stage_code import (
+    STAGE_ENTRIES,
+    code_digest,
+    package_imports,
+    script_folders,
+    stage_folders,
+    stage_modules,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = {"prepare": "dvc.yaml", "train": "dvc.yaml", "evaluate": "dvc.yaml", "report": "dvc.yaml",
@@ -28,6 +35,9 @@ def test_every_stage_depends_on_the_folders_it_runs():
     # the results studies run the same entry points as the main chain
     assert code_deps("pipelines/results/headline/dvc.yaml", "evaluate") == stage_folders("evaluate")
     assert code_deps("pipelines/results/levers/dvc.yaml", "levers") == stage_folders("sweep")
+    # the speed study's stages run benchmark scripts
+    for stage, script in {"training": "train_speed.py", "denoising": "denoise_speed.py"}.items():
+        assert code_deps("pipelines/results/speed/dvc.yaml", stage) == script_folders(REPO / "benchmarks" / script)
 
 
 def fake_package(root: Path, files: dict[str, str]) -> None:

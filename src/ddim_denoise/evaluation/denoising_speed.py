@@ -15,11 +15,13 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ddim_denoise.core.metrics import make_noisy
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.evaluation.evaluate import baseline_methods, method_label, model_methods, run_methods
 from ddim_denoise.evaluation.throughput import PeakTable, count_flops
+from ddim_denoise.pipeline.runtime import device_name
 
 
 @dataclass(frozen=True)
@@ -32,15 +34,20 @@ class DenoisingSpeed:
     peaks: PeakTable
 
     def markdown(self) -> str:
-        lines = ["| method | runs on | images | images/s | ms/image | GFLOP/image | TFLOP/s | % of matmul peak "
-                 "| PSNR (dB) |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in self.table.itertuples(index=False):
-            model_figures = (f"{r.gflop:.3g} | {r.tflops:.3f} | {r.peak_share:.0f}%" if r.gflop == r.gflop
-                             else "– | – | –")  # NaN: a baseline
-            lines.append(f"| {method_label(r.method)} | {r.runs_on} | {r.n_images} | {r.images_per_s:.1f} "
-                         f"| {1000 / r.images_per_s:.2f} | {model_figures} | {r.psnr:.2f} |")
-        lines.append(f"\nMeasured matrix-product peaks on {self.peaks.device}: {self.peaks.describe()}")
-        return "\n".join(lines)
+        return (f"{denoising_speed_markdown(self.table)}\n\n"
+                f"Measured matrix-product peaks on {self.peaks.device}: {self.peaks.describe()}")
+
+
+def denoising_speed_markdown(table: pd.DataFrame) -> str:
+    """``DenoisingSpeed.table`` (or that table read back from CSV) as Markdown."""
+    lines = ["| method | runs on | images | images/s | ms/image | GFLOP/image | TFLOP/s | % of matmul peak "
+             "| PSNR (dB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples(index=False):
+        model_figures = (f"{r.gflop:.3g} | {r.tflops:.3f} | {r.peak_share:.0f}%" if r.gflop == r.gflop
+                         else "– | – | –")  # NaN: a baseline
+        lines.append(f"| {method_label(r.method)} | {r.runs_on} | {r.n_images} | {r.images_per_s:.1f} "
+                     f"| {1000 / r.images_per_s:.2f} | {model_figures} | {r.psnr:.2f} |")
+    return "\n".join(lines)
 
 
 def denoising_speed(checkpoint: str | Path, clean: np.ndarray, sigma: float, ddim_steps: int,
@@ -64,9 +71,11 @@ def denoising_speed(checkpoint: str | Path, clean: np.ndarray, sigma: float, ddi
         table["gflop"] = table.method.map(flops) / 1e9
         tflops = table.images_per_s * table.gflop / 1e3
         table["tflops"], table["peak_share"] = tflops, [peaks.share(t, denoiser.precision.dtype) for t in tflops]
-        tables.append(table.assign(runs_on=f"{denoiser.device} {denoiser.precision.name}"))
+        tables.append(table.assign(runs_on=f"{denoiser.device} {denoiser.precision.name}",
+                                   device_name=device_name(denoiser.device), batch_size=batch_size))
     baselines = baseline_methods(bm3d_images, len(clean), workers)
     if baselines:
         table = run_methods(clean, [sigma], baselines, noise_seed=seed).table
-        tables.append(table.assign(runs_on=f"cpu, {workers} process(es)"))
+        tables.append(table.assign(runs_on=f"cpu, {workers} process(es)", device_name=device_name(torch.device("cpu")),
+                                   batch_size=1))
     return DenoisingSpeed(pd.concat(tables, ignore_index=True), batch_size, peaks)

@@ -9,8 +9,10 @@ Speed targets live here, not in timed tests.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import pandas as pd
 import torch
 import torch._inductor.config as inductor_config
 import yaml
@@ -23,7 +25,7 @@ from ddim_denoise.core.unet import count_parameters
 from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.evaluation.throughput import PeakTable, count_flops, synchronize
 from ddim_denoise.pipeline.params import Params
-from ddim_denoise.pipeline.runtime import Precision, check_inductor_settings
+from ddim_denoise.pipeline.runtime import Precision, check_inductor_settings, device_name
 
 MODES = {  # name: (autocast dtype, channels_last, torch.compile mode or None for eager)
     "fp32": (None, False, None),
@@ -154,21 +156,54 @@ def flops_per_image(params, device) -> float:
     return count_flops(lambda: loss_fn(model, x).backward()) / 2
 
 
+@dataclass(frozen=True)
+class TrainingSpeedRow:
+    """One measured row: a mode at a batch size and cuDNN setting on ``device_name`` with ``threads`` CPU threads."""
+
+    label: str
+    mode: str
+    batch: int
+    cudnn_benchmark: str
+    images_per_s: float  # NaN where the mode failed (``error`` says why)
+    speedup: float  # over the report's first measured row
+    tflops: float
+    peak_share: float  # percent of the measured matmul peak in the mode's precision
+    warmup_seconds: float
+    device_name: str
+    threads: int
+    parameters: int
+    gflop_per_image: float
+    error: str = ""
+
+    def __str__(self) -> str:
+        if self.error:
+            return f"{self.label:>24}: failed ({self.error})"
+        dtype = MODES[self.mode][0]
+        return (f"{self.label:>24}: {self.images_per_s:9.1f} img/s  ({self.speedup:.2f}x the first row), "
+                f"{self.tflops:.3f} TFLOP/s, {self.peak_share:.1f}% of the "
+                f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')} matmul peak; "
+                f"warm-up {self.warmup_seconds:.1f} s")
+
+
 def training_speed_report(params: Params, batches: Sequence[int], modes: Sequence[str], device: torch.device,
                           steps: int = 10, warmup: int = 3, cudnn_settings: Sequence[str] = ("on",),
                           inductor: dict | None = None, profile_steps: int = 0,
-                          profile_rows: int = 30) -> Iterator[str]:
-    """The report's lines as each is measured (a row of a slow mode is worth seeing before the next one compiles):
-    one row per batch, mode and ``torch.backends.cudnn.benchmark`` setting (``"on"``/``"off"``), then, with
-    ``profile_steps``, where the last row's time went. ``inductor`` (default: params' ``train.inductor``) holds
-    the torch._inductor.config settings the compiled modes run under, as the Trainer applies them."""
+                          profile_rows: int = 30) -> Iterator[str | TrainingSpeedRow]:
+    """The report as each part is measured (a row of a slow mode is worth seeing before the next one compiles): header
+    lines (str), one ``TrainingSpeedRow`` per batch, mode and ``torch.backends.cudnn.benchmark`` setting
+    (``"on"``/``"off"``), then, with ``profile_steps``, where the last row's time went; ``str`` of each item is its
+    printed line. ``inductor`` (default: params' ``train.inductor``) holds the torch._inductor.config settings the
+    compiled modes run under, as the Trainer applies them."""
     inductor = params.train.inductor if inductor is None else inductor
     model, _ = build_model(params)
-    yield (f"device {device}, threads {torch.get_num_threads()}, {count_parameters(model):,} parameters, "
+    parameters = count_parameters(model)
+    yield (f"device {device}, threads {torch.get_num_threads()}, {parameters:,} parameters, "
            f"batch {','.join(map(str, batches))}" + (f", inductor {inductor}" if inductor else ""))
     flops = flops_per_image(params, device)
     peaks = PeakTable(device)
     yield f"training FLOPs per image (fwd+bwd): {flops / 1e9:.3f} GFLOP"
+    row_facts = dict(device_name=device_name(device), threads=torch.get_num_threads(), parameters=parameters,
+                     gflop_per_image=flops / 1e9)
     baseline, step = None, None
     for batch, mode, cudnn in ((b, m, c) for b in batches for m in modes for c in cudnn_settings):
         label = (mode + (f" @{batch}" if len(batches) > 1 else "")
@@ -179,15 +214,31 @@ def training_speed_report(params: Params, batches: Sequence[int], modes: Sequenc
             with inductor_config.patch(inductor):  # read when the first step compiles
                 rate, warmup_seconds = measure(step, batch, steps, warmup, device)
         except Exception as e:  # e.g. torch.compile without a working compiler: report and go on
-            yield f"{label:>24}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            nan = float("nan")
+            yield TrainingSpeedRow(label, mode, batch, cudnn, nan, nan, nan, nan, nan, **row_facts,
+                                   error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
             step = None
             continue
         baseline = baseline or rate
-        tflops, dtype = rate * flops / 1e12, MODES[mode][0]
-        yield (f"{label:>24}: {rate:9.1f} img/s  ({rate / baseline:.2f}x the first row), "
-               f"{tflops:.3f} TFLOP/s, {peaks.share(tflops, dtype):.1f}% of the "
-               f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')} matmul peak; "
-               f"warm-up {warmup_seconds:.1f} s")
+        tflops = rate * flops / 1e12
+        yield TrainingSpeedRow(label, mode, batch, cudnn, rate, rate / baseline, tflops,
+                               peaks.share(tflops, MODES[mode][0]), warmup_seconds, **row_facts)
     if profile_steps and step is not None:
         yield f"profile of the last row ({label}):\n{profile(step, profile_steps, device, profile_rows)}"
     yield f"measured matmul peaks: {peaks.describe()}"
+
+
+def training_speed_markdown(rows: pd.DataFrame) -> str:
+    """``TrainingSpeedRow``s (as a table, e.g. read back from CSV) as a Markdown table under a line saying where."""
+    first = rows.iloc[0]
+    lines = [f"{first.device_name}, {first.threads} threads; {first.parameters:,} parameters, "
+             f"{first.gflop_per_image:.3g} GFLOP per training image (forward + backward).", "",
+             "| mode | batch | images/s | speed-up | TFLOP/s | % of matmul peak | warm-up (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows.itertuples(index=False):
+        if isinstance(r.error, str) and r.error:
+            lines.append(f"| {r.label} | {r.batch} | failed: {r.error} | | | | |")
+        else:
+            lines.append(f"| {r.label} | {r.batch} | {r.images_per_s:.1f} | {r.speedup:.2f}x | {r.tflops:.3f} "
+                         f"| {r.peak_share:.1f}% | {r.warmup_seconds:.1f} |")
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 PACKAGE = __name__.split(".")[0]
@@ -30,8 +31,13 @@ def module_file(module: str) -> Path | None:
 
 def package_imports(module: str) -> set[str]:
     """The package's modules that ``module`` imports anywhere in its code (imports inside functions too)."""
+    return file_imports(module_file(module))
+
+
+def file_imports(path: Path) -> set[str]:
+    """The package's modules that the Python file ``path`` (a module, or a script such as a benchmark) imports."""
     found = set()
-    for node in ast.walk(ast.parse(module_file(module).read_text())):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == PACKAGE:
             base = node.module.removeprefix(PACKAGE).lstrip(".")
             # `from pkg.core import unet` names module core.unet; `from pkg.core.unet import UNet` names core.unet
@@ -54,9 +60,19 @@ def stage_modules(entry: str) -> list[str]:
     return sorted(modules)
 
 
+def module_folders(entries: Iterable[str]) -> list[str]:
+    """The package folders (``core``, ``training``, ...) whose modules ``entries`` run, directly or not, sorted."""
+    return sorted({module.split(".")[0] for entry in entries for module in stage_modules(entry) if "." in module})
+
+
 def stage_folders(stage: str) -> list[str]:
-    """The package folders (``core``, ``training``, ...) whose modules ``stage`` runs, sorted."""
-    return sorted({module.split(".")[0] for module in stage_modules(STAGE_ENTRIES[stage]) if "." in module})
+    """The package folders whose modules ``stage`` runs."""
+    return module_folders([STAGE_ENTRIES[stage]])
+
+
+def script_folders(path: Path) -> list[str]:
+    """The package folders whose modules the script ``path`` (a stage that runs a benchmark) runs."""
+    return module_folders(file_imports(path))
 
 
 def code_digest(stage: str) -> str:
