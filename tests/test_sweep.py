@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -25,6 +26,7 @@ from ddim_denoise.pipeline import params as params_module
 from ddim_denoise.pipeline.params import load_params, validate_params
 from ddim_denoise.pipeline.profiles import compose_params
 from ddim_denoise.sweep import storage as sweep_storage
+from ddim_denoise.sweep import verify
 from ddim_denoise.sweep.objective import DIVERGED_ATTR
 from ddim_denoise.sweep.report import BASELINE_ATTR, ENQUEUED_ATTR
 from ddim_denoise.sweep.space import SpaceError, load_space
@@ -101,6 +103,19 @@ def states(study: optuna.Study) -> list[str]:
 
 def warning_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def stub_verification_scores(monkeypatch, gain: float) -> None:
+    """``sweep verify`` without its two trainings: per-image validation scores where the trial beats the defaults
+    by ``gain`` dB on every image."""
+    defaults = 20 + np.random.default_rng(0).normal(0, 1, 8)
+    monkeypatch.setattr(verify, "train_and_score", lambda base, values, *rest: defaults + (gain if values else 0.0))
+
+
+def verify_command(*args: str) -> str:
+    result = CliRunner().invoke(app, ["sweep", "verify", "--space", "space.yaml", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
 def nested_runs(parent_run_id: str) -> list:
@@ -271,7 +286,7 @@ def test_hyperband_pruner_builds_and_judges_every_epoch(workspace, monkeypatch):
 
 
 # ---- a sweep, end to end ----------------------------------------------------------------------------------------
-def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace):
+def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace, monkeypatch):
     result = run_sweep(options(trials=2))
     study = load_study(result["study"])
     assert states(study) == ["COMPLETE", "COMPLETE"]
@@ -297,6 +312,8 @@ def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace)
         assert len(client.get_metric_history(run.info.run_id, "val_psnr_mean")) == 2  # one point per epoch
         assert "objective" in run.data.metrics
 
+    stub_verification_scores(monkeypatch, gain=0.5)
+    assert "verified: it wins" in verify_command()
     cli = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--apply"])
     assert cli.exit_code == 0, cli.output
     assert f"trial {best.number}:" in cli.output and "dvc exp run -S train.lr=" in cli.output
@@ -310,6 +327,7 @@ def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace)
     conf = workspace / "conf"
     params_file = workspace / "params.yaml"
     params_file.write_text(params_file.read_text() + "profile: quick\n")
+    assert "verified: it wins" in verify_command("--study", result["study"])  # under the new params.yaml
     cli = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", result["study"], "--apply"])
     assert cli.exit_code == 0, cli.output
     assert str(conf / "profile" / "quick.yaml") in cli.output
@@ -319,10 +337,12 @@ def test_sweep_nests_trials_in_mlflow_writes_reports_and_best_applies(workspace)
     assert composed.diffusion.prediction == best.params["diffusion.prediction"]
 
 
-def test_best_applies_a_winner_only_under_the_defaults_its_study_ran_under(workspace):
+def test_best_applies_a_winner_only_under_the_defaults_its_study_ran_under(workspace, monkeypatch):
     """A study's winner is evidence for the defaults it was found under: after params.yaml changed a key the space
     does not search, `sweep best` warns, and `--apply` refuses (one line, exit 2) and leaves params.yaml as it was."""
     study = run_sweep(options(trials=1, pruner="none", study="s"))["study"]
+    stub_verification_scores(monkeypatch, gain=0.5)
+    verify_command("--study", study)
     best = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study, "--apply"])
     assert best.exit_code == 0 and not warning_lines(best), best.output  # the same defaults: applied
     assert load_params("params.yaml").train.lr == load_study(study).best_trial.params["train.lr"]
@@ -495,3 +515,43 @@ def test_multi_objective_study_keeps_psnr_and_throughput(workspace):
     cli = CliRunner().invoke(app, ["sweep", "run", "--trials", "1", "--study", result["study"], "--space",
                                    "space.yaml"])
     assert cli.exit_code == 2 and "multi-objective" in cli.output
+
+
+# ---- verification before adoption ---------------------------------------------------------------------------------
+def test_verify_retrains_the_winner_and_the_defaults_and_apply_follows_its_verdict(workspace, monkeypatch):
+    """`sweep verify` trains the best trial and params.yaml's defaults at params.yaml's budget into the study's
+    folder and records the paired verdict; `--apply` writes only a verified winner, otherwise one line says why."""
+    study_name = run_sweep(options(trials=1, pruner="none", study="v"))["study"]
+    params_file = workspace / "params.yaml"
+    before = params_file.read_bytes()
+    refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
+    assert "trial 0 is not verified: run `ddim-denoise sweep verify`" in one_error_line(refused)
+
+    line = verify_command("--study", study_name)  # real trainings, tiny
+    folder = workspace / "sweeps" / study_name / "verify"
+    assert all((folder / run / "models" / "best.pt").is_file() for run in ("defaults", "trial_0000"))
+    recorded = load_study(study_name).user_attrs[verify.VERIFICATION_ATTR]
+    assert recorded["trial"] == 0 and recorded["n_images"] == 8  # the whole validation split
+    assert verify.Verification(**recorded).line() in line
+    if not recorded["verified"]:
+        refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
+        assert one_error_line(refused).endswith("no win beyond the 95% CI, so params.yaml keeps its values")
+
+    stub_verification_scores(monkeypatch, gain=0.0)  # no better than the defaults
+    assert "not verified" in verify_command("--study", study_name)
+    refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
+    assert "paired difference +0.000 ± 0.000 dB; not verified" in one_error_line(refused)
+    assert params_file.read_bytes() == before
+
+    shown = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name])
+    assert "adoption: trial 0 at params.yaml's budget" in shown.stdout
+
+
+def test_a_verification_counts_only_a_win_beyond_its_confidence_interval():
+    defaults = 20 + np.random.default_rng(1).normal(0, 2, 400)
+    noise = np.random.default_rng(2).normal(0, 1, 400)
+    clear = verify.paired_verdict(3, "f", defaults, defaults + 0.3 + noise)
+    assert clear.verified and clear.difference - clear.difference_ci95 > 0
+    within = verify.paired_verdict(3, "f", defaults, defaults + 0.02 + noise)
+    assert not within.verified and abs(within.difference) < within.difference_ci95
+    assert within.n_images == 400 and within.defaults_psnr == pytest.approx(defaults.mean())

@@ -362,7 +362,8 @@ def sweep_best_command(
                                         "Pareto front)"),
     apply: bool = typer.Option(False, "--apply", help="write the trial's values into params.yaml's profile "
                                "(conf/profile/NAME.yaml, comments kept) and compose params.yaml again; refused "
-                               "when the study ran under other defaults than params.yaml's"),
+                               "when the study ran under other defaults than params.yaml's, or `sweep verify` did "
+                               "not find the trial better than the defaults at params.yaml's budget"),
     params: str = PARAMS_OPT,
 ):
     """Print the best trial and the `dvc exp run -S ...` command that trains it with the full budget."""
@@ -379,6 +380,25 @@ def sweep_best_command(
         typer.echo(f"{report.applied_to}: {key}: {old} -> {new}")
     if apply and report.command and not report.changes:
         typer.echo(f"{report.applied_to} already holds these values")
+
+
+@sweep_app.command("verify")
+@user_errors
+@sweep_errors
+def sweep_verify_command(
+    study: Optional[str] = SWEEP_STUDY_OPT,
+    storage: Optional[str] = SWEEP_STORAGE_OPT,
+    space: Path = SWEEP_SPACE_OPT,
+    trial: Optional[int] = typer.Option(None, "--trial", help="a given trial instead of the best"),
+    params: str = PARAMS_OPT,
+):
+    """Retrain the best trial and params.yaml's defaults at params.yaml's budget, compare them on the validation
+    split, and record whether the trial wins by more than the 95% CI (`sweep best --apply` needs that)."""
+    from ddim_denoise.sweep.study import SweepOptions, verify_best
+
+    verification = verify_best(SweepOptions(params_path=Path(params), space_path=space, study=study,
+                                            storage=storage), trial)
+    typer.echo(verification.line())
 
 
 if __name__ == "__main__":  # torchrun -m ddim_denoise.cli and python -m ddim_denoise.cli

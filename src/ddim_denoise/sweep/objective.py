@@ -63,10 +63,11 @@ class EpochReporter:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.metric} {value:.3f}")
 
 
-def ddim_scores(checkpoint: Path, clean: np.ndarray, params: Params, steps: int) -> dict[str, float]:
-    """PSNR/SSIM of ``steps``-step DDIM denoising (stopping at ``eval.ddim_stop_sigma``) with the checkpoint's EMA
-    weights, on the validation subset ``clean`` with the same fixed noise seeds as validation, averaged over
-    ``eval.sigmas``."""
+def per_image_scores(checkpoint: Path, clean: np.ndarray, params: Params,
+                     steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image PSNR and SSIM of ``steps``-step denoising (DDIM stopping at ``eval.ddim_stop_sigma``; one step is
+    Tweedie's estimate) with the checkpoint's EMA weights, each image's mean over ``eval.sigmas``, with the same
+    fixed noise seeds as validation."""
     from ddim_denoise.core.metrics import make_noisy, psnr_ssim
     from ddim_denoise.denoising.denoiser import Denoiser
 
@@ -76,10 +77,16 @@ def ddim_scores(checkpoint: Path, clean: np.ndarray, params: Params, steps: int)
         noisy = make_noisy(clean, sigma, params.eval.noise_seed)
         psnr, ssim = psnr_ssim(clean, denoiser.denoise(noisy, sigma, steps=steps, batch_size=params.eval.batch_size,
                                                        ddim_stop_sigma=params.eval.ddim_stop_sigma))
-        psnrs.append(psnr.mean())
-        ssims.append(ssim.mean())
-    return {"ddim_steps": steps, "ddim_images": len(clean), "ddim_psnr_mean": float(np.mean(psnrs)),
-            "ddim_ssim_mean": float(np.mean(ssims))}
+        psnrs.append(psnr)
+        ssims.append(ssim)
+    return np.mean(psnrs, axis=0), np.mean(ssims, axis=0)
+
+
+def ddim_scores(checkpoint: Path, clean: np.ndarray, params: Params, steps: int) -> dict[str, float]:
+    """Mean PSNR/SSIM of ``steps``-step DDIM denoising on the validation subset ``clean`` (``per_image_scores``)."""
+    psnr, ssim = per_image_scores(checkpoint, clean, params, steps)
+    return {"ddim_steps": steps, "ddim_images": len(clean), "ddim_psnr_mean": float(psnr.mean()),
+            "ddim_ssim_mean": float(ssim.mean())}
 
 
 def mean_of(metrics: dict, prefix: str) -> float | None:

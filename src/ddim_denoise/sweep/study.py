@@ -53,6 +53,7 @@ from ddim_denoise.sweep.storage import (
     open_study,
     redact,
 )
+from ddim_denoise.sweep.verify import Verification, adoption_refusal, verify_trial
 from ddim_denoise.training.resume import is_operational
 
 log = logging.getLogger(__name__)
@@ -265,34 +266,57 @@ class BestTrialReport:
     warning: str | None = None  # the study ran under other defaults than params.yaml (``defaults_drift``)
 
 
-def best_trial_report(options: SweepOptions, trial_number: int | None = None, apply: bool = False) -> BestTrialReport:
-    """The best (or the given) trial of the study, the command to train it for real, and with ``apply`` its values
-    written where the next run reads them (comments kept): the profile params.yaml was composed with, then
-    params.yaml composed again as `dvc exp run` would; a params.yaml written by hand, in place. A study that ran
-    under other defaults than params.yaml's is refused by ``apply`` (SweepError) and only warned about without."""
+def load_existing_study(options: SweepOptions) -> tuple[SweepSetup, object]:
+    """The setup and the Optuna study ``options`` name, which must exist (SweepError naming the studies there)."""
     import optuna
 
     setup = prepare_setup(options, need_fingerprint=False)
     storage_url = options.storage or default_storage_url()
     storage = open_storage(storage_url)
     try:
-        study = optuna.load_study(study_name=setup.study_name, storage=storage)
+        return setup, optuna.load_study(study_name=setup.study_name, storage=storage)
     except KeyError:
         names = optuna.get_all_study_names(storage)
         hint = f"studies there: {', '.join(names)}" if names else "it holds no study yet: run `ddim-denoise sweep run`"
         raise SweepError(f"no study {setup.study_name!r} in {redact(storage_url)} ({hint}); "
                          "pass --study NAME") from None
+
+
+def verify_best(options: SweepOptions, trial_number: int | None = None) -> Verification:
+    """Retrain the best (or the given) trial and params.yaml's defaults at params.yaml's budget and store the verdict
+    on the study (``verify.verify_trial``); refused for a study that ran under other defaults."""
+    setup, study = load_existing_study(options)
+    trial = chosen_trial(study, trial_number)
+    if trial is None:
+        raise SweepError(f"study {study.study_name!r} has no complete trial to verify")
+    drift = defaults_drift(study, setup.base, setup.space, options.params_path)
+    if drift:
+        raise SweepError(f"sweep verify: {drift}: {RERUN_HINT} first")
+    return verify_trial(study, trial, setup.base, sweep_folder(study.study_name) / "verify")
+
+
+def best_trial_report(options: SweepOptions, trial_number: int | None = None, apply: bool = False) -> BestTrialReport:
+    """The best (or the given) trial of the study, the command to train it for real, and with ``apply`` its values
+    written where the next run reads them (comments kept): the profile params.yaml was composed with, then
+    params.yaml composed again as `dvc exp run` would; a params.yaml written by hand, in place. A study that ran
+    under other defaults than params.yaml's is refused by ``apply`` (SweepError) and only warned about without; so is
+    a trial that ``verify_best`` did not find better than the defaults at params.yaml's budget."""
+    setup, study = load_existing_study(options)
     trial = chosen_trial(study, trial_number)
     text = describe(study, trial, setup.space.objective.metric)
     if trial is None:
         return BestTrialReport(text, None)
     command = dvc_exp_command(trial.params)
     drift = defaults_drift(study, setup.base, setup.space, options.params_path)
+    refusal = adoption_refusal(study, trial, setup.base)
     if not apply:
         warning = f"{drift}: its winner may not win under today's; {RERUN_HINT}" if drift else None
-        return BestTrialReport(text, command, warning=warning)
+        return BestTrialReport(text + f"\nadoption: {refusal or 'verified, --apply writes it'}", command,
+                               warning=warning)
     if drift:
         raise SweepError(f"sweep best --apply: {drift}: {RERUN_HINT} before applying its winner")
+    if refusal:
+        raise SweepError(f"sweep best --apply: {refusal}")
     from ddim_denoise.pipeline.params_file import set_values
     from ddim_denoise.pipeline.profiles import profile_file, write_params_yaml
 

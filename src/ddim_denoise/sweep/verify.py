@@ -1,0 +1,106 @@
+"""Verification before adoption: a search's winner, found at the search's short per-trial budget, is retrained at
+the budget people train at (params.yaml's own, plus any ``--set``) beside params.yaml's defaults at that same budget,
+both scored per image on the whole lossless validation split. It counts as verified only when the paired difference
+(winner minus defaults, one-step PSNR averaged over ``eval.sigmas``) is above zero by more than its 95% confidence
+interval. The result is stored on the study (``VERIFICATION_ATTR``), and ``sweep best --apply`` applies only a
+verified winner (``adoption_refusal``).
+
+Both trainings go to ``sweeps/<study>/verify/{defaults,trial_NNNN}/`` and resume when rerun after an interruption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ddim_denoise.core.metrics import mean_ci95, to_float
+from ddim_denoise.data.cifar10 import load_split
+from ddim_denoise.pipeline.params import Params, flatten, validate_params
+from ddim_denoise.pipeline.stage_code import code_digest
+from ddim_denoise.sweep.objective import per_image_scores
+from ddim_denoise.sweep.space import with_overrides
+
+VERIFICATION_ATTR = "verification"  # the study's user attribute holding the last ``Verification``
+VERIFY_COMMAND = "ddim-denoise sweep verify"
+
+
+@dataclass(frozen=True)
+class Verification:
+    trial: int
+    params_fingerprint: str  # the budget and defaults it ran under: ``budget_fingerprint``
+    n_images: int
+    defaults_psnr: float
+    defaults_ci95: float
+    winner_psnr: float
+    winner_ci95: float
+    difference: float  # winner minus defaults, paired per image
+    difference_ci95: float
+    verified: bool
+
+    def line(self) -> str:
+        verdict = "verified: it wins" if self.verified else "not verified: no win beyond the 95% CI"
+        return (f"trial {self.trial} at params.yaml's budget on {self.n_images:,} validation images: "
+                f"{self.winner_psnr:.3f} ± {self.winner_ci95:.3f} dB against the defaults' {self.defaults_psnr:.3f} ± "
+                f"{self.defaults_ci95:.3f} dB, paired difference {self.difference:+.3f} ± {self.difference_ci95:.3f} "
+                f"dB; {verdict}")
+
+
+def budget_fingerprint(base: Params) -> str:
+    """What a verification's result rests on: params.yaml's values (the budget and the defaults) and the code."""
+    import hashlib
+    import json
+
+    values = {k: v for k, v in flatten(base).items() if not k.startswith("mlflow.")}
+    text = json.dumps({"params": values, "code": code_digest("sweep")}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def paired_verdict(trial: int, fingerprint: str, defaults: np.ndarray, winner: np.ndarray) -> Verification:
+    """The verdict from per-image scores of the same validation images: verified when the paired difference's 95%
+    CI lies above zero."""
+    difference, difference_ci = mean_ci95(winner - defaults)
+    (defaults_mean, defaults_ci), (winner_mean, winner_ci) = mean_ci95(defaults), mean_ci95(winner)
+    return Verification(trial, fingerprint, len(defaults), defaults_mean, defaults_ci, winner_mean, winner_ci,
+                        difference, difference_ci, bool(difference - difference_ci > 0))
+
+
+def train_and_score(base: Params, values: dict, folder: Path, run_name: str, run_tags: dict[str, str]) -> np.ndarray:
+    """Train params.yaml + ``values`` into ``folder`` (resuming a run left there) and score its best checkpoint per
+    image on the whole validation split."""
+    from ddim_denoise.training.build import build_trainer
+
+    params = validate_params(with_overrides(base, {**values, "train.out_dir": str(folder / "models"),
+                                                   "train.resume": "auto"}), source="verification params")
+    build_trainer(params, run_name=run_name, run_tags=run_tags, training_dir=folder / "training").fit()
+    clean = to_float(load_split(params.data.prepared_dir, "val")[0])
+    return per_image_scores(folder / "models" / "best.pt", clean, params, steps=1)[0]
+
+
+def verify_trial(study, trial, base: Params, folder: Path) -> Verification:
+    """Retrain ``trial``'s values and params.yaml's defaults at params.yaml's budget, compare them, and store the
+    verdict on the study."""
+    tags = {"sweep.study": study.study_name, "sweep.verify": str(trial.number)}
+    defaults = train_and_score(base, {}, folder / "defaults", "verify-defaults", tags)
+    winner = train_and_score(base, trial.params, folder / f"trial_{trial.number:04d}", f"verify-trial-{trial.number}",
+                             tags)
+    verification = paired_verdict(trial.number, budget_fingerprint(base), defaults, winner)
+    study.set_user_attr(VERIFICATION_ATTR, asdict(verification))
+    return verification
+
+
+def adoption_refusal(study, trial, base: Params) -> str | None:
+    """Why ``trial`` may not be written into params.yaml (one line), or None when a verification under this
+    params.yaml found it better than the defaults."""
+    recorded = study.user_attrs.get(VERIFICATION_ATTR)
+    if not recorded or recorded.get("trial") != trial.number:
+        return (f"trial {trial.number} is not verified: run `{VERIFY_COMMAND}`, which retrains it and the defaults at "
+                "params.yaml's budget, and apply it only if it wins there")
+    verification = Verification(**recorded)
+    if verification.params_fingerprint != budget_fingerprint(base):
+        return (f"trial {trial.number} was verified under another params.yaml or code: run `{VERIFY_COMMAND}` "
+                "again")
+    if not verification.verified:
+        return f"{verification.line()}, so params.yaml keeps its values"
+    return None
