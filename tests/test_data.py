@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import pickle
+import struct
+import tarfile
+import tracemalloc
 
 import numpy as np
 import pytest
 import yaml
 from cifar_fixtures import (
+    cifar_batch_bytes,
     make_cifar_arrays,
     malicious_batch_bytes,
     write_cifar_folder,
@@ -251,6 +256,114 @@ def test_a_pickled_dtype_cannot_rewrite_numpys_internals():
                                  "data_batch_2")
     assert batch[b"data"].dtype is np.dtype("u1") and batch[b"data"].dtype.flags == 0
     assert not np.dtype("u1").hasobject
+
+
+def _refused_within(limit_bytes: int, data_bytes: bytes, match: str) -> None:
+    """Unpickling ``data_bytes`` is refused with a DataError matching ``match``, having allocated under the limit."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=match) as refused:
+            data._unpickle_batch(data_bytes, "data_batch_1")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(refused.value)
+    assert peak < limit_bytes, f"allocated {peak} bytes before refusing"
+
+
+RECONSTRUCT = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+HUGE = 200_000_000  # bytes; numpy reports its allocations to tracemalloc, so building it would show
+
+
+@pytest.mark.parametrize("name, pickled", [
+    ("bytes", b"\x80\x02cbuiltins\nbytes\nJ" + struct.pack("<i", HUGE) + b"\x85R."),
+    ("bytearray", b"\x80\x02c__builtin__\nbytearray\nJ" + struct.pack("<i", HUGE) + b"\x85R."),
+    ("numpy.ndarray", b"\x80\x02cnumpy\nndarray\nJ" + struct.pack("<i", HUGE) + b"\x85U\x02u1\x86R."),
+    ("_reconstruct", b"\x80\x02" + RECONSTRUCT + b"J" + struct.pack("<i", HUGE) + b"\x85U\x02u1\x87R."),
+    ("__setstate__", b"\x80\x02" + RECONSTRUCT + b"K\x00\x85U\x01b\x87R(K\x01J" + struct.pack("<i", HUGE)
+     + b"\x85cnumpy\ndtype\nU\x02u1\x85R\x89U\x02ab\x74b."),
+])
+def test_a_tiny_pickle_cannot_build_a_huge_object(name, pickled):
+    """Under 100 bytes of pickle asking for 200 MB: every constructor the unpickler allows is charged against one
+    batch's worth of bytes before it runs."""
+    assert len(pickled) < 100
+    _refused_within(5_000_000, pickled, rf"refusing to unpickle data_batch_1: it builds .* bytes, more than the "
+                                        rf"\d+ left of the {data.MAX_BATCH_BYTES} one batch may build")
+
+
+def test_containers_and_strings_cannot_multiply_what_the_pickle_holds():
+    """list() of a 1 MB string makes a million objects; str() of a list naming one 1 MB string 50 times renders
+    it 50 times."""
+    text = "x" * 1_000_000
+    _refused_within(10_000_000, pickle.dumps(_Calls(list, (text,)), protocol=4), r"it builds list\('xxx")
+    _refused_within(10_000_000, pickle.dumps(_Calls(str, ([text] * 50,)), protocol=4),
+                    "it converts a list to a scalar or string")
+
+
+class _Calls:
+    def __init__(self, function, args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def test_an_array_filled_again_and_again_from_one_string_is_charged_each_time():
+    """numpy copies a str's latin-1 encoding into each array whose state it is: 100 arrays naming one 1 MB string
+    would build 100 MB from a 1 MB pickle."""
+    state = "a" * 1_000_000
+
+    class ArrayFromString:
+        def __reduce__(self):
+            return np.empty(0).__reduce__()[0], (np.ndarray, (0,), b"b"), (1, (len(state),), np.dtype("u1"), False,
+                                                                          state)
+
+    _refused_within(60_000_000, pickle.dumps([ArrayFromString() for _ in range(100)], protocol=4),
+                    r"it builds an array of shape \(1000000,\) and uint8 of 1000000 bytes, more than the")
+
+
+@pytest.mark.parametrize("pickled, match", [
+    (b"\x80\x04\x8e" + struct.pack("<Q", HUGE) + b"x.", "cannot be read .*expected 200000000 bytes"),  # BINBYTES8
+    (b"\x80\x02Nr" + struct.pack("<I", 25_000_000) + b".", "it stores object 3 at memo index 25000000"),  # LONG_BINPUT
+    (b"\x80\x04" + b"}" * (data.MAX_BATCH_OPCODES + 1) + b".", "it holds more than 200000 opcodes"),
+])
+def test_what_pythons_unpickler_allocates_before_reading_is_refused_first(pickled, match):
+    """A length prefix is allocated before the bytes it announces are read, and a memo index grows the memo table to
+    it (8 bytes an entry: 10 bytes of pickle asked for 400 MB); so each is checked against the data first."""
+    _refused_within(10_000_000, pickled, match)
+
+
+def test_an_oversized_archive_member_is_refused_from_its_header(tmp_path):
+    """The member's declared size is checked before its bytes are read: this one declares 1 GB and holds none."""
+    member = tarfile.TarInfo(f"{data.BATCH_FOLDER}/data_batch_1")
+    member.size = 1_000_000_000
+    (tmp_path / data.ARCHIVE_NAME).write_bytes(gzip.compress(member.tobuf()))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=rf"refusing to unpickle .*data_batch_1: it is 1000000000 bytes, more "
+                                            rf"than the {data.MAX_BATCH_BYTES} of one CIFAR-10 batch"):
+            data.load_source(data.find_source(tmp_path))
+        assert tracemalloc.get_traced_memory()[1] < 5_000_000
+    finally:
+        tracemalloc.stop()
+
+
+def test_an_oversized_batch_file_is_refused_from_its_size(tmp_path):
+    folder = write_cifar_folder(tmp_path)
+    with open(folder / "data_batch_2", "r+b") as f:
+        f.truncate(data.MAX_BATCH_BYTES + 1)  # sparse: nothing written
+    with pytest.raises(DataError, match=rf"data_batch_2: it is {data.MAX_BATCH_BYTES + 1} bytes, more than"):
+        data.load_source(data.find_source(tmp_path))
+
+
+def test_a_full_size_official_batch_fits_the_limits():
+    """10000 images, as in every official batch file, with their labels and file names: read as before."""
+    arrays = make_cifar_arrays(n_train_per_batch=2000, n_test=1)
+    pickled = cifar_batch_bytes(arrays["x_train"], arrays["y_train"], "training batch 1 of 5")
+    images, labels = data._parse_batch(data._unpickle_batch(pickled, "data_batch_1"), "data_batch_1")
+    assert type(images) is np.ndarray and images.shape == (10000, *data.IMAGE_SHAPE)
+    assert np.array_equal(images, arrays["x_train"]) and np.array_equal(labels, arrays["y_train"])
+    assert data.MAX_BATCH_BYTES > len(pickled) > 30_720_000
 
 
 def test_a_prepare_killed_midway_leaves_no_manifest_over_a_mixed_split(tmp_path, monkeypatch):

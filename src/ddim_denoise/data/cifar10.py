@@ -11,7 +11,8 @@ looked for in this order:
 If none is present and ``params.data.download`` is true, the official archive is downloaded with torchvision.
 
 The official batches are pickles, and unpickling runs whatever code the file names. They are therefore read with a
-restricted unpickler that only rebuilds numpy arrays and plain containers; anything else is refused. Every problem
+restricted unpickler that only rebuilds numpy arrays and plain containers, no larger in all than one official
+batch; anything else is refused. Every problem
 with the data (missing, truncated, corrupt, wrong shape, bad labels) is raised as one ``DataError`` line that names
 the file and the fix, never as a traceback from deep inside tarfile, zipfile or pickle.
 """
@@ -23,7 +24,10 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pickle
+import pickletools
+import reprlib
 import shutil
 import subprocess
 import tarfile
@@ -180,20 +184,41 @@ def fetch_data(raw_dir: str | Path, download: bool, dvc_file: str | Path | None 
 # Reading the official pickled batches safely
 
 
-def _numpy_array_reconstructors() -> dict[tuple[str, str], object]:
-    """The globals a pickled ndarray refers to, under the module names old and new numpy write.
+# One official batch: 10000 images of 3072 uint8 values (30,720,000 bytes) plus 10000 labels and file names, ~31 MB
+# on disk. A batch file, and everything its unpickling builds, may take this much and no more: a 48-byte pickle can
+# ask for a 200 MB bytes object, and nothing CIFAR-10 holds needs more. The margin admits a batch re-pickled by
+# Python 3.
+MAX_BATCH_BYTES = 40_000_000
+# An official batch is ~30,000 pickle opcodes (a dict of 10000 labels and 10000 file names). Each opcode may leave an
+# object on the unpickler's stack or memo, so their number bounds the memory they take.
+MAX_BATCH_OPCODES = 200_000
+# What a container constructor may take per item it makes: a pointer and a new small object (a numpy scalar or row
+# view, a one-character string).
+_ITEM_BYTES = 128
 
-    The official batches were pickled by Python 2 with numpy 1.x (``numpy.core.multiarray``); numpy 2 names the same
-    function ``numpy._core.multiarray``. The function itself is taken from numpy's own pickling, so no deprecated
-    module is imported.
-    """
-    reconstruct = np.empty(0).__reduce__()[0]
-    return {
-        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): _builtin_dtype,
-    }
+
+class _Refused(pickle.UnpicklingError):
+    """The pickle asks for something a CIFAR-10 batch never does; the message says what, as ``it ...``."""
+
+
+class _ForbiddenGlobal(_Refused):
+    """The pickle names a global outside the allowlist: it would run code, so it is not a CIFAR-10 batch."""
+
+    def __init__(self, name: str):
+        super().__init__(f"it asks for {name}")
+
+
+class _Budget:
+    """The bytes an unpickling may still build; every allowed constructor charges what it is asked to make first."""
+
+    def __init__(self, limit: int = MAX_BATCH_BYTES):
+        self.left = limit
+
+    def charge(self, nbytes: int, what: str) -> None:
+        if nbytes > self.left:
+            raise _Refused(f"it builds {what} of {nbytes} bytes, more than the {self.left} left of the "
+                           f"{MAX_BATCH_BYTES} one batch may build")
+        self.left -= nbytes
 
 
 def _builtin_dtype(spec: object, align: bool = False, copy: bool = False) -> np.dtype:
@@ -202,30 +227,130 @@ def _builtin_dtype(spec: object, align: bool = False, copy: bool = False) -> np.
     holding object pointers."""
     if isinstance(spec, bytes):  # Python 2 pickles (the official batches) name it in a byte string
         spec = spec.decode("ascii", errors="replace")
-    dtype = np.dtype(spec) if isinstance(spec, str) else None
-    if dtype is None or dtype.kind not in "biuf":
-        raise _ForbiddenGlobal(f"numpy.dtype({spec!r})")
-    return dtype
+    try:
+        dtype = np.dtype(spec) if isinstance(spec, str) else spec if isinstance(spec, np.dtype) else None
+    except TypeError:  # not a type numpy knows
+        dtype = None
+    if dtype is None or dtype.kind not in "biuf" or not dtype.isnative:
+        raise _ForbiddenGlobal(f"numpy.dtype({reprlib.repr(spec)})")
+    return np.dtype(dtype.str)  # numpy's shared instance of a native number type
 
 
-def _plain_builtins() -> dict[tuple[str, str], type]:
-    """Inert container and scalar types only: no open, eval, getattr, __import__ and the like.
+def _array_bytes(shape: object, dtype: np.dtype) -> int:
+    """The bytes an array of ``shape`` and ``dtype`` holds (or would, copied), refusing shapes numpy would misread."""
+    dims = (shape,) if isinstance(shape, int) else shape
+    if not isinstance(dims, (tuple, list)) or not all(type(d) is int and d >= 0 for d in dims):
+        raise _Refused(f"it builds an array of shape {reprlib.repr(shape)}")
+    return math.prod(dims) * dtype.itemsize
 
-    Both module names are listed because overriding ``find_class`` skips pickle's Python 2 name mapping.
+
+class _BoundedArray(np.ndarray):
+    """What the unpickler builds arrays as: pickles fill arrays through ``__setstate__`` (shape, dtype, bytes), and
+    numpy copies those bytes (a str's latin-1 encoding, a byte-swapped dtype), so each state is charged first."""
+
+    _budget: _Budget
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) in (4, 5)):
+            raise _Refused(f"it sets an array's state to a {type(state).__name__}")
+        shape, dtype = state[-4:-2]
+        dtype = _builtin_dtype(dtype)
+        self._budget.charge(_array_bytes(shape, dtype), f"an array of shape {reprlib.repr(shape)} and {dtype}")
+        super().__setstate__(state)
+
+
+def _numpy_array_constructors(budget: _Budget) -> dict[tuple[str, str], object]:
+    """The globals a pickled ndarray refers to, under the module names old and new numpy write, each charging the
+    array it makes to ``budget``.
+
+    The official batches were pickled by Python 2 with numpy 1.x (``numpy.core.multiarray``); numpy 2 names the same
+    function ``numpy._core.multiarray``. The function itself is taken from numpy's own pickling, so no deprecated
+    module is imported. ``numpy.ndarray`` is a function here, not the class: the NEWOBJ opcode, which would call the
+    class's ``__new__`` past any check, takes classes only.
     """
-    names = ("dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int", "float", "complex",
-             "bool")
-    return {(module, name): getattr(builtins, name) for module in ("builtins", "__builtin__") for name in names}
+    numpy_reconstruct = np.empty(0).__reduce__()[0]
+
+    def with_budget(array: _BoundedArray) -> _BoundedArray:
+        array._budget = budget
+        return array
+
+    def ndarray(shape, dtype=float, *buffer_offset_strides_order) -> _BoundedArray:
+        dtype = _builtin_dtype(np.dtype(float) if dtype is float else dtype)
+        budget.charge(_array_bytes(shape, dtype), f"numpy.ndarray({reprlib.repr(shape)}, {dtype})")
+        return with_budget(_BoundedArray(shape, dtype, *buffer_offset_strides_order))
+
+    def reconstruct(subtype, shape, dtype) -> _BoundedArray:
+        if subtype is not ndarray:
+            raise _ForbiddenGlobal(f"an array of type {reprlib.repr(subtype)}")
+        dtype = _builtin_dtype(dtype)
+        budget.charge(_array_bytes(shape, dtype), f"an array of shape {reprlib.repr(shape)} and {dtype}")
+        return with_budget(numpy_reconstruct(_BoundedArray, shape, dtype))
+
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy", "ndarray"): ndarray,
+        ("numpy", "dtype"): _builtin_dtype,
+    }
 
 
-class _ForbiddenGlobal(pickle.UnpicklingError):
-    """The pickle names a global outside the allowlist: it would run code, so it is not a CIFAR-10 batch."""
+def _items(value: object, constructor: str) -> int:
+    """At least the number of items (bytes, characters, elements) a constructor makes from ``value``."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (str, bytes, bytearray, list, tuple, dict, set, frozenset)):
+        return len(value)
+    raise _Refused(f"it calls {constructor}() on a {type(value).__name__}")
+
+
+def _bytes_cost(source: object = b"", *encoding_errors) -> int:
+    """``bytes(n)`` is n zero bytes; a str encodes to up to 4 bytes a character."""
+    if type(source) is int:
+        return source
+    return _items(source, "bytes") * (4 if isinstance(source, str) else 1)
+
+
+def _container_cost(iterable: object = (), *_) -> int:
+    return _ITEM_BYTES * _items(iterable, "a container")
+
+
+def _scalar_cost(*args) -> int:
+    """Numbers and text only (its size is in the pickle already): ``str`` of a list of a million references to one
+    large string would render it a million times."""
+    if not all(isinstance(arg, (str, bytes, int, float, complex)) for arg in args):
+        raise _Refused(f"it converts a {', '.join(type(arg).__name__ for arg in args)} to a scalar or string")
+    return 4 * sum(len(arg) for arg in args if isinstance(arg, (str, bytes)))
+
+
+def _plain_builtins(budget: _Budget) -> dict[tuple[str, str], object]:
+    """Inert container and scalar types only (no open, eval, getattr, __import__ and the like), each charging what it
+    makes to ``budget``: ``bytes(200_000_000)`` is a few opcodes.
+
+    Both module names are listed because overriding ``find_class`` skips pickle's Python 2 name mapping. Like
+    ``numpy.ndarray``, each is a function, so no pickle reaches a type's ``__new__`` unchecked.
+    """
+
+    def charged(constructor: type, cost):
+        def construct(*args):
+            budget.charge(cost(*args), f"{constructor.__name__}({', '.join(map(reprlib.repr, args))})")
+            return constructor(*args)
+
+        return construct
+
+    costs = {"bytes": _bytes_cost, "bytearray": _bytes_cost, "str": _scalar_cost, "int": _scalar_cost,
+             "float": _scalar_cost, "complex": _scalar_cost, "bool": _scalar_cost, "dict": _container_cost,
+             "list": _container_cost, "tuple": _container_cost, "set": _container_cost, "frozenset": _container_cost}
+    return {(module, name): charged(getattr(builtins, name), cost)
+            for module in ("builtins", "__builtin__") for name, cost in costs.items()}
 
 
 class _CifarBatchUnpickler(pickle.Unpickler):
-    """An unpickler that can rebuild a CIFAR-10 batch (a dict of numpy arrays, lists and strings) and nothing else."""
+    """An unpickler that can rebuild a CIFAR-10 batch (a dict of numpy arrays, lists and strings) and nothing else,
+    nor anything larger than one."""
 
-    _allowed = {**_numpy_array_reconstructors(), **_plain_builtins()}
+    def __init__(self, file: IO[bytes], budget: _Budget):
+        super().__init__(file, encoding="bytes")
+        self._allowed = {**_numpy_array_constructors(budget), **_plain_builtins(budget)}
 
     def find_class(self, module: str, name: str):
         try:
@@ -234,15 +359,42 @@ class _CifarBatchUnpickler(pickle.Unpickler):
             raise _ForbiddenGlobal(f"{module}.{name}") from None
 
     def persistent_load(self, pid):
-        raise _ForbiddenGlobal(f"persistent id {pid!r}")
+        raise _ForbiddenGlobal(f"persistent id {reprlib.repr(pid)}")
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Refuse, before unpickling, what Python's unpickler would allocate for without reading: a length prefix
+    larger than the bytes that follow (it allocates the length first), a memo index beyond the objects seen so far
+    (it grows its memo table to the index), or more opcodes than a batch has. Truncation raises ValueError."""
+    for count, (opcode, arg, _) in enumerate(pickletools.genops(data), start=1):
+        if count > MAX_BATCH_OPCODES:
+            raise _Refused(f"it holds more than {MAX_BATCH_OPCODES} opcodes")
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg < count:
+            raise _Refused(f"it stores object {count} at memo index {arg}")
+
+
+def check_batch_size(size: int, where: str) -> None:
+    """Refuse a batch file larger than an official one before reading it."""
+    if size > MAX_BATCH_BYTES:
+        raise DataError(f"refusing to unpickle {where}: it is {size} bytes, more than the {MAX_BATCH_BYTES} of one "
+                        f"CIFAR-10 batch; replace it with the official {ARCHIVE_NAME}")
 
 
 def _unpickle_batch(data: bytes, where: str) -> object:
+    check_batch_size(len(data), where)
     try:
-        return _CifarBatchUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except _ForbiddenGlobal as e:
-        raise DataError(f"refusing to unpickle {where}: it asks for {e}, so it is not a CIFAR-10 batch; "
+        _check_opcodes(data)
+        batch = _CifarBatchUnpickler(io.BytesIO(data), _Budget()).load()
+    except _Refused as e:
+        raise DataError(f"refusing to unpickle {where}: {e}, so it is not a CIFAR-10 batch; "
                         f"replace it with the official {ARCHIVE_NAME}") from None
+    except (ValueError, pickle.UnpicklingError) as e:  # a length beyond the end, an unknown opcode, no STOP...
+        raise DataError(f"{where}: cannot be read ({_one_line(e)}): the file is truncated or corrupt; "
+                        "replace it with a good copy") from None
+    if isinstance(batch, dict):  # the arrays as plain numpy arrays, their unpickling done
+        batch = {key: value.view(np.ndarray) if isinstance(value, _BoundedArray) else value
+                 for key, value in batch.items()}
+    return batch
 
 
 def _field(batch: dict, key: str, where: str):
@@ -310,6 +462,7 @@ def _load_tar(path: Path) -> Cifar10:
             if name is None or not member.isfile():
                 continue
             where = f"{path}:{member.name}"
+            check_batch_size(member.size, where)  # the size its header declares, before reading it
             data = _read_member(tar.extractfile(member))
             batches[name] = _parse_batch(_unpickle_batch(data, where), where)
     return _assemble_batches(batches, path)
@@ -327,6 +480,7 @@ def _load_folder(folder: Path) -> Cifar10:
     for name in BATCH_NAMES:
         path = folder / name
         if path.is_file():
+            check_batch_size(path.stat().st_size, str(path))
             with _reading(path):
                 batches[name] = _parse_batch(_unpickle_batch(path.read_bytes(), str(path)), str(path))
     return _assemble_batches(batches, folder)
