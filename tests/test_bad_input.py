@@ -92,6 +92,18 @@ def test_train_lists_every_params_problem_in_one_line_before_any_work(workspace)
     assert not (root / "models").exists() and not (root / "training").exists() and not (root / "unused.db").exists()
 
 
+def test_an_inductor_setting_torch_lacks_stops_train_at_the_params(workspace):
+    """Checked against torch._inductor.config with the rest of params.yaml, not when the first step compiles."""
+    root, _ = workspace
+    text = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text.replace("  inductor:\n", "  inductor:\n    no_such_key: true\n"))
+    line = one_error_line(CliRunner().invoke(app, ["train"]))
+    assert line == ("error: params.yaml: 1 problem(s): train.inductor: Value error, torch._inductor.config has no "
+                    "no_such_key; see that module for its keys")
+    assert not (root / "models").exists() and not (root / "training").exists()
+    assert validate_params({"train": {"inductor": {}}}).train.inductor == {}  # an empty mapping imports nothing
+
+
 @pytest.mark.parametrize("command", [["train"], ["train", "--nproc-per-node", "2"], ["prepare"], ["fetch-data"],
                                      ["evaluate"], ["report"]])
 def test_every_command_reads_params_the_same_way(workspace, command):
@@ -107,6 +119,7 @@ def test_every_command_reads_params_the_same_way(workspace, command):
     ("eval.sigmas=[0, 1.5]", "eval.sigmas: Value error, every sigma must lie in (0, 1]"),
     ("train.lr", "expected KEY=VALUE"),
     ("train.lr.x=1", "train.lr.x: train.lr is a value, not a section"),  # was a TypeError traceback
+    ("train.inductor={no_such_key: true}", "train.inductor: Value error, torch._inductor.config has no no_such_key"),
 ])
 def test_bad_overrides_are_one_line(workspace, override, message):
     assert message in one_error_line(CliRunner().invoke(app, ["train", "-S", override]))

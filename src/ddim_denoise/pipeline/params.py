@@ -105,6 +105,16 @@ class TrainConfig(_Section):
     max_minutes: float | None = Field(gt=0)
     init_from: str | None  # start from this checkpoint's EMA weights (fine-tuning); optimizer starts fresh
 
+    @field_validator("inductor")
+    @classmethod
+    def _inductor_settings_exist(cls, settings: dict) -> dict:
+        # A misspelt key would otherwise fail at the first compiled step, on the GPU box, after minutes of work.
+        if settings:  # torch's Inductor config takes a second to import: not for an empty mapping
+            from ddim_denoise.pipeline.runtime import check_inductor_settings
+
+            check_inductor_settings(settings)
+        return settings
+
     @model_validator(mode="after")
     def _lr_schedule_makes_sense(self) -> "TrainConfig":
         # Both were accepted before and ran without a word: an LR that rose during its "decay", or never peaked.

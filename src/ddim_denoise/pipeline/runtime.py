@@ -116,14 +116,17 @@ def resolve_compile_mode(mode: str, device: torch.device, world: int) -> str:
     return mode
 
 
-def check_inductor_settings(settings: dict, where: str, error: type[Exception] = ValueError) -> dict:
+def check_inductor_settings(settings: dict, where: str = "", error: type[Exception] = ValueError) -> dict:
     """``settings`` for torch._inductor.config, or a one-line ``error`` naming the keys it does not have: a misspelt
-    key would otherwise fail at the first step, on the GPU box, after a minute of compiling."""
+    key would otherwise fail at the first step, on the GPU box, after a minute of compiling. Params validation
+    (``train.inductor``) and ``benchmarks/train_speed.py --inductor`` call it."""
     import torch._inductor.config as inductor_config  # imported on demand: a second or more
 
     unknown = [key for key in settings if not hasattr(inductor_config, key)]
     if unknown:
-        raise error(f"{where}: torch._inductor.config has no {', '.join(unknown)}; see that module for its keys")
+        prefix = f"{where}: " if where else ""
+        raise error(f"{prefix}torch._inductor.config has no {', '.join(map(str, unknown))}; see that module for its "
+                    "keys")
     return settings
 
 

@@ -23,7 +23,6 @@ from ddim_denoise.pipeline.files import TRAINING_DIR
 from ddim_denoise.pipeline.params import Params, ParamsError, TrainConfig
 from ddim_denoise.pipeline.runtime import (
     Precision,
-    check_inductor_settings,
     configure_cudnn,
     device_name,
     resolve_channels_last,
@@ -78,13 +77,12 @@ class Runtime:
 
 
 def resolve_runtime(cfg: TrainConfig, world: int) -> Runtime:
-    """``train.*``'s device, AMP, memory format and compile settings resolved for this machine; the Inductor
-    settings are checked on a CPU too, before the run meets a GPU."""
+    """``train.*``'s device, AMP, memory format and compile settings resolved for this machine (the Inductor
+    settings were checked with the params)."""
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.amp, device)
     channels_last = resolve_channels_last(cfg.channels_last, device)
     compile_mode = resolve_compile_mode(cfg.compile_mode, device, world) if resolve_compile(cfg.compile, device) else None
-    check_inductor_settings(cfg.inductor, "train.inductor", ParamsError)
     runtime = Runtime(device, device_name(device), precision, channels_last, compile_mode)
     configure_cudnn(device, cfg.cudnn_benchmark)
     return runtime
