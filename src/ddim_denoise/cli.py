@@ -43,14 +43,15 @@ def user_errors(fn):
 
 
 def parse_overrides(items: Optional[list[str]]) -> dict[str, object]:
-    import yaml
+    from ddim_denoise.pipeline.params import parse_yaml
 
     overrides = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
-        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""  # `key=` is the empty string
+        # `key=` is the empty string
+        overrides[key.strip()] = parse_yaml(value, f"--set {item!r}", UserError) if value.strip() else ""
     return overrides
 
 

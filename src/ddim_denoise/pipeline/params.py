@@ -182,15 +182,40 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message lists every problem."""
 
 
+def one_line(text: object) -> str:
+    """``text`` with its line breaks and runs of blanks as single spaces: YAML's and pydantic's messages quote the
+    input over several lines, and an error is one line."""
+    return " ".join(str(text).split())
+
+
+def parse_yaml(text: str, where: str, error: type[Exception]) -> object:
+    """``text`` read as YAML by the safe loader (plain data only, never an object a tag names); every way it can fail
+    is one ``error`` line naming ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise error(f"{where}: not valid YAML ({one_line(e)})") from None
+    except ValueError as e:  # an integer of more digits than Python converts (4300)
+        raise error(f"{where}: not valid YAML ({one_line(e)})") from None
+    except RecursionError:
+        raise error(f"{where}: not valid YAML (nested too deeply)") from None
+
+
 def read_yaml_mapping(path: str | Path, error: type[ValueError], missing_hint: str, expected: str) -> dict:
     """A YAML file that must hold a mapping; every way it can fail is one ``error`` line naming the file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        data = path.read_bytes()
     except FileNotFoundError:
         raise error(f"{path}: not found; {missing_hint}") from None
-    except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML ({e})") from None
+    except OSError as e:  # a folder, no permission
+        raise error(f"{path}: cannot be read ({one_line(e.strerror)})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save it as "
+                    "UTF-8") from None
+    raw = parse_yaml(text, str(path), error) or {}
     if not isinstance(raw, dict):
         raise error(f"{path}: must be {expected}, got {type(raw).__name__}")
     return raw
@@ -207,7 +232,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, object] |
 @functools.cache
 def _read_defaults(path: Path) -> dict:
     defaults = read_yaml_mapping(path, ParamsError, "reinstall the package", "a mapping")
-    defaults.pop("defaults")  # Hydra's defaults list: which profile DVC composes in
+    defaults.pop("defaults", None)  # Hydra's defaults list: which profile DVC composes in
     return defaults
 
 
@@ -237,7 +262,7 @@ def validate_params(raw: dict, source: str = "params") -> Params:
         problems: dict[str, list[str]] = {}  # one entry per key: a union's branches (e.g. 'auto' or an int) each fail
         for err in e.errors():
             problems.setdefault(_params_key(err["loc"]), []).append(err["msg"])
-        text = "; ".join(f"{key}: {_either(messages)}" for key, messages in problems.items())
+        text = one_line("; ".join(f"{key}: {_either(messages)}" for key, messages in problems.items()))
         raise ParamsError(f"{source}: {len(problems)} problem(s): {text}") from None
 
 
@@ -247,7 +272,7 @@ def _params_key(loc: tuple) -> str:
     for part in loc:
         if model is None and not isinstance(part, int):  # below a leaf key: a list index stays, a branch tag goes
             break
-        key.append(str(part))
+        key.append(str(part) if str(part).isprintable() else repr(part))  # a key holding a line break stays visible
         field = model.model_fields.get(part) if model is not None else None  # None: a misspelt key, or a list item
         annotation = field.annotation if field is not None else None
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
@@ -270,7 +295,7 @@ def set_dotted(tree: dict, dotted_key: str, value: object) -> None:
         node = node[key]
         if not isinstance(node, dict):
             section = ".".join(parents[:depth + 1])
-            raise ParamsError(f"{dotted_key}: {section} is a value, not a section: set {section} itself")
+            raise ParamsError(one_line(f"{dotted_key}: {section} is a value, not a section: set {section} itself"))
     node[leaf] = value
 
 
