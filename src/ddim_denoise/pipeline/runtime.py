@@ -122,11 +122,10 @@ def check_inductor_settings(settings: dict, where: str = "", error: type[Excepti
     (``train.inductor``) and ``benchmarks/train_speed.py --inductor`` call it."""
     import torch._inductor.config as inductor_config  # imported on demand: a second or more
 
-    unknown = [key for key in settings if not hasattr(inductor_config, key)]
+    unknown = [key if key.isidentifier() else repr(key) for key in settings if not hasattr(inductor_config, key)]
     if unknown:
         prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}torch._inductor.config has no {', '.join(map(str, unknown))}; see that module for its "
-                    "keys")
+        raise error(f"{prefix}torch._inductor.config has no {', '.join(unknown)}; see that module for its keys")
     return settings
 
 
