@@ -192,6 +192,42 @@ def test_pyfunc_model_logs_registers_loads_and_denoises(mlflow_store, checkpoint
             model.predict(bad_frame)
 
 
+def test_the_evaluated_model_is_logged_as_code_with_exactly_pinned_requirements(mlflow_store, checkpoint):
+    """What evaluate logs into the training's run (its only model): loading it unpickles nothing, and serving it in a
+    fresh environment installs pinned versions only, never a package named ddim-denoise from an index."""
+    import mlflow
+    import yaml
+
+    from ddim_denoise.serving.pyfunc import log_evaluated_model
+
+    run_id = mlflow.MlflowClient().create_run(mlflow_store["experiment_id"]).info.run_id
+    info = log_evaluated_model(checkpoint, run_id, None, {"test_psnr": 30.0})  # logged, not registered
+    assert info.registered_model_version is None and mlflow.get_run(run_id).data.metrics["test_psnr"] == 30.0
+    folder = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    flavors = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]
+    assert set(flavors) == {"python_function"}  # no pytorch flavour (a pickled nn.Module)
+    pyfunc = flavors["python_function"]
+    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert Path(pyfunc["model_code_path"]).name == "pyfunc_model.py"
+    assert "python_model" not in pyfunc and not list(folder.rglob("*.pkl"))  # a cloudpickled PythonModel's marks
+    assert (folder / "code" / "ddim_denoise" / "serving" / "pyfunc.py").is_file()  # the package travels with it
+    requirements = (folder / "requirements.txt").read_text().split()
+    conda_pip = next(d["pip"] for d in yaml.safe_load((folder / "conda.yaml").read_text())["dependencies"]
+                     if isinstance(d, dict))
+    for requirement in (*requirements, *conda_pip):
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][0-9A-Za-z.]*", requirement), requirement
+        assert requirement.split("==")[0].lower().replace("_", "-") != "ddim-denoise", requirement
+    assert "scipy" in {r.split("==")[0] for r in requirements}  # denoising/clipping.py imports it
+
+
+def test_a_serving_requirement_that_is_not_installed_is_refused_not_left_unpinned(monkeypatch):
+    from ddim_denoise.serving import pyfunc
+
+    monkeypatch.setattr(pyfunc, "SERVING_REQUIREMENTS", ("numpy", "no-such-distribution-here"))
+    with pytest.raises(RuntimeError, match="no-such-distribution-here is not installed"):
+        pyfunc.serving_requirements()
+
+
 def test_denoise_command_takes_the_checkpoint_from_a_run_or_a_registered_model(mlflow_store, checkpoint, tmp_path):
     import mlflow
 

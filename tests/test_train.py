@@ -303,23 +303,18 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_training_goes_on(workspac
     assert not all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
 
 
-def test_final_ema_model_is_logged_to_mlflow_and_loads_back(workspace):
+def test_training_logs_no_model_of_its_own(workspace):
+    """The run's model is the code-based pyfunc that evaluate logs into it (mlflow.log_model); training once logged a
+    pickled nn.Module there, which loading would have unpickled."""
     import mlflow
-    import mlflow.pytorch
 
     params = workspace.model_copy(deep=True)
     params.train.epochs = 1
     params.mlflow.log_model = True
-    trainer = build_trainer(params)
-    summary = trainer.fit()
-    models = mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name("ddim-denoise").experiment_id],
-                                         output_format="list")
-    logged = [m for m in models if m.source_run_id == summary["mlflow_run_id"] and m.name == "model"]
-    assert len(logged) == 1 and str(logged[0].status).endswith("READY")
-    loaded = mlflow.pytorch.load_model(logged[0].model_uri)
-    x, sigma = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([0.2, 0.6])
-    with torch.no_grad():
-        assert torch.allclose(loaded(x, sigma), trainer.ema.model(x, sigma), atol=1e-5)
+    summary = build_trainer(params).fit()
+    experiment = mlflow.get_experiment_by_name("ddim-denoise").experiment_id
+    assert mlflow.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    assert mlflow.search_logged_models(experiment_ids=[experiment], output_format="list") == []
 
 
 @pytest.mark.parametrize("setting, memory_format", [(False, torch.contiguous_format), (True, torch.channels_last),

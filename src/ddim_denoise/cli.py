@@ -154,10 +154,10 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
     files = [out / name for name in (METRICS_FILE, TABLE_FILE, GRID_FILE) if (out / name).is_file()]
     metrics = mlflow_metrics(table, mlflow_prefix)
     run_id = log_to_training_run(cfg, metrics, tuple((f, out.name) for f in files))
-    if run_id and cfg.mlflow.registered_model:
-        from ddim_denoise.serving.pyfunc import register_evaluated_model
+    if run_id and cfg.mlflow.log_model:
+        from ddim_denoise.serving.pyfunc import log_evaluated_model
 
-        register_evaluated_model(checkpoint, run_id, cfg.mlflow.registered_model, metrics)
+        log_evaluated_model(checkpoint, run_id, cfg.mlflow.registered_model or None, metrics)
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 

@@ -161,9 +161,9 @@ class ReportConfig(_Section):
 
 class MlflowConfig(_Section):
     experiment: str
-    log_model: bool
+    log_model: bool  # evaluate logs the evaluated model into the training's run (training logs none)
     log_checkpoints: bool  # periodic checkpoints as they are written, the best one at the end
-    registered_model: str  # evaluate registers the model under this name; "" = do not register
+    registered_model: str  # and registers it under this name (when log_model); "" = log only
 
 
 class Params(_Section):

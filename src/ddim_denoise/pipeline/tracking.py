@@ -298,7 +298,7 @@ def start_run(experiment: str, run_name: str | None = None, run_id: str | None =
 
 @contextlib.contextmanager
 def active_run(run: SafeRun):
-    """Make ``run`` the active fluent run (for mlflow.pytorch.log_model and friends); tolerant of failures."""
+    """Make ``run`` the active fluent run (for mlflow.pyfunc.log_model and friends); tolerant of failures."""
     import mlflow
 
     if run.run_id is None:

@@ -54,9 +54,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEFAULT_MODEL_NAME = "denoiser"  # the model's name inside the run
-# distributions the model needs at serving time, pinned to the versions it was logged with
-SERVING_REQUIREMENTS = ("torch", "numpy", "pandas", "pillow", "imagecodecs", "tifffile", "scikit-image", "PyWavelets",
-                        "pydantic", "pyyaml", "mlflow")
+# The distributions the package's code imports while the model loads and predicts, pinned to the versions it was
+# logged with (``serving_requirements``). The package itself travels as code (``code_paths``), never as a
+# requirement: a name on a package index is anyone's to publish.
+SERVING_REQUIREMENTS = ("torch", "numpy", "scipy", "pandas", "pillow", "imagecodecs", "tifffile", "pydantic", "pyyaml",
+                        "mlflow")
 
 
 def model_signature():
@@ -225,12 +227,15 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
 
 
 def serving_requirements() -> list[str]:
+    """``name==version`` of each of ``SERVING_REQUIREMENTS`` as installed here (a local version label such as
+    torch's ``+cpu`` dropped: package indexes do not carry it). Raises when one is not installed: a requirement
+    without its version would install whatever the index holds under that name."""
     pins = []
     for name in SERVING_REQUIREMENTS:
         try:
             pins.append(f"{name}=={metadata.version(name).split('+')[0]}")
         except metadata.PackageNotFoundError:
-            pins.append(name)
+            raise RuntimeError(f"{name} is not installed here, so its version cannot be pinned; install it") from None
     return pins
 
 
@@ -263,11 +268,12 @@ def log_pyfunc_model(checkpoint_path: str | Path, registered_model_name: str | N
     return info
 
 
-def register_evaluated_model(checkpoint_path: str | Path, run_id: str, registered_model_name: str,
-                             metrics: dict[str, float] | None = None):
-    """Log the evaluated checkpoint's EMA weights as a pyfunc model into the training's run and register it as a
-    new version of ``registered_model_name`` with its test metrics. Never raises: a registry failure is a warning
-    (the evaluation's own files and metrics already stand)."""
+def log_evaluated_model(checkpoint_path: str | Path, run_id: str, registered_model_name: str | None,
+                        metrics: dict[str, float] | None = None):
+    """Log the evaluated checkpoint's EMA weights as a pyfunc model into the training's run, with its test metrics,
+    and register it as a new version of ``registered_model_name`` unless that is None. This is the training run's
+    only model: training logs none of its own. Never raises: a failure is a warning (the evaluation's own files and
+    metrics already stand)."""
     import tempfile
 
     from ddim_denoise.pipeline.checkpoint import load_checkpoint, save_checkpoint
@@ -281,8 +287,9 @@ def register_evaluated_model(checkpoint_path: str | Path, run_id: str, registere
             weights = Path(tmp) / "best.pt"  # EMA weights and params only: no optimizer state to ship
             save_checkpoint(weights, {"params": state["params"], "epoch": state.get("epoch"), "ema": state["ema"]})
             info = log_pyfunc_model(weights, registered_model_name=registered_model_name, metrics=metrics)
-            log.info("registered %s version %s", registered_model_name, info.registered_model_version)
+            if registered_model_name:
+                log.info("registered %s version %s", registered_model_name, info.registered_model_version)
             return info
     except Exception as e:
-        log.warning("model not registered in MLflow (%s: %s)", type(e).__name__, e)
+        log.warning("model not logged to MLflow (%s: %s)", type(e).__name__, e)
         return None

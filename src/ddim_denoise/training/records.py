@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from ddim_denoise.pipeline import tracking
 from ddim_denoise.pipeline.checkpoint import atomic_write_text
@@ -84,8 +81,8 @@ class RunRecords:
             self.run.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
             self.run.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
 
-    def finish(self, summary: dict, history: History, ema_model: torch.nn.Module, step: int) -> None:
-        """Write summary.json and the histories; upload them, best.pt and the EMA model; close the run."""
+    def finish(self, summary: dict, history: History, step: int) -> None:
+        """Write summary.json and the histories; upload them and best.pt; close the run."""
         atomic_write_text(self.training_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         history.write(self.training_dir)
         if not self.run or self.run.run_id is None:
@@ -100,21 +97,6 @@ class RunRecords:
         self.run.log_artifacts(self.training_dir, "training")
         if self.params.mlflow.log_checkpoints and (self.out_dir / BEST_CHECKPOINT).is_file():
             self.run.log_artifact(self.out_dir / BEST_CHECKPOINT, "checkpoints")
-        if self.params.mlflow.log_model:
-            self._log_model(ema_model)
+        # No model is logged here: evaluate logs the evaluated checkpoint into this run as a code-based pyfunc model
+        # (mlflow.log_model), the one form that loading cannot turn into running pickled code.
         self.run.finish()
-
-    def _log_model(self, ema_model: torch.nn.Module) -> None:
-        try:
-            import mlflow.pytorch
-
-            with tracking.active_run(self.run) as active:
-                if active is not None:
-                    mlflow.pytorch.log_model(copy.deepcopy(ema_model).cpu().float(), name="model",
-                                             pip_requirements=["torch", "ddim-denoise"],
-                                             # pt2 (torch.export) needs single-tensor signatures; forward takes
-                                             # (y, sigma). The pickle-free, servable model is the pyfunc that
-                                             # evaluate registers.
-                                             serialization_format="pickle")
-        except Exception as e:  # the run's other records stand; a model upload failure is not fatal
-            log.warning("could not log the model to MLflow (%s: %s)", type(e).__name__, e)

@@ -301,7 +301,7 @@ class Trainer:
             raise
         summary = self._summary(n_params)
         if self.is_main:
-            self.records.finish(summary, self.history, self.ema.model, self.step)
+            self.records.finish(summary, self.history, self.step)
         return summary
 
     def _train_epoch_or_explain_oom(self, data: torch.Tensor) -> float:
