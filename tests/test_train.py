@@ -1,6 +1,8 @@
 import itertools
 import json
+import logging
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +141,26 @@ def test_interrupted_run_resumes_to_the_same_state(workspace, tmp_path):
     # The resumed run continued the same MLflow run.
     assert a["mlflow_run_id"] != b["mlflow_run_id"]
     assert b["mlflow_run_id"] == load_checkpoint("resumed/epoch_0001.pt")["mlflow_run_id"]
+
+
+def test_a_fresh_run_removes_an_earlier_runs_periodic_checkpoints_and_a_resume_keeps_its_own(workspace, caplog):
+    """train.out_dir persists between runs (a DVC output with persist: true): a new run must not leave the previous
+    run's epoch_*.pt beside its own."""
+    def crash_after_epoch_1(epoch, metrics):
+        raise RuntimeError("simulated crash")
+
+    def periodic() -> list[str]:
+        return sorted(path.name for path in Path("models").glob("epoch_*.pt"))
+
+    with caplog.at_level(logging.INFO, logger=resume_module.__name__):
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            build_trainer(with_train(workspace, epochs=2), on_epoch_end=crash_after_epoch_1).fit()
+        build_trainer(with_train(workspace, epochs=2)).fit()  # a resume: epoch 1's checkpoint is its own
+        assert periodic() == ["epoch_0001.pt", "epoch_0002.pt"] and "removed" not in caplog.text
+        build_trainer(with_train(workspace, epochs=1, lr=5e-4)).fit()  # other params: a fresh run
+    assert periodic() == ["epoch_0001.pt"] and load_checkpoint("models/epoch_0001.pt")["params"]["train"]["lr"] == 5e-4
+    removed = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]
+    assert len(removed) == 1 and "removed 2 periodic checkpoint(s) of an earlier run" in removed[0], removed
 
 
 def test_changed_params_start_a_new_run(workspace):

@@ -12,6 +12,13 @@ MANIFEST_FILE = "manifest.json"  # in data.prepared_dir: what prepare made, and 
 
 BEST_CHECKPOINT = "best.pt"  # in train.out_dir: the EMA weights of the best validation epoch
 LAST_CHECKPOINT = "last.pt"  # in train.out_dir: the whole state of the last finished epoch, for resuming
+EPOCH_CHECKPOINTS = "epoch_*.pt"  # in train.out_dir: the periodic checkpoints (epoch_checkpoint names each)
+
+
+def epoch_checkpoint(epoch: int) -> str:
+    """The periodic checkpoint of ``epoch``: ``epoch_0012.pt``."""
+    return f"epoch_{epoch:04d}.pt"
+
 
 TRAINING_DIR = Path("training")  # the training's records, small enough for git
 SUMMARY_FILE = "summary.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import subprocess
@@ -10,7 +11,14 @@ from pathlib import Path
 
 from ddim_denoise.pipeline import tracking
 from ddim_denoise.pipeline.checkpoint import atomic_write_text
-from ddim_denoise.pipeline.files import BEST_CHECKPOINT, LAST_CHECKPOINT, STEPS_FILE, SUMMARY_FILE, VAL_FILE
+from ddim_denoise.pipeline.files import (
+    BEST_CHECKPOINT,
+    EPOCH_CHECKPOINTS,
+    LAST_CHECKPOINT,
+    STEPS_FILE,
+    SUMMARY_FILE,
+    VAL_FILE,
+)
 from ddim_denoise.pipeline.params import Params, flatten
 
 log = logging.getLogger(__name__)
@@ -73,7 +81,7 @@ class RunRecords:
         self.run.log_metrics(metrics, step=step)
         if self.params.mlflow.log_checkpoints:
             for name in checkpoint_names:
-                if name.startswith("epoch_"):
+                if fnmatch.fnmatch(name, EPOCH_CHECKPOINTS):
                     self.run.log_artifact(self.out_dir / name, "checkpoints")
 
     def failed(self, error: BaseException) -> None:

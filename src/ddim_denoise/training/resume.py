@@ -17,7 +17,7 @@ import torch
 
 from ddim_denoise.pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddim_denoise.pipeline.errors import TrainingError
-from ddim_denoise.pipeline.files import LAST_CHECKPOINT
+from ddim_denoise.pipeline.files import EPOCH_CHECKPOINTS, LAST_CHECKPOINT
 from ddim_denoise.pipeline.params import Params, flatten
 from ddim_denoise.pipeline.stage_code import code_digest
 from ddim_denoise.training.records import History
@@ -76,6 +76,19 @@ def prepare_output_folders(out_dir: Path, training_dir: Path) -> None:
     for stale in out_dir.glob(f".*{STALE_WRITE_SUFFIX}"):
         log.info("removing %s, left by a checkpoint write that was interrupted", stale)
         stale.unlink(missing_ok=True)
+
+
+def remove_stale_epoch_checkpoints(out_dir: Path) -> int:
+    """Delete the periodic checkpoints (``epoch_*.pt``) an earlier run left in ``out_dir``; return how many. For a
+    run that starts fresh: ``train.out_dir`` is a persisted DVC output, so they would otherwise stay beside this
+    run's own, and be cached as its output, with nothing but their dates to tell them apart."""
+    stale = sorted(out_dir.glob(EPOCH_CHECKPOINTS))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("a new run: removed %d periodic checkpoint(s) of an earlier run from %s/ (%s%s)", len(stale),
+                 out_dir, ", ".join(p.name for p in stale[:3]), ", ..." if len(stale) > 3 else "")
+    return len(stale)
 
 
 def training_state(trainer: Trainer) -> dict:

@@ -28,7 +28,7 @@ from ddim_denoise.core.schedule import NoiseSchedule
 from ddim_denoise.core.unet import count_parameters
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.pipeline.errors import TrainingError
-from ddim_denoise.pipeline.files import BEST_CHECKPOINT, LAST_CHECKPOINT
+from ddim_denoise.pipeline.files import BEST_CHECKPOINT, LAST_CHECKPOINT, epoch_checkpoint
 from ddim_denoise.pipeline.params import Params
 from ddim_denoise.pipeline.runtime import compile_context
 from ddim_denoise.training import guards, resume
@@ -262,6 +262,8 @@ class Trainer:
     def fit(self) -> dict:
         run_id = self.try_resume()
         if self.is_main:
+            if self.epoch == 0:  # a fresh run, not a resume: the periodic checkpoints there are an earlier run's
+                resume.remove_stale_epoch_checkpoints(self.out_dir)
             self._start_tracking(run_id)
         data = torch.from_numpy(self.train_x)
         if self.device.type == "cuda":
@@ -319,7 +321,7 @@ class Trainer:
     def _end_of_epoch(self, metrics: dict) -> None:
         names = []
         if self.epoch % self.cfg.checkpoint_every == 0:
-            names.append(f"epoch_{self.epoch:04d}.pt")
+            names.append(epoch_checkpoint(self.epoch))
         new_best = metrics.get("val_psnr_mean", -math.inf) > self.best_psnr
         if new_best:
             self.best_psnr, self.best_epoch = metrics["val_psnr_mean"], self.epoch
