@@ -30,8 +30,10 @@ from cli_workspace import (
 from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
+from ddim_denoise.pipeline import tracking
 from ddim_denoise.pipeline.checkpoint import load_checkpoint
 from ddim_denoise.pipeline.errors import TrainingError
+from ddim_denoise.pipeline.unsent_metrics import UnsentMetrics, unsent_metrics_file
 from ddim_denoise.training.build import build_trainer
 
 BATCH, EPOCHS = 8, 12
@@ -260,9 +262,61 @@ def test_tracking_server_down_mid_run_buffers_and_replays(workspace, monkeypatch
         assert any("buffered entries were sent" in w for w in warnings)
         assert sorted(m.step for m in losses) == list(range(1, result["steps"] + 1))
         assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
-    else:  # MLflow holds what came before the outage; training/ still holds every point
+        assert not list((root / "models").glob("mlflow_unsent_*"))
+    else:  # MLflow holds what came before the outage; training/ still holds every point, models/ the unsent ones
         assert sorted(m.step for m in losses) == list(range(1, TRAIN_IMAGES // BATCH + 1))
         assert len((root / "training" / "steps.csv").read_text().splitlines()) == 1 + result["steps"]
+        unsent = UnsentMetrics(unsent_metrics_file(root / "models", result["mlflow_run_id"])).read()
+        assert sorted(m.step for m in unsent if m.key == "train_loss") == list(
+            range(TRAIN_IMAGES // BATCH + 1, result["steps"] + 1))
+
+
+def test_metrics_kept_on_disk_during_an_outage_reach_the_run_after_a_restart(workspace, monkeypatch, caplog):
+    """The process that buffered them ends (a crash, a kill) before the server is back: the next process logging to
+    the same run (a resumed training reopens it) sends them, with their steps, and removes the file."""
+    root, _ = workspace
+    folder = root / "models"
+    outage = {"on": False}
+    log_batch = mlflow.MlflowClient.log_batch
+
+    def flaky_log_batch(self, *args, **kwargs):
+        if outage["on"]:
+            raise mlflow.exceptions.MlflowException("connection refused (simulated outage)")
+        return log_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", flaky_log_batch)
+    first = tracking.start_run("outage", run_name="interrupted", unsent_dir=folder)
+    first.log_metrics({"train_loss": 1.0}, step=1)
+    outage["on"] = True
+    for step in range(2, 6):
+        first.log_metrics({"train_loss": 1.0 / step, "lr": 0.1}, step=step)
+    unsent = unsent_metrics_file(folder, first.run_id)
+    assert len(unsent.read_text().splitlines()) == 8
+    with unsent.open("a") as f:
+        f.write('{"key": "train_loss", "val')  # a crash in the middle of a line
+    del first  # the process ends with the server still down
+
+    outage["on"] = False
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(unsent.stem.removeprefix("mlflow_unsent_"), "train_loss")] == [1]
+    with caplog.at_level(logging.INFO, logger=tracking.__name__):
+        resumed = tracking.start_run("outage", run_id=unsent.stem.removeprefix("mlflow_unsent_"), unsent_dir=folder)
+    assert sorted((m.step, m.value) for m in client.get_metric_history(resumed.run_id, "train_loss")) == [
+        (step, 1.0 / step) for step in range(1, 6)]
+    assert sorted(m.step for m in client.get_metric_history(resumed.run_id, "lr")) == [2, 3, 4, 5]
+    assert not unsent.exists() and "sent 8 metric points" in caplog.text
+
+
+def test_the_unsent_metrics_file_is_capped_dropping_the_oldest_with_one_warning(tmp_path, caplog):
+    from mlflow.entities import Metric
+
+    unsent = UnsentMetrics(tmp_path / "unsent.jsonl", max_lines=10)
+    with caplog.at_level(logging.WARNING):
+        for step in range(1, 31):
+            unsent.append([Metric("train_loss", float(step), 0, step)])
+    steps = [m.step for m in unsent.read()]
+    assert len(steps) <= 10 and steps == list(range(31 - len(steps), 31))  # the newest, in order
+    assert sum("holds its cap of 10 metric points" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_an_artifact_the_server_always_refuses_holds_back_no_metric(workspace, monkeypatch, caplog):

@@ -22,6 +22,8 @@ import os
 import socket
 from pathlib import Path
 
+from ddim_denoise.pipeline.unsent_metrics import UnsentMetrics, unsent_metrics_file
+
 log = logging.getLogger(__name__)
 
 DB_NAME = "mlflow.db"
@@ -183,24 +185,37 @@ class SafeRun:
     """Logs to one MLflow run; if the tracking store fails, warns once and keeps training.
 
     Failed calls are kept in a local buffer and replayed on the next successful call, so a short outage loses no
-    metric points. Artifacts are sent once, not buffered: a file the server always refuses (one too large for a
-    proxy) would otherwise hold back every metric behind it, and the file stays on disk anyway. ``run_id`` is None
-    when tracking could not start at all.
+    metric points. Given ``unsent_dir`` (training passes ``train.out_dir``), the metric points of failed calls are
+    kept on disk there instead (``unsent_metrics``), so they outlive the process: a later SafeRun of the same run
+    (a resumed training's) sends them. Artifacts are sent once, not buffered: a file the server always refuses (one
+    too large for a proxy) would otherwise hold back every metric behind it, and the file stays on disk anyway.
+    ``run_id`` is None when tracking could not start at all.
     """
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, unsent_dir: str | Path | None = None):
         self.run_id = run_id
         self._pending: list[tuple[str, tuple, dict]] = []
+        self._unsent = (UnsentMetrics(unsent_metrics_file(unsent_dir, run_id))
+                        if run_id is not None and unsent_dir is not None else None)
         self._warned = False
 
     def _call(self, method: str, *args, **kwargs) -> None:
         if self.run_id is None:
             return
+        self._pending.append((method, args, kwargs))
+        self.send_buffered()
+
+    def send_buffered(self) -> None:
+        """Send what earlier calls could not: the points kept on disk (by this process or an earlier one), then the
+        calls kept in memory, in order."""
+        if self.run_id is None:
+            return
         from mlflow import MlflowClient
 
-        self._pending.append((method, args, kwargs))
         client = MlflowClient()
         try:
+            if self._unsent is not None and (sent := self._unsent.send(client, self.run_id)):
+                log.info("sent %d metric points kept in %s while MLflow was unreachable", sent, self._unsent.path)
             while self._pending:
                 name, a, kw = self._pending[0]
                 getattr(client, name)(self.run_id, *a, **kw)
@@ -209,9 +224,28 @@ class SafeRun:
                 log.warning("MLflow tracking is back; buffered entries were sent")
                 self._warned = False
         except Exception as e:  # any tracking failure: training goes on
+            self._keep_metrics_on_disk()
             if not self._warned:
-                log.warning("MLflow tracking failed (%s: %s); buffering locally and going on", type(e).__name__, e)
+                where = f"in {self._unsent.path}" if self._unsent is not None else "locally"
+                log.warning("MLflow tracking failed (%s: %s); buffering %s and going on", type(e).__name__, e, where)
                 self._warned = True
+
+    def _keep_metrics_on_disk(self) -> None:
+        """Move the buffered calls that log metrics only to the unsent-metrics file; others stay in memory (and so
+        does a call the file could not take)."""
+        if self._unsent is None:
+            return
+        in_memory = []
+        for name, a, kw in self._pending:
+            if name == "log_batch" and not a and set(kw) == {"metrics"}:
+                try:
+                    self._unsent.append(kw["metrics"])
+                    continue
+                except OSError as e:
+                    log.warning("could not keep MLflow metrics in %s (%s); keeping them in memory", self._unsent.path,
+                                e.strerror or e)
+            in_memory.append((name, a, kw))
+        self._pending = in_memory
 
     def log_params(self, params: dict) -> None:
         if self.run_id is None:
@@ -262,10 +296,12 @@ class SafeRun:
 
 
 def start_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
-              tags: dict[str, str] | None = None, shared: bool = False) -> SafeRun:
+              tags: dict[str, str] | None = None, shared: bool = False,
+              unsent_dir: str | Path | None = None) -> SafeRun:
     """Create (or reopen, given ``run_id``) a run, then mark this host's runs of ended processes KILLED; never
     raises: a dead tracking store yields a no-op SafeRun. A ``shared`` run (a sweep's parent, which several workers
-    reopen) records no process: one of them ending does not end it."""
+    reopen) records no process: one of them ending does not end it. ``unsent_dir``: see ``SafeRun``; a reopened
+    run first gets the metric points an earlier process kept there."""
     try:
         from mlflow import MlflowClient
         from mlflow.entities import RunTag
@@ -293,7 +329,9 @@ def start_run(experiment: str, run_name: str | None = None, run_id: str | None =
         mark_killed_runs(client, experiment_id)
     except Exception as e:  # stale statuses are cosmetic: the new run goes on
         log.warning("MLflow: could not check for runs of ended processes (%s: %s)", type(e).__name__, e)
-    return SafeRun(run_id)
+    run = SafeRun(run_id, unsent_dir)
+    run.send_buffered()  # a reopened run's points from before a restart; nothing to do for a new run
+    return run
 
 
 @contextlib.contextmanager

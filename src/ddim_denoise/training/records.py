@@ -59,12 +59,16 @@ class RunRecords:
         """Open the MLflow run ``run_id`` (a resume's) or a new one; a new one gets the params and ``description``
         (what the run trains on and with) as tags."""
         experiment = self.params.mlflow.experiment
-        self.run = tracking.start_run(experiment, run_name=self.run_name, run_id=run_id, tags=self.run_tags)
+        # Metric points MLflow cannot take are kept in out_dir, beside last.pt: it names the run that a resume
+        # reopens and sends them to, and the folder persists between runs (dvc.yaml).
+        self.run = tracking.start_run(experiment, run_name=self.run_name, run_id=run_id, tags=self.run_tags,
+                                      unsent_dir=self.out_dir)
         if run_id is not None and self.run.run_id is None:  # deleted, or last.pt came from another tracking store
             log.warning("MLflow run %s of %s cannot be reopened: logging to a new run", run_id,
                         self.out_dir / LAST_CHECKPOINT)
             run_id = None
-            self.run = tracking.start_run(experiment, run_name=self.run_name, tags=self.run_tags)
+            self.run = tracking.start_run(experiment, run_name=self.run_name, tags=self.run_tags,
+                                          unsent_dir=self.out_dir)
         if run_id is None:
             self.run.log_params(flatten(self.params))
             self.run.set_tags({"git_commit": git_commit(), **description})
