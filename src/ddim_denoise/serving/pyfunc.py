@@ -69,7 +69,8 @@ def model_signature():
         inputs=Schema([ColSpec("string", "image"), ColSpec("double", "sigma", required=False)]),
         outputs=Schema([ColSpec("string", "image"), ColSpec("double", "sigma")]),
         params=ParamSchema([ParamSpec("steps", "long", 1), ParamSpec("eta", "double", 0.0),
-                            ParamSpec("mono_noise", "boolean", False), ParamSpec("detect_mono_noise", "boolean", False)]),
+                            ParamSpec("mono_noise", "boolean", False),
+                            ParamSpec("detect_mono_noise", "boolean", False)]),
     )
 
 
@@ -239,6 +240,22 @@ def serving_requirements() -> list[str]:
     return pins
 
 
+def _model_arguments(checkpoint_path: str | Path) -> dict:
+    """What ``log_pyfunc_model`` and ``save_pyfunc_model`` store alike: code, checkpoint, signature, requirements."""
+    from ddim_denoise.denoising.denoiser import Denoiser
+
+    checkpoint_path = Path(checkpoint_path)
+    Denoiser.from_checkpoint(checkpoint_path, device="cpu")  # refuse a bad checkpoint before storing it
+    return dict(
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing is pickled
+        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
+        code_paths=[str(Path(__file__).parents[1])],  # the whole ddim_denoise package
+        signature=model_signature(),
+        input_example=input_example(),
+        pip_requirements=serving_requirements(),
+    )
+
+
 def log_pyfunc_model(checkpoint_path: str | Path, registered_model_name: str | None = None,
                      metrics: dict[str, float] | None = None, name: str = DEFAULT_MODEL_NAME):
     """Log the checkpoint as a servable pyfunc model into the active MLflow run (MLflow starts one if none is).
@@ -249,23 +266,18 @@ def log_pyfunc_model(checkpoint_path: str | Path, registered_model_name: str | N
     """
     import mlflow
 
-    from ddim_denoise.denoising.denoiser import Denoiser
-
-    checkpoint_path = Path(checkpoint_path)
-    Denoiser.from_checkpoint(checkpoint_path, device="cpu")  # refuse a bad checkpoint before uploading it
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing is pickled
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
-        code_paths=[str(Path(__file__).parents[1])],  # the whole ddim_denoise package
-        signature=model_signature(),
-        input_example=input_example(),
-        pip_requirements=serving_requirements(),
-        registered_model_name=registered_model_name,
-    )
+    info = mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
+                                   **_model_arguments(checkpoint_path))
     if metrics:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
     return info
+
+
+def save_pyfunc_model(checkpoint_path: str | Path, path: str | Path) -> Path:
+    """The same model as ``log_pyfunc_model`` logs, saved as a folder (no tracking store): ``mlflow models serve
+    -m PATH`` serves it. ``path`` must not exist yet."""
+    mlflow.pyfunc.save_model(path=str(path), **_model_arguments(checkpoint_path))
+    return Path(path)
 
 
 def log_evaluated_model(checkpoint_path: str | Path, run_id: str, registered_model_name: str | None,
