@@ -1,0 +1,56 @@
+"""A short load test of `mlflow models serve` with a tiny model (benchmarks/serve_load.py, serving/load_test.py):
+concurrent clients, valid, invalid and oversized requests, every answer the expected one, and oversized requests
+refused without the server's memory growing by anything like a decoded image."""
+
+from __future__ import annotations
+
+import json
+
+from denoise_fixtures import write_tiny_checkpoint
+from test_benchmarks import run_benchmark
+
+from ddim_denoise.serving.load_test import KINDS, MIB, OVERSIZED, VALID
+
+CLIENTS = 2
+MIXED_S, OVERSIZED_S = 4, 3
+LIMITS = {"max_base64_chars": 2**20, "max_image_pixels": 1_000_000}
+BOMB_SIDE = 20_000  # the library's default: 400 MB decoded as 8-bit gray, 4.8 GB as float32 RGB
+# Refusing from the headers leaves a few MiB of request bodies in flight (measured: under 15 MiB); decoding one bomb
+# would add at least its 8-bit pixels, 381 MiB, before any float copy.
+GROWTH_BOUND_MIB = 100
+
+
+def test_the_served_model_answers_every_request_as_expected_under_load(tmp_path, tiny_params, capsys):
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt", tiny_params)
+    out = tmp_path / "load.json"
+    limits = ",".join(f"{name}={value}" for name, value in LIMITS.items())
+    run_benchmark("serve_load", ["--checkpoint", str(checkpoint), "--clients", str(CLIENTS), "--seconds",
+                                 str(MIXED_S), "--oversized-seconds", str(OVERSIZED_S), "--image-side", "32",
+                                 "--mix", ",".join(f"{kind}=1" for kind in KINDS), "--limits", limits,
+                                 "--server-threads", "1", "--log", str(tmp_path / "server.log"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+
+    mixed, oversized = result["phases"]["mixed"], result["phases"]["oversized"]
+    assert set(mixed["kinds"]) == set(KINDS)  # every kind was sent in the mixed phase
+    assert {KINDS[kind].group for kind in oversized["kinds"]} == {OVERSIZED}
+    for name, phase, seconds in (("mixed", mixed, MIXED_S), ("oversized", oversized, OVERSIZED_S)):
+        assert phase["seconds"] >= seconds
+        for kind, tally in phase["kinds"].items():
+            expected = "200" if KINDS[kind].group == VALID else "400"
+            # every request answered, with the expected status (no connection error, no 5xx) and content
+            assert tally["sent"] > 0 and tally["status"] == {expected: tally["sent"]}, (name, kind, tally)
+            assert tally["unexpected"] == 0 and tally["problems"] == [], (name, kind, tally)
+            if expected == "400":
+                assert KINDS[kind].reason in tally["reason"], (name, kind, tally["reason"])
+            latency = tally["latency_ms"]
+            assert 0 < latency["p50"] <= latency["p99"] <= latency["max"] <= phase["seconds"] * 1e3
+            assert f"| {name} | {kind}" in printed
+    assert "the image has 400,000,000 pixels" in oversized["kinds"]["png_bomb"]["reason"]
+
+    memory = result["memory_mib"]
+    assert 0 < memory["before"] <= memory["peak"]
+    assert memory["oversized_before"] <= memory["oversized_peak"] <= memory["peak"]
+    assert memory["oversized_growth"] < GROWTH_BOUND_MIB < BOMB_SIDE**2 / MIB, memory
+    assert result["settings"]["bomb_side"] == BOMB_SIDE
+    assert result["settings"]["limits"]["DDIM_DENOISE_MAX_BASE64_CHARS"] == LIMITS["max_base64_chars"]
