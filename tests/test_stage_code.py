@@ -18,7 +18,7 @@ from ddim_denoise.pipeline.stage_code import (
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = {"prepare": "dvc.yaml", "train": "dvc.yaml", "evaluate": "dvc.yaml", "report": "dvc.yaml",
-             "sweep": "pipelines/sweep/dvc.yaml"}
+             "sweep": "pipelines/sweep/dvc.yaml", "serve-load": "pipelines/results/serving/dvc.yaml"}
 
 
 def code_deps(pipeline: str, stage: str) -> list[str]:

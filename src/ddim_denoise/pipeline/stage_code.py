@@ -17,7 +17,7 @@ PACKAGE = __name__.split(".")[0]
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # The library module each stage's command calls; cli.py, which only parses its options, is left out.
 STAGE_ENTRIES = {"prepare": "data.cifar10", "train": "training.distributed", "evaluate": "evaluation.evaluate",
-                 "report": "evaluation.report", "sweep": "sweep.study"}
+                 "report": "evaluation.report", "sweep": "sweep.study", "serve-load": "serving.load_test"}
 
 
 def module_file(module: str) -> Path | None:
