@@ -20,9 +20,10 @@ def docs_command(root: Path, *options: str):
 
 
 def copy_of_the_docs(root: Path) -> Path:
-    """README.md, docs/*.md and every file a generated block reads, copied under ``root``."""
+    """README.md, docs/*.md and every file a generated block reads, copied under ``root`` (those committed: a study
+    not run yet has none, and no marker in the docs asks for its block)."""
     files = {"README.md", *(path.relative_to(REPO) for path in REPO.glob("docs/*.md")),
-             *(source for block in BLOCKS.values() for source in block.sources)}
+             *(source for block in BLOCKS.values() for source in block.sources if (REPO / source).is_file())}
     for file in files:
         (root / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / file, root / file)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
+import pytest
 import yaml
 
-from ddim_denoise.results import headline, levers
+from ddim_denoise.pipeline.errors import DataError
+from ddim_denoise.results import headline, levers, serving_load
 
 
 def test_the_headline_says_where_the_model_stands_against_each_published_model():
@@ -32,3 +36,38 @@ def test_the_lever_table_measures_each_change_against_the_defaults(tmp_path):
     assert "| 1 | train.lr=0.004 | 24.500 | +0.500 |" in text and "| 3 | train.batch_size=64 | – | – |" in text
     assert text.endswith("Above the defaults at this budget: train.lr=0.004 (+0.500 dB).")
     assert "2 epochs x 3,000 images" in text and "1,000 lossless validation images" in text
+
+
+def made_up_load_result() -> dict:
+    """What serving/load_test.py writes, with round figures: two phases, three kinds, the memory read."""
+    limits = {"DDIM_DENOISE_MAX_ROWS": 64, "DDIM_DENOISE_MAX_BASE64_CHARS": 1048576,
+              "DDIM_DENOISE_MAX_IMAGE_PIXELS": 4000000, "DDIM_DENOISE_MAX_REQUEST_PIXELS": 32000000,
+              "DDIM_DENOISE_MAX_STEPS": 50}
+
+    def tally(sent, status, p50, p99):
+        return {"sent": sent, "status": {status: sent}, "unexpected": 0, "problems": [], "reason": "",
+                "latency_ms": {"p50": p50, "p99": p99, "max": p99 + 1}}
+
+    return {"settings": {"clients": 8, "seconds": 60.0, "oversized_seconds": 15.0, "image_side": 64, "sigma": 0.1,
+                         "bomb_side": 20000, "workers": 1, "limits": limits},
+            "phases": {"mixed": {"seconds": 60.2, "kinds": {"valid": tally(600, "200", 95.4, 310.0),
+                                                            "bad_base64": tally(100, "400", 12.0, 40.0)}},
+                       "oversized": {"seconds": 15.1, "kinds": {"png_bomb": tally(300, "400", 30.0, 90.0)}}},
+            "memory_mib": {"before": 900.0, "peak": 960.0, "oversized_before": 950.0, "oversized_peak": 955.5,
+                           "oversized_after": 951.0, "oversized_growth": 5.5}}
+
+
+def test_the_serving_load_table_gives_each_kinds_answers_latency_and_the_memory(tmp_path):
+    with pytest.raises(DataError, match="load.json not found: `dvc pull` or `dvc repro`"):
+        serving_load.render(tmp_path)  # before the study has run: one line, no traceback
+    (tmp_path / serving_load.STUDY).mkdir(parents=True)
+    (tmp_path / serving_load.LOAD).write_text(json.dumps(made_up_load_result()))
+    text = serving_load.render(tmp_path)
+    assert "`dvc repro pipelines/results/serving/dvc.yaml`" in text and "8 clients, 60 s mixed then 15 s" in text
+    assert "MAX_BASE64_CHARS=1,048,576" in text and "20,000-pixel-square PNG bomb" in text
+    assert "| mixed | valid | 600 | 600 | 0 | 0 | 0 | 95 | 310 |" in text
+    assert "| mixed | bad_base64 (invalid) | 100 | 0 | 100 | 0 | 0 | 12 | 40 |" in text
+    assert "| oversized | png_bomb (oversized) | 300 | 0 | 300 | 0 | 0 | 30 | 90 |" in text
+    assert "900 MiB after the first request, peak 960 MiB" in text
+    assert "950 MiB before, peak 956 MiB, 951 MiB after: growth +5.5 MiB" in text
+    assert "381 MiB as 8-bit gray and 4,578 MiB as float32 RGB" in text

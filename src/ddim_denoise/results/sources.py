@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,16 +17,26 @@ EVALUATION_TABLE = f"evaluation/{TABLE_FILE}"
 TRAINING_SUMMARY = (TRAINING_DIR / SUMMARY_FILE).as_posix()
 
 
-def read_csv(root: Path, relative: str, columns: Iterable[str] = ()) -> pd.DataFrame:
-    """``root/relative`` as a table holding ``columns``; a DataError naming the file and the rerun otherwise."""
+def _committed(root: Path, relative: str) -> Path:
     path = root / relative
     if not path.is_file():
         raise DataError(f"{path} not found: `dvc pull` or `dvc repro` of its pipeline writes it")
+    return path
+
+
+def read_csv(root: Path, relative: str, columns: Iterable[str] = ()) -> pd.DataFrame:
+    """``root/relative`` as a table holding ``columns``; a DataError naming the file and the rerun otherwise."""
+    path = _committed(root, relative)
     table = pd.read_csv(path)
     missing = [column for column in columns if column not in table]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; rerun `dvc repro` of its pipeline")
     return table
+
+
+def read_json(root: Path, relative: str) -> dict:
+    """``root/relative`` as JSON; a DataError naming the file and the rerun when it is missing."""
+    return json.loads(_committed(root, relative).read_text())
 
 
 def training_summary(root: Path) -> dict:
