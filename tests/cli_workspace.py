@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from cifar_fixtures import write_cifar_npz
 
 from ddim_denoise.data.cifar10 import IMAGE_SHAPE, TRAIN_BATCHES, prepare
 from ddim_denoise.pipeline.params import Params, set_dotted, validate_params
+from ddim_denoise.serving.model_server import free_port  # noqa: F401 (the tests take it from here)
 
 IMAGES_PER_BATCH_FILE = 8  # 5 batch files -> 40 training images, VAL_SIZE of them held out
 VAL_SIZE = 8
@@ -60,13 +60,6 @@ def with_train(params: Params, **changes) -> Params:
     for key, value in changes.items():
         set_dotted(raw, f"train.{key}", value)
     return validate_params(raw)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str) -> list[str]:

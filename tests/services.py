@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli_workspace import free_port
+
+from ddim_denoise.serving.model_server import stop_process_group
 
 POSTGRES_PROGRAMS = ("initdb", "pg_ctl")
 DEBIAN_POSTGRES_BIN = "/usr/lib/postgresql/*/bin"
@@ -166,16 +167,4 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: Path, log: Path
         wait_until(lambda: _answers_health(url), "mlflow server", START_TIMEOUT_S, process, log)
         yield url
     finally:
-        stop_process_group(process)
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM the group ``process`` leads, give it STOP_TIMEOUT_S, then SIGKILL whatever of it is left (workers
-    that outlived their leader included)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=STOP_TIMEOUT_S)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+        stop_process_group(process, STOP_TIMEOUT_S)

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,6 +33,7 @@ from ddim_denoise.serving.export import (
     verify_export,
 )
 from ddim_denoise.serving.image_io import decode_image
+from ddim_denoise.serving.model_server import served_model
 
 REGISTERED_NAME = "ddim-denoiser-test"
 SERVER_START_TIMEOUT_S = 180  # a cold `mlflow models serve` imports mlflow and torch on 2 shared cores
@@ -345,27 +339,6 @@ def test_a_run_artifact_without_a_run_id_is_refused(tmp_path, checkpoint):
 
 # --- REST serving ---------------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow models serve did not answer /ping within {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
 def post_json(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -378,16 +351,10 @@ def post_json(url: str, payload: dict) -> tuple[int, dict]:
 
 def test_mlflow_models_serve_denoises_over_rest(mlflow_store, checkpoint, tmp_path):
     _, info = log_model(mlflow_store, checkpoint)
-    port, log = free_port(), tmp_path / "server.log"
-    url = f"http://127.0.0.1:{port}"
-    command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve",
-               "-m", f"models:/{REGISTERED_NAME}/{info.registered_model_version}",
-               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store["uri"], "DDIM_DENOISE_MAX_IMAGE_PIXELS": "10000"}
-    with open(log, "wb") as log_file:
-        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_until_serving(url, server, log, SERVER_START_TIMEOUT_S)
+    env = {"MLFLOW_TRACKING_URI": mlflow_store["uri"], "DDIM_DENOISE_MAX_IMAGE_PIXELS": "10000"}
+    with served_model(f"models:/{REGISTERED_NAME}/{info.registered_model_version}", env,
+                      log=tmp_path / "server.log", start_timeout_s=SERVER_START_TIMEOUT_S) as server:
+        url = server.url
         png16 = rgb_png16()
         status, body = post_json(url, {"dataframe_split": {"columns": ["image", "sigma"],
                                                            "data": [[base64.b64encode(png16).decode(), 0.1]]},
@@ -406,19 +373,3 @@ def test_mlflow_models_serve_denoises_over_rest(mlflow_store, checkpoint, tmp_pa
         status, body = post_json(url, {"dataframe_split": {"columns": ["image"], "data": [[gray_png(200, 200)]]}})
         assert status == 400 and "the image has 40,000 pixels, over the limit of 10,000; crop or downscale it, or " \
                                  "raise the server's DDIM_DENOISE_MAX_IMAGE_PIXELS" in body.get("message", ""), body
-    finally:
-        stop_process_group(server)
-
-
-def stop_process_group(process: subprocess.Popen, grace_s: float = 20) -> None:
-    """Stop the server and the workers it forked (started in their own session, so their group is theirs alone)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
