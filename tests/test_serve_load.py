@@ -4,12 +4,16 @@ refused without the server's memory growing by anything like a decoded image."""
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
+import sys
+import time
 
 from denoise_fixtures import write_tiny_checkpoint
 from test_benchmarks import run_benchmark
 
-from ddim_denoise.serving.load_test import KINDS, MIB, OVERSIZED, VALID
+from ddim_denoise.serving.load_test import KINDS, MIB, OVERSIZED, VALID, TreeMemory, answer_problem, noisy_png
 
 CLIENTS = 2
 MIXED_S, OVERSIZED_S = 4, 3
@@ -54,3 +58,29 @@ def test_the_served_model_answers_every_request_as_expected_under_load(tmp_path,
     assert memory["oversized_growth"] < GROWTH_BOUND_MIB < BOMB_SIDE**2 / MIB, memory
     assert result["settings"]["bomb_side"] == BOMB_SIDE
     assert result["settings"]["limits"]["DDIM_DENOISE_MAX_BASE64_CHARS"] == LIMITS["max_base64_chars"]
+
+
+def test_the_answer_check_flags_a_wrong_status_reason_or_image():
+    image = json.dumps({"predictions": [{"image": base64.b64encode(noisy_png(16, 0.1)).decode(), "sigma": 0.1}]})
+    assert answer_problem("valid", 200, image.encode(), 16) is None
+    assert answer_problem("valid", 200, image.encode(), 32) == "an image of shape (16, 16, 3)"
+    assert answer_problem("valid", 500, b"oops", 16) == "HTTP 500 instead of 200: oops"
+    assert answer_problem("valid", 200, b"{}", 16).startswith("unreadable answer (KeyError")
+    assert answer_problem("png_bomb", 200, image.encode(), 16).startswith("HTTP 200 instead of 400")
+    assert "lacks 'DDIM_DENOISE_MAX_IMAGE_PIXELS'" in answer_problem("png_bomb", 400, b'{"message": "no"}', 16)
+
+
+def test_the_memory_sampler_sees_a_grandchild_take_memory():
+    """The bound above means something only if the sampler would see a worker process allocate a bomb's pixels."""
+    allocate = "import time; pixels = b'x' * (200 * 2**20); time.sleep(1.5)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; "
+                               f"subprocess.run([sys.executable, '-c', {allocate!r}])"])
+    try:
+        with TreeMemory(parent.pid) as memory:
+            start = time.monotonic()
+            parent.wait(timeout=60)
+        first = memory.samples[0][1]
+        assert memory.peak(start) - first > 150 * MIB
+    finally:
+        parent.kill()
+        parent.wait()
