@@ -49,7 +49,8 @@ def made_up_load_result() -> dict:
                 "latency_ms": {"p50": p50, "p99": p99, "max": p99 + 1}}
 
     return {"settings": {"clients": 8, "seconds": 60.0, "oversized_seconds": 15.0, "image_side": 64, "sigma": 0.1,
-                         "bomb_side": 20000, "workers": 1, "limits": limits},
+                         "bomb_side": 20000, "workers": 1, "limits": limits,
+                         "mix": {"valid": 6, "bad_base64": 1, "png_bomb": 1, "negative_sigma": 0}},
             "phases": {"mixed": {"seconds": 60.2, "kinds": {"valid": tally(600, "200", 95.4, 310.0),
                                                             "bad_base64": tally(100, "400", 12.0, 40.0)}},
                        "oversized": {"seconds": 15.1, "kinds": {"png_bomb": tally(300, "400", 30.0, 90.0)}}},
@@ -63,7 +64,8 @@ def test_the_serving_load_table_gives_each_kinds_answers_latency_and_the_memory(
     (tmp_path / serving_load.STUDY).mkdir(parents=True)
     (tmp_path / serving_load.LOAD).write_text(json.dumps(made_up_load_result()))
     text = serving_load.render(tmp_path)
-    assert "`dvc repro pipelines/results/serving/dvc.yaml`" in text and "8 clients, 60 s mixed then 15 s" in text
+    assert "`dvc repro pipelines/results/serving/dvc.yaml`" in text
+    assert "8 clients, 60 s mixed (weights: valid 6, bad_base64 1, png_bomb 1) then 15 s oversized only" in text
     assert "MAX_BASE64_CHARS=1,048,576" in text and "20,000-pixel-square PNG bomb" in text
     assert "| mixed | valid | 600 | 600 | 0 | 0 | 0 | 95 | 310 |" in text
     assert "| mixed | bad_base64 (invalid) | 100 | 0 | 100 | 0 | 0 | 12 | 40 |" in text

@@ -332,8 +332,10 @@ def markdown_report(result: dict) -> str:
     """The result as a Markdown table (phase x kind) under a line of settings, with the memory figures after."""
     settings = result["settings"]
     limits = ", ".join(f"{name.removeprefix('DDIM_DENOISE_')}={value:,}" for name, value in settings["limits"].items())
-    lead = (f"{settings['clients']} clients, {settings['seconds']:g} s mixed then {settings['oversized_seconds']:g} s "
-            f"oversized only; {settings['image_side']}x{settings['image_side']} PNG at sigma {settings['sigma']:g}, "
+    mix = ", ".join(f"{kind} {weight}" for kind, weight in settings["mix"].items() if weight)
+    lead = (f"{settings['clients']} clients, {settings['seconds']:g} s mixed (weights: {mix}) then "
+            f"{settings['oversized_seconds']:g} s oversized only; {settings['image_side']}x{settings['image_side']} "
+            f"PNG at sigma {settings['sigma']:g}, "
             f"a {settings['bomb_side']:,}-pixel-square PNG bomb; {settings['workers']} uvicorn worker(s); "
             f"limits {limits}.")
     lines = ["| phase | request | sent | 200 | 400 | other | not as expected | p50 ms | p99 ms |",
