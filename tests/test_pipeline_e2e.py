@@ -25,7 +25,7 @@ TINY = {
               "device": "cpu"},
     "eval": {"n_images": 4, "bm3d_images": 1, "nlm_images": 2, "sigmas": [0.1, 0.3], "ddim_steps": 2,
              "batch_size": 4, "grid_images": 2, "workers": 1},
-    "mlflow": {"log_model": False},
+    "mlflow": {"log_model": True},  # evaluate logs and registers the pyfunc model
 }
 
 
