@@ -6,6 +6,8 @@ another exception, which the command line would show as a traceback."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections import Counter
 from datetime import timedelta
@@ -28,7 +30,16 @@ CASE_DEADLINE = timedelta(seconds=10)
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
 SEEDS = {"params.yaml": PARAMS_YAML.read_bytes(), "config.yaml": (CONF_DIR / "config.yaml").read_bytes()}
 KEYS = sorted(flatten(validate_params(yaml.safe_load(SEEDS["params.yaml"]))))
-MARKER = Path("/tmp") / "ddim-denoise-params-fuzz-constructed-an-object"
+# what an object tag that ran os.system would create; one name per test process, removed before and after each test
+MARKER = Path(tempfile.gettempdir()) / f"ddim-denoise-params-fuzz-constructed-an-object-{os.getpid()}"
+
+
+@pytest.fixture(autouse=True)
+def no_marker():
+    MARKER.unlink(missing_ok=True)
+    yield
+    MARKER.unlink(missing_ok=True)
+
 
 # Values that break loaders: every YAML type, huge and non-finite numbers, deep nesting, object tags, alias bombs.
 BOMB = "&a [x, x, x, x, x, x, x, x]" + "".join(f", {'&' + c} [{', '.join(['*' + p] * 8)}]"

@@ -35,7 +35,7 @@ from ddim_denoise.sweep.storage import (
     WORKER_ATTR,
     default_storage_url,
 )
-from ddim_denoise.sweep.study import SweepOptions, run_sweep
+from ddim_denoise.sweep.study import SweepOptions, prepare_setup, run_sweep
 from ddim_denoise.sweep.tracking import PARENT_RUN_ATTR
 from ddim_denoise.training import build as train_build_module
 
@@ -184,6 +184,19 @@ def test_baseline_trial_is_params_yaml_values_or_none_outside_the_space():
     outside = base.model_copy(deep=True)
     outside.train.lr = 10.0  # above the space's train.lr range
     assert space.baseline(outside) is None
+
+
+def test_budget_overrides_run_the_same_trials_at_another_budget_in_a_study_of_their_own(workspace):
+    """`sweep run --budget KEY=VALUE` (the transfer study): the space file's budget with those keys replaced, checked
+    like the file's own, and a study name of its own."""
+    setup = prepare_setup(options())
+    longer = prepare_setup(options(budget={"train.epochs": 3, "train.max_train_images": None}))
+    assert longer.space.budget == {**TINY_SPACE["budget"], "train.epochs": 3, "train.max_train_images": None}
+    assert longer.space.parameters == setup.space.parameters and longer.study_name != setup.study_name
+    with pytest.raises(SpaceError, match="budget.train.epochz: unknown params.yaml key"):
+        prepare_setup(options(budget={"train.epochz": 3}))
+    refused = CliRunner().invoke(app, ["sweep", "run", "--space", "space.yaml", "--budget", "train.epochs"])
+    assert "--budget 'train.epochs': expected KEY=VALUE" in one_error_line(refused)
 
 
 def test_space_errors_are_listed_together(workspace):
@@ -533,9 +546,9 @@ def test_verify_retrains_the_winner_and_the_defaults_and_apply_follows_its_verdi
     recorded = load_study(study_name).user_attrs[verify.VERIFICATION_ATTR]
     assert recorded["trial"] == 0 and recorded["n_images"] == 8  # the whole validation split
     assert verify.Verification(**recorded).line() in line
-    if not recorded["verified"]:
-        refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
-        assert one_error_line(refused).endswith("no win beyond the 95% CI, so params.yaml keeps its values")
+    applied = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
+    assert (applied.exit_code == 0) == recorded["verified"], applied.output  # whichever way the tiny runs went
+    params_file.write_bytes(before)
 
     stub_verification_scores(monkeypatch, gain=0.0)  # no better than the defaults
     assert "not verified" in verify_command("--study", study_name)
@@ -545,6 +558,11 @@ def test_verify_retrains_the_winner_and_the_defaults_and_apply_follows_its_verdi
 
     shown = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name])
     assert "adoption: trial 0 at params.yaml's budget" in shown.stdout
+
+    study = load_study(study_name)
+    study.set_user_attr(verify.VERIFICATION_ATTR, {"trial": 0, "verdict": "from another version"})
+    refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
+    assert "verification is in an older form: run `ddim-denoise sweep verify` again" in one_error_line(refused)
 
 
 def test_a_verification_counts_only_a_win_beyond_its_confidence_interval():

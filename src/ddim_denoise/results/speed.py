@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 from ddim_denoise.evaluation.denoising_speed import denoising_speed_markdown
-from ddim_denoise.evaluation.training_speed import training_speed_markdown
+from ddim_denoise.evaluation.training_speed import TrainingSpeedRow, training_speed_markdown
 from ddim_denoise.results.sources import read_csv
 
 STUDY = "pipelines/results/speed"
 TRAINING = f"{STUDY}/training_speed.csv"
 DENOISING = f"{STUDY}/denoising_speed.csv"
 SOURCES = (TRAINING, DENOISING)
+TRAINING_COLUMNS = [field.name for field in fields(TrainingSpeedRow)]
+DENOISING_COLUMNS = ("sigma", "method", "runs_on", "n_images", "images_per_s", "psnr", "gflop", "tflops", "peak_share",
+                     "device_name", "batch_size")
 
 
 def render(root: Path) -> str:
-    training = read_csv(root, TRAINING, ("label", "batch", "images_per_s", "device_name", "threads"))
-    denoising = read_csv(root, DENOISING, ("method", "runs_on", "n_images", "images_per_s", "psnr", "device_name"))
+    training = read_csv(root, TRAINING, TRAINING_COLUMNS)
+    denoising = read_csv(root, DENOISING, DENOISING_COLUMNS)
     model_rows = denoising[denoising.gflop.notna()]
     sigma = denoising.sigma.iloc[0]
     return "\n".join([

@@ -1,9 +1,12 @@
 """Verification before adoption: a search's winner, found at the search's short per-trial budget, is retrained at
-the budget people train at (params.yaml's own, plus any ``--set``) beside params.yaml's defaults at that same budget,
-both scored per image on the whole lossless validation split. It counts as verified only when the paired difference
-(winner minus defaults, one-step PSNR averaged over ``eval.sigmas``) is above zero by more than its 95% confidence
-interval. The result is stored on the study (``VERIFICATION_ATTR``), and ``sweep best --apply`` applies only a
-verified winner (``adoption_refusal``).
+the budget people train at (params.yaml's own) beside params.yaml's defaults at that same budget, both scored per
+image on the whole lossless validation split. It counts as verified only when the paired difference (winner minus
+defaults, one-step PSNR averaged over ``eval.sigmas``) is above zero by more than its 95% confidence interval. The
+result is stored on the study (``VERIFICATION_ATTR``), and ``sweep best --apply`` applies only a verified winner
+(``adoption_refusal``).
+
+Each side is trained once, with params.yaml's seed: the interval covers the choice of validation images, not the
+spread between training runs, so a verified win smaller than that spread can still be luck.
 
 Both trainings go to ``sweeps/<study>/verify/{defaults,trial_NNNN}/`` and resume when rerun after an interruption.
 """
@@ -42,9 +45,9 @@ class Verification:
     def line(self) -> str:
         verdict = "verified: it wins" if self.verified else "not verified: no win beyond the 95% CI"
         return (f"trial {self.trial} at params.yaml's budget on {self.n_images:,} validation images: "
-                f"{self.winner_psnr:.3f} ± {self.winner_ci95:.3f} dB against the defaults' {self.defaults_psnr:.3f} ± "
-                f"{self.defaults_ci95:.3f} dB, paired difference {self.difference:+.3f} ± {self.difference_ci95:.3f} "
-                f"dB; {verdict}")
+                f"{self.winner_psnr:.3f} ± {self.winner_ci95:.3f} dB against the defaults' "
+                f"{self.defaults_psnr:.3f} ± {self.defaults_ci95:.3f} dB, paired difference "
+                f"{self.difference:+.3f} ± {self.difference_ci95:.3f} dB; {verdict}")
 
 
 def budget_fingerprint(base: Params) -> str:
@@ -97,7 +100,10 @@ def adoption_refusal(study, trial, base: Params) -> str | None:
     if not recorded or recorded.get("trial") != trial.number:
         return (f"trial {trial.number} is not verified: run `{VERIFY_COMMAND}`, which retrains it and the defaults at "
                 "params.yaml's budget, and apply it only if it wins there")
-    verification = Verification(**recorded)
+    try:
+        verification = Verification(**recorded)
+    except TypeError:  # recorded by another version of this code
+        return f"trial {trial.number}'s verification is in an older form: run `{VERIFY_COMMAND}` again"
     if verification.params_fingerprint != budget_fingerprint(base):
         return (f"trial {trial.number} was verified under another params.yaml or code: run `{VERIFY_COMMAND}` "
                 "again")
