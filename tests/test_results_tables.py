@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ddim_denoise.pipeline.errors import DataError
-from ddim_denoise.results import headline, levers, serving_load
+from ddim_denoise.results import headline, levers, serving_load, transfer
 
 
 def test_the_headline_says_where_the_model_stands_against_each_published_model():
@@ -73,3 +73,26 @@ def test_the_serving_load_table_gives_each_kinds_answers_latency_and_the_memory(
     assert "900 MiB after the first request, peak 960 MiB" in text
     assert "950 MiB before, peak 956 MiB, 951 MiB after: growth +5.5 MiB" in text
     assert "381 MiB as 8-bit gray and 4,578 MiB as float32 RGB" in text
+
+
+def test_the_transfer_table_ranks_the_same_configurations_at_both_budgets(tmp_path):
+    def trials(folder: str, values: list, lrs: list) -> None:
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"number": [0, 1, 2, 3], "state": ["COMPLETE"] * 3 + ["FAIL"], "value": values,
+                      "params_train.lr": lrs, "user_attrs_baseline_params_yaml": [True, None, None, None],
+                      "user_attrs_enqueued": [None, "train.lr=0.001", "train.lr=0.004", "train.lr=0.008"]}).to_csv(
+            tmp_path / folder / "trials.csv", index=False)
+
+    trials(f"{levers.STUDY}/results", [24.0, 23.0, 24.5, None], [0.002, 0.001, 0.004, 0.008])
+    trials(f"{transfer.STUDY}/results", [26.0, 26.5, 25.0, 25.5], [0.002, 0.001, 0.004, 0.008])
+    table = transfer.paired_trials(tmp_path)
+    assert list(table.number) == [0, 1, 2]  # trial 3 failed at the short budget
+    assert list(table.short_rank) == [2, 3, 1] and list(table.long_rank) == [2, 1, 3]
+    assert transfer.rank_correlation(table) == pytest.approx(-1.0)  # the ranking turned over
+    text = transfer.render(tmp_path)
+    assert "| 2 | train.lr=0.004 | 24.500 | 1 | 25.000 | 3 |" in text
+    assert text.endswith("Spearman's rank correlation over 3 configurations: -1.00.")
+
+    trials(f"{transfer.STUDY}/results", [26.0, 26.5, 25.0, 25.5], [0.002, 0.001, 0.003, 0.008])
+    with pytest.raises(DataError, match="trial 2 ran other parameters than the lever study's"):
+        transfer.paired_trials(tmp_path)

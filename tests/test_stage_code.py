@@ -35,6 +35,7 @@ def test_every_stage_depends_on_the_folders_it_runs():
     # the results studies run the same entry points as the main chain
     assert code_deps("pipelines/results/headline/dvc.yaml", "evaluate") == stage_folders("evaluate")
     assert code_deps("pipelines/results/levers/dvc.yaml", "levers") == stage_folders("sweep")
+    assert code_deps("pipelines/results/transfer/dvc.yaml", "long") == stage_folders("sweep")
     # the speed study's stages run benchmark scripts
     for stage, script in {"training": "train_speed.py", "denoising": "denoise_speed.py"}.items():
         assert code_deps("pipelines/results/speed/dvc.yaml", stage) == script_folders(REPO / "benchmarks" / script)

@@ -42,16 +42,16 @@ def user_errors(fn):
     return wrapper
 
 
-def parse_overrides(items: Optional[list[str]]) -> dict[str, object]:
+def parse_overrides(items: Optional[list[str]], option: str = "--set") -> dict[str, object]:
     from ddim_denoise.pipeline.params import parse_yaml
 
     overrides = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
+            raise UserError(f"{option} {item!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
         # `key=` is the empty string
-        overrides[key.strip()] = parse_yaml(value, f"--set {item!r}", UserError) if value.strip() else ""
+        overrides[key.strip()] = parse_yaml(value, f"{option} {item!r}", UserError) if value.strip() else ""
     return overrides
 
 
@@ -336,6 +336,9 @@ def sweep_run_command(
                                          "images/s (Pareto front; no pruning)"),
     stop_after_failures: int = typer.Option(5, "--stop-after-failures", min=0, help="stop this worker after this "
                                             "many failed trials in a row (0: never)"),
+    budget: Optional[list[str]] = typer.Option(None, "--budget", help="KEY=VALUE over the space file's budget "
+                                               "(repeatable): the same trials at another budget, in a study of its "
+                                               "own"),
     params: str = PARAMS_OPT,
 ):
     """Search the space: each trial trains with params.yaml + the space's budget + sampled values."""
@@ -343,7 +346,7 @@ def sweep_run_command(
 
     options = SweepOptions(params_path=Path(params), space_path=space, study=study, storage=storage, trials=trials,
                            total=total, timeout=timeout, pruner=pruner, out=out, multi_objective=multi_objective,
-                           stop_after_failures=stop_after_failures)
+                           stop_after_failures=stop_after_failures, budget=parse_overrides(budget, "--budget"))
     with sigterm_as_keyboard_interrupt():
         result = run_sweep(options)
     counts = ", ".join(f"{n} {state}" for state, n in result.get("trials", {}).items() if n)

@@ -22,6 +22,12 @@ def _attr(trials: pd.DataFrame, name: str) -> pd.Series:
     return trials[column] if column in trials else pd.Series(float("nan"), index=trials.index)
 
 
+def changes(trials: pd.DataFrame) -> pd.Series:
+    """What each trial changed: its ``objective.enqueue`` entry, or that it ran params.yaml's defaults."""
+    is_baseline = _attr(trials, BASELINE_ATTR).astype(str).eq("True")
+    return _attr(trials, ENQUEUED_ATTR).where(~is_baseline, "none: params.yaml's defaults")
+
+
 def render(root: Path) -> str:
     trials = read_csv(root, TRIALS, ("number", "state", "value"))
     budget = yaml.safe_load((root / SPACE).read_text())["budget"]
@@ -29,7 +35,7 @@ def render(root: Path) -> str:
     if not is_baseline.any():
         raise ValueError(f"{root / TRIALS}: no trial ran params.yaml's own values (objective.baseline)")
     reference = float(trials.value[is_baseline].iloc[0])
-    change = _attr(trials, ENQUEUED_ATTR).where(~is_baseline, "none: params.yaml's defaults")
+    change = changes(trials)
     ssim = _attr(trials, "val_ssim_mean")
     lines = ["| trial | change | validation PSNR (dB) | minus the defaults | validation SSIM | state |",
              "|---|---|---|---|---|---|"]

@@ -284,10 +284,13 @@ def params_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
     return keys
 
 
-def load_space(path: str | Path, base: Params) -> SearchSpace:
-    """Read and validate a space file against ``base`` (params.yaml); SpaceError lists every problem at once."""
+def load_space(path: str | Path, base: Params, budget: dict[str, Any] | None = None) -> SearchSpace:
+    """Read and validate a space file against ``base`` (params.yaml), with ``budget``'s keys over the file's budget;
+    SpaceError lists every problem at once."""
     path = Path(path)
     raw = read_yaml_mapping(path, SpaceError, "pass --space PATH", "a mapping with a 'parameters' section")
+    if budget:
+        raw = {**raw, "budget": {**(raw.get("budget") or {}), **budget}}
     spec, problems = _parse(raw)
     space = SearchSpace(path, spec)
     problems += _semantic_problems(space, base)

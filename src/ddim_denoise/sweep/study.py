@@ -80,6 +80,7 @@ class SweepOptions:
     out: Path | None = None  # reports folder; None: <root>/sweeps/<study>
     multi_objective: bool = False  # maximise (objective metric, train images/s); no pruning
     stop_after_failures: int = 5  # stop this worker after this many failed trials in a row; 0: never
+    budget: dict = field(default_factory=dict)  # over the space file's budget: the same trials at another budget
 
 
 @dataclass
@@ -135,7 +136,7 @@ def fingerprint_of(settings: dict) -> str:
 
 def prepare_setup(options: SweepOptions, need_fingerprint: bool = True) -> SweepSetup:
     base = load_params(options.params_path)
-    space = load_space(options.space_path, base)
+    space = load_space(options.space_path, base, options.budget)
     settings, fingerprint = {}, ""
     if need_fingerprint or options.study is None:
         settings = study_settings(base, space, data_identity(read_manifest(base.data.prepared_dir)))
