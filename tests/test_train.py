@@ -146,7 +146,7 @@ def test_interrupted_run_resumes_to_the_same_state(workspace, tmp_path):
 def test_a_fresh_run_removes_an_earlier_runs_periodic_checkpoints_and_a_resume_keeps_its_own(workspace, caplog):
     """train.out_dir persists between runs (a DVC output with persist: true): a new run must not leave the previous
     run's epoch_*.pt beside its own."""
-    def crash_after_epoch_1(epoch, metrics):
+    def crash_after_epoch_1(*args):
         raise RuntimeError("simulated crash")
 
     def periodic() -> list[str]:
@@ -156,6 +156,12 @@ def test_a_fresh_run_removes_an_earlier_runs_periodic_checkpoints_and_a_resume_k
         with pytest.raises(RuntimeError, match="simulated crash"):
             build_trainer(with_train(workspace, epochs=2), on_epoch_end=crash_after_epoch_1).fit()
         build_trainer(with_train(workspace, epochs=2)).fit()  # a resume: epoch 1's checkpoint is its own
+        assert periodic() == ["epoch_0001.pt", "epoch_0002.pt"] and "removed" not in caplog.text
+        # A fresh run that fails before its first checkpoint (mistaken params, a crash in epoch 1) removes nothing
+        failing = build_trainer(with_train(workspace, epochs=1, lr=5e-4))
+        failing.train_epoch = crash_after_epoch_1
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            failing.fit()
         assert periodic() == ["epoch_0001.pt", "epoch_0002.pt"] and "removed" not in caplog.text
         build_trainer(with_train(workspace, epochs=1, lr=5e-4)).fit()  # other params: a fresh run
     assert periodic() == ["epoch_0001.pt"] and load_checkpoint("models/epoch_0001.pt")["params"]["train"]["lr"] == 5e-4
@@ -217,6 +223,18 @@ def test_init_from_starts_from_the_checkpoints_ema_weights(workspace):
         assert torch.equal(tensor, ema[name]) and torch.equal(tuned.ema.model.state_dict()[name], ema[name]), name
     assert tuned.try_resume() is None  # another run (its params differ), not a resume of the first
     assert tuned.fit()["epochs"] == 1
+
+
+def test_a_fresh_run_from_a_periodic_checkpoint_of_its_out_dir_keeps_that_checkpoint(workspace):
+    """Fine-tuning from models/epoch_0002.pt into models/: the earlier run's other checkpoints go, the one this run
+    starts from stays, and a rerun can load it again."""
+    build_trainer(with_train(workspace, epochs=3)).fit()
+    tuned = with_train(workspace, epochs=1, init_from="models/epoch_0002.pt", lr=1e-4)
+    build_trainer(tuned).fit()
+    assert sorted(path.name for path in Path("models").glob("epoch_*.pt")) == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert load_checkpoint("models/epoch_0002.pt")["params"]["train"]["epochs"] == 3  # the earlier run's
+    assert load_checkpoint("models/epoch_0001.pt")["params"]["train"]["lr"] == 1e-4  # this run's own
+    assert build_trainer(tuned).fit()["epochs"] == 1  # the rerun loads init_from, then finds the run finished
 
 
 def test_init_from_a_checkpoint_of_another_architecture_is_one_clear_error(workspace):

@@ -78,11 +78,18 @@ def prepare_output_folders(out_dir: Path, training_dir: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def remove_stale_epoch_checkpoints(out_dir: Path) -> int:
-    """Delete the periodic checkpoints (``epoch_*.pt``) an earlier run left in ``out_dir``; return how many. For a
-    run that starts fresh: ``train.out_dir`` is a persisted DVC output, so they would otherwise stay beside this
-    run's own, and be cached as its output, with nothing but their dates to tell them apart."""
-    stale = sorted(out_dir.glob(EPOCH_CHECKPOINTS))
+def remove_stale_epoch_checkpoints(out_dir: Path, keep: Path | None = None) -> int:
+    """Delete the periodic checkpoints (``epoch_*.pt``) an earlier run left in ``out_dir``, except ``keep`` (the
+    checkpoint this run was started from, ``train.init_from``: a rerun loads it again); return how many. For a run that
+    starts fresh: ``train.out_dir`` is a persisted DVC output, so they would otherwise stay beside this run's own, and
+    be cached as its output, with nothing but their dates to tell them apart."""
+    kept = keep.resolve() if keep is not None else None
+    stale = []
+    for path in sorted(out_dir.glob(EPOCH_CHECKPOINTS)):
+        if path.resolve() == kept:
+            log.info("keeping %s, an earlier run's checkpoint: train.init_from starts this run from it", path)
+        else:
+            stale.append(path)
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
@@ -111,9 +118,15 @@ def training_state(trainer: Trainer) -> dict:
 
 def save_checkpoints(trainer: Trainer, names: list[str]) -> None:
     """Write the checkpoints (in the order given) and histories; a failed write (disk full) leaves every earlier file
-    as it was."""
+    as it was. A fresh run's first call first removes the periodic checkpoints of the run before it."""
     started = time.perf_counter()
     state = training_state(trainer)
+    if trainer.earlier_checkpoints_pending:
+        # A fresh run's first write: its last.pt replaces the earlier run's, so from here on out_dir is this run's.
+        # Not sooner: a launch with mistaken params, or a crash in epoch 1, would lose the earlier run's for nothing.
+        init_from = trainer.cfg.init_from
+        remove_stale_epoch_checkpoints(trainer.out_dir, keep=Path(init_from) if init_from else None)
+        trainer.earlier_checkpoints_pending = False
     try:
         for name in names:
             save_checkpoint(trainer.out_dir / name, state)
@@ -152,6 +165,7 @@ def try_resume(trainer: Trainer) -> str | None:
     trainer.validation_seconds = state.get("validation_seconds", 0.0)  # absent before they were timed
     trainer.checkpoint_seconds = state.get("checkpoint_seconds", 0.0)
     trainer.history = History(state["history"]["steps"], state["history"]["val"])
+    trainer.earlier_checkpoints_pending = False  # the epoch_*.pt there are this run's own
     log.info("resumed from %s at epoch %d (step %d)", last, trainer.epoch, trainer.step)
     return state.get("mlflow_run_id")
 

@@ -84,6 +84,8 @@ class Trainer:
         self.train_seconds, self.images_seen = 0.0, 0
         # Where the rest of a run's time goes (its first epoch's compilation is part of train_seconds)
         self.validation_seconds, self.checkpoint_seconds = 0.0, 0.0
+        # Until a fresh run's first checkpoint, out_dir's epoch_*.pt are an earlier run's (resume.save_checkpoints)
+        self.earlier_checkpoints_pending = True
         self.stopped_early: str | None = None  # why fit() ended before train.epochs (train.max_minutes)
         self.clock = EpochClock()  # for the time left and the epoch's rate (reset by fit)
         self.estimate: FirstEpochEstimate | None = None  # the early word on a run over two hours (set by fit)
@@ -262,8 +264,6 @@ class Trainer:
     def fit(self) -> dict:
         run_id = self.try_resume()
         if self.is_main:
-            if self.epoch == 0:  # a fresh run, not a resume: the periodic checkpoints there are an earlier run's
-                resume.remove_stale_epoch_checkpoints(self.out_dir)
             self._start_tracking(run_id)
         data = torch.from_numpy(self.train_x)
         if self.device.type == "cuda":
