@@ -315,7 +315,8 @@ def test_the_unsent_metrics_file_is_capped_dropping_the_oldest_with_one_warning(
         for step in range(1, 31):
             unsent.append([Metric("train_loss", float(step), 0, step)])
     steps = [m.step for m in unsent.read()]
-    assert len(steps) <= 10 and steps == list(range(31 - len(steps), 31))  # the newest, in order
+    # the newest, in order: a full file is cut to hold 90% of the cap (9 points) with the new one, so 9 or 10 remain
+    assert 9 <= len(steps) <= 10 and steps == list(range(31 - len(steps), 31))
     assert sum("holds its cap of 10 metric points" in r.getMessage() for r in caplog.records) == 1
 
 
