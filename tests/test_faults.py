@@ -27,6 +27,7 @@ from cli_workspace import (
     summary,
     with_train,
 )
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
@@ -318,6 +319,53 @@ def test_the_unsent_metrics_file_is_capped_dropping_the_oldest_with_one_warning(
     # the newest, in order: a full file is cut to hold 90% of the cap (9 points) with the new one, so 9 or 10 remain
     assert 9 <= len(steps) <= 10 and steps == list(range(31 - len(steps), 31))
     assert sum("holds its cap of 10 metric points" in r.getMessage() for r in caplog.records) == 1
+
+
+class RecordingClient:
+    """Takes ``log_batch`` calls like an MlflowClient, refusing as invalid any batch with a point named ``bad``."""
+
+    def __init__(self):
+        self.logged = []
+
+    def log_batch(self, run_id, metrics):
+        if any(m.key == "bad" for m in metrics):
+            raise mlflow.exceptions.MlflowException("Invalid metric (simulated)", error_code=INVALID_PARAMETER_VALUE)
+        self.logged += [(run_id, m.key, m.step) for m in metrics]
+
+
+def test_kept_points_are_sent_once_even_where_the_file_cannot_be_removed(tmp_path, monkeypatch):
+    from mlflow.entities import Metric
+
+    unsent = UnsentMetrics(tmp_path / "unsent.jsonl")
+    unsent.append([Metric("train_loss", 0.5, 0, step) for step in (1, 2)])
+    unlink = Path.unlink
+
+    def refuse_to_remove(path, missing_ok=False):
+        if path == unsent.path:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse_to_remove)
+    client = RecordingClient()
+    assert unsent.send(client, "run") == 2 and unsent.send(client, "run") == 0
+    assert client.logged == [("run", "train_loss", 1), ("run", "train_loss", 2)] and unsent.read() == []
+
+
+def test_a_batch_the_server_refuses_as_invalid_is_dropped_with_one_warning(tmp_path, monkeypatch, caplog):
+    """Sent again, it would be refused again: kept, it would hold back every point after it forever."""
+    from mlflow.entities import Metric
+
+    from ddim_denoise.pipeline import unsent_metrics
+
+    monkeypatch.setattr(unsent_metrics, "BATCH_SIZE", 2)
+    unsent = UnsentMetrics(tmp_path / "unsent.jsonl")
+    unsent.append([Metric(key, 0.5, 0, step) for step, key in enumerate(["a", "b", "bad", "c", "d"], start=1)])
+    client = RecordingClient()
+    with caplog.at_level(logging.WARNING):
+        assert unsent.send(client, "run") == 3
+    assert client.logged == [("run", "a", 1), ("run", "b", 2), ("run", "d", 5)] and not unsent.path.exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "refused 2 metric points" in warnings[0], warnings
 
 
 def test_an_artifact_the_server_always_refuses_holds_back_no_metric(workspace, monkeypatch, caplog):

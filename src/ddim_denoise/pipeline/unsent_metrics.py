@@ -6,9 +6,10 @@ line that does not parse, and the next append starts on a fresh line. The file i
 process logging to the same run (a resumed training reopens it) sends the points there and removes the file.
 
 At most ``max_lines`` points are kept: a long outage drops the oldest (with one warning) instead of filling the disk;
-``training/steps.csv`` keeps every loss point anyway. Sending again after a send cut short repeats points already
-sent; they keep their timestamps, and MLflow's SQL store takes a repeated (key, value, timestamp, step) as the same
-point.
+``training/steps.csv`` keeps every loss point anyway. A batch the server refuses as invalid (HTTP 400) is dropped with
+one warning, so that it cannot hold back the points after it forever. Sending again after a send cut short repeats
+points already sent; they keep their timestamps, so an SQL store (the default sqlite file, or a server backed by a
+database) takes a repeated (key, value, timestamp, step) as the same point, while a file store keeps both copies.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ log = logging.getLogger(__name__)
 
 MAX_LINES = 100_000  # about 10 MB: more than a day of a loss point every second
 BATCH_SIZE = 1000  # MLflow takes at most 1000 metrics per log_batch
+
+
+def refused_as_invalid(error: BaseException) -> bool:
+    """Whether MLflow answered with HTTP 400 (INVALID_PARAMETER_VALUE, BAD_REQUEST): the request itself is wrong, and
+    sending it again gets the same answer. An unreachable server is an MlflowException too, but with INTERNAL_ERROR
+    (HTTP 500)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.get_http_status_code() == 400
 
 
 def unsent_metrics_file(folder: str | Path, run_id: str) -> Path:
@@ -73,15 +83,31 @@ class UnsentMetrics:
 
     def send(self, client, run_id: str) -> int:
         """Log the file's points to ``run_id`` with ``client`` (an MlflowClient), then remove the file; return how
-        many were sent. A failure raises, and leaves the file for the next try."""
-        if not self.path.is_file():
+        many were sent. A failure raises, and leaves the file for the next try; a batch refused as invalid is dropped
+        instead (no retry changes the answer)."""
+        if not self.path.is_file() or not self.path.stat().st_size:  # none kept, or emptied by ``clear``
             return 0
-        points = self.read()
+        points, sent = self.read(), 0
         for start in range(0, len(points), BATCH_SIZE):
-            client.log_batch(run_id, metrics=points[start : start + BATCH_SIZE])
-        self.path.unlink(missing_ok=True)
+            batch = points[start : start + BATCH_SIZE]
+            try:
+                client.log_batch(run_id, metrics=batch)
+                sent += len(batch)
+            except Exception as e:
+                if not refused_as_invalid(e):
+                    raise
+                log.warning("MLflow refused %d metric points kept in %s as invalid (%s); dropping them", len(batch),
+                            self.path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        self.clear()
+        return sent
+
+    def clear(self) -> None:
+        """Remove the file; where it cannot be removed, empty it, so that its points are not sent again."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            self.path.write_bytes(b"")
         self._lines = 0
-        return len(points)
 
     def _count(self) -> int:
         if self._lines is None:
