@@ -308,6 +308,66 @@ def test_metrics_kept_on_disk_during_an_outage_reach_the_run_after_a_restart(wor
     assert not unsent.exists() and "sent 8 metric points" in caplog.text
 
 
+def test_a_restart_during_an_outage_keeps_its_run_and_its_points_reach_mlflow_once_it_is_back(workspace, monkeypatch,
+                                                                                               caplog):
+    """The usual order: MLflow goes down, training crashes, and the automatic restart comes while MLflow is still
+    down. The restart stays the same MLflow run (its last.pt names it, for the next resume) and keeps its metric
+    points on disk until MLflow is back."""
+    root, params = workspace
+    store = os.environ["MLFLOW_TRACKING_URI"]
+
+    def crash_after_epoch_1(epoch, metrics):
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_trainer(with_train(params, epochs=3), on_epoch_end=crash_after_epoch_1).fit()
+    run_id = load_checkpoint(root / "models" / "last.pt")["mlflow_run_id"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    during_outage = {}
+
+    def back_after_epoch_2(epoch, metrics):
+        if epoch == 2:
+            during_outage["run in last.pt"] = load_checkpoint(root / "models" / "last.pt")["mlflow_run_id"]
+            during_outage["points kept"] = len(UnsentMetrics(unsent_metrics_file(root / "models", run_id)).read())
+            mlflow.set_tracking_uri(store)  # MLflow is back: the run's next call reaches it
+
+    with caplog.at_level(logging.WARNING):
+        result = build_trainer(with_train(params, epochs=3), on_epoch_end=back_after_epoch_2).fit()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert result["mlflow_run_id"] == during_outage["run in last.pt"] == run_id
+    assert during_outage["points kept"] > TRAIN_IMAGES // BATCH  # epoch 2's loss and lr points
+    assert not any("new run" in w for w in warnings) and any("tracking is back" in w for w in warnings), warnings
+    client = mlflow.MlflowClient(store)
+    losses = client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in losses) == list(range(1, result["steps"] + 1))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not list((root / "models").glob("mlflow_unsent_*"))
+
+
+def test_points_kept_for_other_runs_are_sent_to_them_at_start_or_removed_when_their_run_is_gone(workspace, caplog):
+    """A run that ended during an outage and was never resumed (a new run took over its out_dir) left its points
+    there: the next run to start there sends them to it."""
+    from mlflow.entities import Metric
+
+    folder = workspace[0] / "models"
+    earlier = tracking.start_run("orphans", run_name="earlier").run_id
+    deleted = tracking.start_run("orphans", run_name="deleted").run_id
+    client = mlflow.MlflowClient()
+    client.delete_run(deleted)
+    never_there = "0" * 32
+    for run_id in (earlier, deleted, never_there):
+        UnsentMetrics(unsent_metrics_file(folder, run_id)).append([Metric("train_loss", 0.5, 1000, 7)])
+    with caplog.at_level(logging.INFO, logger=tracking.__name__):
+        new = tracking.start_run("orphans", run_name="new", unsent_dir=folder).run_id
+    assert [(m.step, m.value) for m in client.get_metric_history(earlier, "train_loss")] == [(7, 0.5)]
+    assert client.get_metric_history(new, "train_loss") == []
+    assert not list(folder.glob("mlflow_unsent_*"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("does not hold" in w for w in warnings), warnings
+    assert any(deleted in w for w in warnings) and any(never_there in w for w in warnings)
+
+
 def test_the_unsent_metrics_file_is_capped_dropping_the_oldest_with_one_warning(tmp_path, caplog):
     from mlflow.entities import Metric
 

@@ -22,7 +22,7 @@ import os
 import socket
 from pathlib import Path
 
-from ddim_denoise.pipeline.unsent_metrics import UnsentMetrics, unsent_metrics_file
+from ddim_denoise.pipeline.unsent_metrics import UnsentMetrics, unsent_metrics_file, unsent_metrics_files
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class SafeRun:
     kept on disk there instead (``unsent_metrics``), so they outlive the process: a later SafeRun of the same run
     (a resumed training's) sends them. Artifacts are sent once, not buffered: a file the server always refuses (one
     too large for a proxy) would otherwise hold back every metric behind it, and the file stays on disk anyway.
-    ``run_id`` is None when tracking could not start at all.
+    ``run_id`` is None when tracking could not start at all, or the run to reopen is gone (``start_run``).
     """
 
     def __init__(self, run_id: str | None, unsent_dir: str | Path | None = None):
@@ -247,6 +247,18 @@ class SafeRun:
             in_memory.append((name, a, kw))
         self._pending = in_memory
 
+    def reopen_later(self, owner: dict[str, str]) -> SafeRun:
+        """For a run that MLflow was unreachable to reopen: queue what reopening does (``owner``, this process's
+        identity, then status RUNNING) ahead of every later call, so that the first call to reach MLflow does it.
+        Until then the run's metric points are kept, on disk given ``unsent_dir``."""
+        from mlflow.entities import RunTag
+
+        if owner:
+            self._pending.append(("log_batch", (), {"tags": [RunTag(k, v) for k, v in owner.items()]}))
+        self._pending.append(("update_run", (), {"status": "RUNNING"}))
+        self._warned = True  # start_run said MLflow is unreachable; the next word is that it is back
+        return self
+
     def log_params(self, params: dict) -> None:
         if self.run_id is None:
             return
@@ -299,39 +311,97 @@ def start_run(experiment: str, run_name: str | None = None, run_id: str | None =
               tags: dict[str, str] | None = None, shared: bool = False,
               unsent_dir: str | Path | None = None) -> SafeRun:
     """Create (or reopen, given ``run_id``) a run, then mark this host's runs of ended processes KILLED; never
-    raises: a dead tracking store yields a no-op SafeRun. A ``shared`` run (a sweep's parent, which several workers
-    reopen) records no process: one of them ending does not end it. ``unsent_dir``: see ``SafeRun``; a reopened
-    run first gets the metric points an earlier process kept there."""
+    raises: a dead tracking store yields a no-op SafeRun, or, for a run to reopen, a SafeRun of that run that reopens
+    it once MLflow is back (``SafeRun.reopen_later``). A run the store does not hold (deleted, or from another store)
+    yields a no-op SafeRun. A ``shared`` run (a sweep's parent, which several workers reopen) records no process: one
+    of them ending does not end it. ``unsent_dir``: see ``SafeRun``; a reopened run first gets the metric points an
+    earlier process kept there, and the points kept there for other runs are sent to them."""
+    owner = {} if shared else process_tags()
     try:
         from mlflow import MlflowClient
-        from mlflow.entities import RunTag
 
         configure(experiment)
         client = MlflowClient()
-        owner = {} if shared else process_tags()
         if run_id is not None:
-            run = client.get_run(run_id)
-            # This process's identity before the status: a run reopened to resume is then never taken for the
-            # ended process's run, by the check below or by another process starting meanwhile.
-            if owner:
-                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner.items()])
-            client.update_run(run_id, status="RUNNING")
-            experiment_id = run.info.experiment_id
+            experiment_id = _reopen(client, run_id, owner)
         else:
             experiment_id = client.get_experiment_by_name(experiment).experiment_id
             dvc_experiment = dvc_experiment_name()
             identity = {**owner, **({DVC_EXP_NAME_TAG: dvc_experiment} if dvc_experiment else {})}
             run_id = client.create_run(experiment_id, run_name=run_name, tags={**identity, **(tags or {})}).info.run_id
     except Exception as e:
-        log.warning("MLflow tracking unavailable (%s: %s); the run goes on without it", type(e).__name__, e)
-        return SafeRun(None)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if run_id is None:
+            log.warning("MLflow tracking unavailable (%s); the run goes on without it", reason)
+            return SafeRun(None)
+        if run_is_gone(e):
+            log.warning("MLflow run %s cannot be reopened (%s)", run_id, reason)
+            return SafeRun(None)
+        log.warning("MLflow tracking unavailable (%s); run %s is reopened once it is back, and until then its metric "
+                    "points are kept %s", reason, run_id, f"in {unsent_dir}/" if unsent_dir is not None else "locally")
+        return SafeRun(run_id, unsent_dir).reopen_later(owner)
     try:
         mark_killed_runs(client, experiment_id)
     except Exception as e:  # stale statuses are cosmetic: the new run goes on
         log.warning("MLflow: could not check for runs of ended processes (%s: %s)", type(e).__name__, e)
+    if unsent_dir is not None:
+        send_unsent_metrics_of_other_runs(client, unsent_dir, run_id)
     run = SafeRun(run_id, unsent_dir)
     run.send_buffered()  # a reopened run's points from before a restart; nothing to do for a new run
     return run
+
+
+def _reopen(client, run_id: str, owner: dict[str, str]) -> str:
+    """Take up run ``run_id`` again, as process ``owner`` (none for a shared run); return its experiment's id."""
+    from mlflow.entities import RunTag
+
+    run = client.get_run(run_id)
+    # This process's identity before the status: a run reopened to resume is then never taken for the ended
+    # process's run, by mark_killed_runs or by another process starting meanwhile.
+    if owner:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner.items()])
+    client.update_run(run_id, status="RUNNING")
+    return run.info.experiment_id
+
+
+def run_is_gone(error: BaseException) -> bool:
+    """Whether ``error`` says that the tracking store holds no run to reopen: none of that id (never there, or purged:
+    RESOURCE_DOES_NOT_EXIST), or a deleted one (changing it is INVALID_PARAMETER_VALUE). Not so for a store that could
+    not be reached: MLflow reports a refused connection or a timeout as an MlflowException with INTERNAL_ERROR, a
+    proxy's 502 / 503 as INTERNAL_ERROR / TEMPORARILY_UNAVAILABLE, and a database it cannot open as SQLAlchemy's."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.error_code in ("RESOURCE_DOES_NOT_EXIST",
+                                                                       "INVALID_PARAMETER_VALUE")
+
+
+def send_unsent_metrics_of_other_runs(client, folder: str | Path, run_id: str) -> None:
+    """Send the metric points kept in ``folder`` for runs other than ``run_id`` (whose SafeRun sends its own) to their
+    runs, removing each file once sent: a run that ended during an outage and was never resumed left them. A file
+    whose run the store does not hold is removed with a warning: its points have nowhere to go."""
+    for other_run, path in unsent_metrics_files(folder).items():
+        if other_run == run_id:
+            continue
+        unsent = UnsentMetrics(path)
+        try:
+            if not _run_exists(client, other_run):
+                log.warning("%s holds metric points of MLflow run %s, which this tracking store does not hold "
+                            "(deleted, or from another store): removing it", path, other_run)
+                unsent.clear()
+            elif sent := unsent.send(client, other_run):
+                log.info("sent %d metric points kept in %s to MLflow run %s", sent, path, other_run)
+        except Exception as e:  # kept for the next start
+            log.warning("MLflow: could not send the metric points kept in %s (%s: %s)", path, type(e).__name__, e)
+
+
+def _run_exists(client, run_id: str) -> bool:
+    """Whether the store holds run ``run_id``, not deleted."""
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except Exception as e:
+        if run_is_gone(e):
+            return False
+        raise
 
 
 @contextlib.contextmanager

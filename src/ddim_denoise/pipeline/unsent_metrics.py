@@ -3,7 +3,8 @@
 The file (``mlflow_unsent_<run id>.jsonl``) holds one JSON line per point: key, value, timestamp, step. Lines are
 appended and flushed to disk one batch at a time, so a crash mid-write can tear only the last line: reading skips a
 line that does not parse, and the next append starts on a fresh line. The file is named after its MLflow run: a later
-process logging to the same run (a resumed training reopens it) sends the points there and removes the file.
+process logging to the same run (a resumed training reopens it) sends the points there and removes the file, and so
+does any run that starts in the same folder (``tracking.start_run``) for the files of other runs.
 
 At most ``max_lines`` points are kept: a long outage drops the oldest (with one warning) instead of filling the disk;
 ``training/steps.csv`` keeps every loss point anyway. A batch the server refuses as invalid (HTTP 400) is dropped with
@@ -35,8 +36,17 @@ def refused_as_invalid(error: BaseException) -> bool:
     return isinstance(error, MlflowException) and error.get_http_status_code() == 400
 
 
+FILE_PREFIX, FILE_SUFFIX = "mlflow_unsent_", ".jsonl"
+
+
 def unsent_metrics_file(folder: str | Path, run_id: str) -> Path:
-    return Path(folder) / f"mlflow_unsent_{run_id}.jsonl"
+    return Path(folder) / f"{FILE_PREFIX}{run_id}{FILE_SUFFIX}"
+
+
+def unsent_metrics_files(folder: str | Path) -> dict[str, Path]:
+    """The unsent-metrics files in ``folder``, by the run id their names give."""
+    return {path.name.removeprefix(FILE_PREFIX).removesuffix(FILE_SUFFIX): path
+            for path in sorted(Path(folder).glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))}
 
 
 class UnsentMetrics:

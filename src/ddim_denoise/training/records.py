@@ -60,12 +60,13 @@ class RunRecords:
         (what the run trains on and with) as tags."""
         experiment = self.params.mlflow.experiment
         # Metric points MLflow cannot take are kept in out_dir, beside last.pt: it names the run that a resume
-        # reopens and sends them to, and the folder persists between runs (dvc.yaml).
+        # reopens and sends them to (kept even when MLflow is unreachable as it resumes), and the folder persists
+        # between runs (dvc.yaml).
         self.run = tracking.start_run(experiment, run_name=self.run_name, run_id=run_id, tags=self.run_tags,
                                       unsent_dir=self.out_dir)
-        if run_id is not None and self.run.run_id is None:  # deleted, or last.pt came from another tracking store
-            log.warning("MLflow run %s of %s cannot be reopened: logging to a new run", run_id,
-                        self.out_dir / LAST_CHECKPOINT)
+        if run_id is not None and self.run.run_id is None:
+            log.warning("%s names MLflow run %s, which this tracking store does not hold (deleted, or the checkpoint "
+                        "came from another store): logging to a new run", self.out_dir / LAST_CHECKPOINT, run_id)
             run_id = None
             self.run = tracking.start_run(experiment, run_name=self.run_name, tags=self.run_tags,
                                           unsent_dir=self.out_dir)
