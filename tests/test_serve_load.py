@@ -5,15 +5,32 @@ refused without the server's memory growing by anything like a decoded image."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 
+import pytest
 from denoise_fixtures import write_tiny_checkpoint
 from test_benchmarks import run_benchmark
 
-from ddim_denoise.serving.load_test import KINDS, MIB, OVERSIZED, VALID, TreeMemory, answer_problem, noisy_png
+from ddim_denoise.serving import load_test
+from ddim_denoise.serving.load_test import (
+    KINDS,
+    MIB,
+    OVERSIZED,
+    VALID,
+    LoadSettings,
+    LoadTestError,
+    TreeMemory,
+    answer_problem,
+    noisy_png,
+    post,
+    run_phase,
+)
 
 CLIENTS = 2
 MIXED_S, OVERSIZED_S = 4, 3
@@ -84,3 +101,57 @@ def test_the_memory_sampler_sees_a_grandchild_take_memory():
     finally:
         parent.kill()
         parent.wait()
+
+
+@contextlib.contextmanager
+def answering(raw: bytes):
+    """A loopback server that reads each request whole, sends ``raw`` and closes the connection: its URL."""
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            length = 0
+            while (line := self.rfile.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            self.rfile.read(length)
+            self.wfile.write(raw)
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler) as server:
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+
+
+CUT_ANSWERS = {  # what a worker killed mid-answer can leave (http.client.HTTPExceptions, not OSErrors), and its name
+    "body cut": (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"predictions\": ", "IncompleteRead"),
+    "error body cut": (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 100\r\n\r\n{\"message\": ", "IncompleteRead"),
+    "garbled status": (b"garbage\r\n\r\n", "BadStatusLine"),
+    "no answer": (b"", "RemoteDisconnected"),
+}
+
+
+@pytest.mark.parametrize("cut", CUT_ANSWERS)
+def test_a_cut_answer_is_status_0_saying_what_happened(cut):
+    raw, problem = CUT_ANSWERS[cut]
+    with answering(raw) as url:
+        status, body = post(url, b"{}", timeout_s=10)
+    assert status == 0 and body.decode().startswith(f"{problem}: "), body
+
+
+def test_cut_answers_are_counted_as_unexpected_and_a_client_error_stops_the_phase(monkeypatch):
+    settings = LoadSettings(clients=2, seconds=0.3)
+    with answering(CUT_ANSWERS["body cut"][0]) as url:
+        tally = run_phase(url, {"valid": b"{}"}, {"valid": 1}, settings, settings.seconds, seed=0)["kinds"]["valid"]
+        assert tally["sent"] >= 2 and tally["status"] == {"0": tally["sent"]} == {"0": tally["unexpected"]}
+        assert tally["problems"][0].startswith("HTTP 0 instead of 200: IncompleteRead")
+
+        def fail(kind, status, body, image_side):
+            raise MemoryError("no room")
+
+        monkeypatch.setattr(load_test, "answer_problem", fail)
+        with pytest.raises(LoadTestError, match="2 of 2 load clients ended early.*MemoryError: no room"):
+            run_phase(url, {"valid": b"{}"}, {"valid": 1}, settings, settings.seconds, seed=0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import json
 import random
 import struct
@@ -56,6 +57,11 @@ KINDS = {
 }
 DEFAULT_MIX = {"valid": 6, "bad_base64": 1, "negative_sigma": 1, "no_image_column": 1, "base64_over_limit": 1,
                "png_bomb": 1}
+
+
+class LoadTestError(RuntimeError):
+    """The load test cannot run or did not run whole: the bomb does not fit the limits, the model does not serve, or
+    a client ended with an error (its requests would go uncounted)."""
 
 
 @dataclass(frozen=True)
@@ -146,21 +152,25 @@ def bomb_body(settings: LoadSettings, limits: RequestLimits) -> bytes:
     """The bomb must pass the base64 check and meet the pixel check, the one that keeps it from being decoded."""
     bomb = base64.b64encode(png_bomb(settings.bomb_side)).decode("ascii")
     if settings.bomb_side**2 <= limits.max_image_pixels or len(bomb) > limits.max_base64_chars:
-        raise ValueError(f"a {settings.bomb_side}-pixel-square bomb ({len(bomb):,} base64 characters) must be over "
-                         f"max_image_pixels ({limits.max_image_pixels:,}) and within max_base64_chars "
-                         f"({limits.max_base64_chars:,})")
+        raise LoadTestError(f"a {settings.bomb_side}-pixel-square bomb ({len(bomb):,} base64 characters) must be over "
+                            f"max_image_pixels ({limits.max_image_pixels:,}) and within max_base64_chars "
+                            f"({limits.max_base64_chars:,})")
     return request_body(["image"], [bomb])
 
 
 def post(url: str, body: bytes, timeout_s: float) -> tuple[int, bytes]:
-    """(HTTP status, body); status 0 when no answer came (refused or dropped connection, timeout)."""
+    """(HTTP status, body); status 0 when no whole answer came (refused, dropped or cut connection, a garbled
+    status line, timeout), the body then saying what happened."""
     request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, OSError) as e:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            with e:
+                return e.code, e.read()
+    # URLError and timeouts are OSErrors; IncompleteRead and BadStatusLine (a worker killed mid-answer) are not
+    except (OSError, http.client.HTTPException) as e:
         return 0, f"{type(e).__name__}: {e}".encode()
 
 
@@ -272,17 +282,22 @@ def run_phase(url: str, bodies: dict[str, bytes], weights: Mapping[str, int], se
     tallies = {kind: KindTally() for kind in kinds}
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
+    errors: list[tuple[str, Exception]] = []  # (client, what ended it)
 
     def client(index: int) -> None:
         draw = random.Random(seed * 1000 + index)
-        while time.monotonic() < deadline:
-            kind = draw.choices(kinds, [weights[k] for k in kinds])[0]
-            start = time.perf_counter()
-            status, body = post(url, bodies[kind], settings.request_timeout_s)
-            latency = time.perf_counter() - start
-            problem = answer_problem(kind, status, body, settings.image_side)
+        try:
+            while time.monotonic() < deadline:
+                kind = draw.choices(kinds, [weights[k] for k in kinds])[0]
+                start = time.perf_counter()
+                status, body = post(url, bodies[kind], settings.request_timeout_s)
+                latency = time.perf_counter() - start
+                problem = answer_problem(kind, status, body, settings.image_side)
+                with lock:
+                    tallies[kind].add(status, latency, body, problem)
+        except Exception as e:  # kept, so that no client ends unnoticed
             with lock:
-                tallies[kind].add(status, latency, body, problem)
+                errors.append((threading.current_thread().name, e))
 
     started = time.monotonic()
     threads = [threading.Thread(target=client, args=(i,), name=f"load-client-{i}") for i in range(settings.clients)]
@@ -290,6 +305,10 @@ def run_phase(url: str, bodies: dict[str, bytes], weights: Mapping[str, int], se
         thread.start()
     for thread in threads:
         thread.join()
+    if errors:
+        ended = "; ".join(f"{name}: {type(e).__name__}: {e}" for name, e in errors)
+        raise LoadTestError(f"{len(errors)} of {settings.clients} load clients ended early, their requests uncounted: "
+                            f"{ended}") from errors[0][1]
     return {"seconds": time.monotonic() - started, "kinds": {kind: tally.summary() for kind, tally in tallies.items()}}
 
 
@@ -299,7 +318,7 @@ def run_load_test(url: str, settings: LoadSettings = LoadSettings(), server_pid:
     bodies = request_bodies(settings)
     status, body = post(url, image_body(settings, settings.sigma), settings.request_timeout_s)
     if status != 200:  # the first call loads lazily initialised parts: not a measurement, but it must work
-        raise RuntimeError(f"the served model does not denoise a small PNG: HTTP {status}: {body[:300]!r}")
+        raise LoadTestError(f"the served model does not denoise a small PNG: HTTP {status}: {body[:300]!r}")
     oversized = {kind: weight for kind, weight in settings.mix.items() if KINDS[kind].group == OVERSIZED and weight}
     with TreeMemory(server_pid) if server_pid else contextlib.nullcontext() as memory:
         before = memory.rss() if memory else 0
