@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 
+from ddim_denoise.results.serving_load import markdown_report
 from ddim_denoise.serving.load_test import (
     DEFAULT_MIX,
     LoadSettings,
     load_test_checkpoint,
-    markdown_report,
     run_load_test,
     write_result,
 )
