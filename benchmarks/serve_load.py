@@ -3,7 +3,8 @@
 Valid, invalid and oversized requests (``ddim_denoise.serving.load_test``), then oversized ones alone while the
 server's memory is watched. Prints requests sent, HTTP statuses and p50 / p99 latency per kind, and the server's
 peak memory; ``--out`` also writes the figures as JSON. With ``--url`` it tests a server already running (its
-limits must be given as ``--limits``; its memory is read only with ``--server-pid``).
+limits must be given as ``--limits``; its memory is read only with ``--server-pid``). Exits 1 (after printing and
+writing the figures) when any answer was not the one expected, 2 when the test could not run.
 
     python benchmarks/serve_load.py --checkpoint models/best.pt --clients 8 --seconds 60 --out load.json
 """
@@ -11,15 +12,18 @@ limits must be given as ``--limits``; its memory is read only with ``--server-pi
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ddim_denoise.results.serving_load import markdown_report
 from ddim_denoise.serving.load_test import (
     DEFAULT_MIX,
     LoadSettings,
+    LoadTestError,
     load_test_checkpoint,
     run_load_test,
     write_result,
 )
+from ddim_denoise.serving.model_server import ServerError
 
 
 def whole_numbers(text: str) -> dict[str, int]:
@@ -51,17 +55,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
-    settings = LoadSettings(clients=args.clients, seconds=args.seconds, oversized_seconds=args.oversized_seconds,
-                            mix=args.mix, limits=args.limits, image_side=args.image_side, sigma=args.sigma,
-                            workers=args.workers, server_threads=args.server_threads)
-    if args.url:
-        result = run_load_test(args.url.rstrip("/"), settings, args.server_pid)
-    else:
-        result = load_test_checkpoint(args.checkpoint, settings, args.log)
+    try:
+        settings = LoadSettings(clients=args.clients, seconds=args.seconds, oversized_seconds=args.oversized_seconds,
+                                mix=args.mix, limits=args.limits, image_side=args.image_side, sigma=args.sigma,
+                                workers=args.workers, server_threads=args.server_threads)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        if args.url:
+            result = run_load_test(args.url.rstrip("/"), settings, args.server_pid)
+        else:
+            result = load_test_checkpoint(args.checkpoint, settings, args.log)
+    except (ServerError, LoadTestError) as e:
+        print(f"serve_load.py: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(markdown_report(result))
     if args.out:
         write_result(result, args.out)
-
+    unexpected = sum(tally["unexpected"] for phase in result["phases"].values() for tally in phase["kinds"].values())
+    if unexpected:  # after the figures are written, so that they show what went wrong; a failed stage all the same
+        raise SystemExit(f"serve_load.py: {unexpected} answer(s) not as expected (the table's 'not as expected')")
 
 if __name__ == "__main__":
     main()

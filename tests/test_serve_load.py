@@ -16,6 +16,7 @@ import time
 import pytest
 from denoise_fixtures import write_tiny_checkpoint
 from test_benchmarks import run_benchmark
+from test_results_tables import made_up_load_result
 
 from ddim_denoise.serving import load_test
 from ddim_denoise.serving.load_test import (
@@ -155,3 +156,24 @@ def test_cut_answers_are_counted_as_unexpected_and_a_client_error_stops_the_phas
         monkeypatch.setattr(load_test, "answer_problem", fail)
         with pytest.raises(LoadTestError, match="2 of 2 load clients ended early.*MemoryError: no room"):
             run_phase(url, {"valid": b"{}"}, {"valid": 1}, settings, settings.seconds, seed=0)
+
+
+def test_the_benchmark_says_in_one_line_why_it_cannot_run(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_benchmark("serve_load", ["--mix", "nope=1"])
+    assert stopped.value.code == 2 and "unknown request kind or limit: nope" in capsys.readouterr().err
+    with answering(CUT_ANSWERS["no answer"][0]) as url, pytest.raises(SystemExit) as stopped:
+        run_benchmark("serve_load", ["--url", url, "--mix", "valid=1"])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and error.startswith("serve_load.py: the served model does not denoise a small PNG")
+    assert error.count("\n") == 1, error
+
+
+def test_the_benchmark_fails_after_writing_its_figures_when_an_answer_is_wrong(tmp_path, monkeypatch, capsys):
+    result = made_up_load_result()
+    result["phases"]["oversized"]["kinds"]["png_bomb"]["unexpected"] = 2
+    monkeypatch.setattr(load_test, "run_load_test", lambda url, settings, server_pid: result)
+    with pytest.raises(SystemExit, match=r"2 answer\(s\) not as expected"):
+        run_benchmark("serve_load", ["--url", "http://127.0.0.1:9", "--out", str(tmp_path / "load.json")])
+    assert json.loads((tmp_path / "load.json").read_text()) == result
+    assert "| oversized | png_bomb (oversized) | 300 | 0 | 300 | 0 | 2 |" in capsys.readouterr().out
