@@ -2,11 +2,12 @@
 
 Two phases against one ``mlflow models serve`` process:
 
-1. mixed: ``clients`` threads for ``seconds``, each sending requests drawn by weight (``mix``) from the kinds in
-   ``KINDS``: valid (a small noisy PNG and a sigma), invalid (bad base64, a negative sigma, no image column) and
-   oversized (base64 one character over the limit; a 20000 x 20000 PNG bomb of a few hundred kB);
-2. oversized: the same clients for ``oversized_seconds`` sending oversized requests only, with the server's memory
-   (RSS of its whole process tree, sampled every 50 ms) read before, at its peak and after.
+1. mixed: ``clients`` threads for ``seconds``, each sending one request of every kind in ``mix`` first, then
+   requests drawn by weight (``mix``) from the kinds in ``KINDS``: valid (a small noisy PNG and a sigma), invalid (bad
+   base64, a negative sigma, no image column) and oversized (base64 one character over the limit; a 20000 x 20000
+   PNG bomb of a few hundred kB);
+2. oversized: the same clients for ``oversized_seconds`` sending oversized requests only (the same way), with the
+   server's memory (RSS of its whole process tree, sampled every 50 ms) read before, at its peak and after.
 
 Every answer is checked: a valid request must come back 200 with an image of its size, any other 400 with its
 reason. The result (``run_load_test``) is a JSON-ready dict: per phase and kind, requests sent, HTTP status counts,
@@ -276,8 +277,9 @@ class TreeMemory:
 
 def run_phase(url: str, bodies: dict[str, bytes], weights: Mapping[str, int], settings: LoadSettings,
               seconds: float, seed: int) -> dict:
-    """``settings.clients`` threads sending requests drawn by ``weights`` until ``seconds`` have passed (requests
-    in flight then are answered and counted); per kind, what came back."""
+    """``settings.clients`` threads, each sending one request of every kind first (however long that takes), then
+    requests drawn by ``weights`` until ``seconds`` have passed (requests in flight then are answered and counted); per
+    kind, what came back."""
     kinds = [kind for kind, weight in weights.items() if weight and kind in bodies]
     tallies = {kind: KindTally() for kind in kinds}
     lock = threading.Lock()
@@ -286,9 +288,10 @@ def run_phase(url: str, bodies: dict[str, bytes], weights: Mapping[str, int], se
 
     def client(index: int) -> None:
         draw = random.Random(seed * 1000 + index)
+        first = kinds[index % len(kinds):] + kinds[:index % len(kinds)]  # every kind once, the clients starting apart
         try:
-            while time.monotonic() < deadline:
-                kind = draw.choices(kinds, [weights[k] for k in kinds])[0]
+            while first or time.monotonic() < deadline:
+                kind = first.pop(0) if first else draw.choices(kinds, [weights[k] for k in kinds])[0]
                 start = time.perf_counter()
                 status, body = post(url, bodies[kind], settings.request_timeout_s)
                 latency = time.perf_counter() - start
