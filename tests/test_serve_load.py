@@ -18,7 +18,7 @@ from denoise_fixtures import write_tiny_checkpoint
 from test_benchmarks import run_benchmark
 from test_results_tables import made_up_load_result
 
-from ddim_denoise.serving import load_test
+from ddim_denoise.serving import load_test, model_server
 from ddim_denoise.serving.load_test import (
     KINDS,
     MIB,
@@ -180,3 +180,15 @@ def test_the_benchmark_fails_after_writing_its_figures_when_an_answer_is_wrong(t
         run_benchmark("serve_load", ["--url", "http://127.0.0.1:9", "--out", str(tmp_path / "load.json")])
     assert json.loads((tmp_path / "load.json").read_text()) == result
     assert "| oversized | png_bomb (oversized) | 300 | 0 | 300 | 0 | 2 |" in capsys.readouterr().out
+
+
+def test_a_server_whose_port_another_process_answers_on_is_refused(tmp_path, monkeypatch):
+    """Between free_port and the server's bind another listener may take the port and answer /ping."""
+    with answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") as url:
+        monkeypatch.setattr(model_server, "free_port", lambda: int(url.rsplit(":", 1)[1]))
+        monkeypatch.setattr(model_server, "serve_command",
+                            lambda model_uri, port, workers: [sys.executable, "-c", "import time; time.sleep(60)"])
+        with pytest.raises(model_server.ServerError, match=f"{url}/ping answers, but mlflow models serve does not "
+                                                           f"listen on it: another process holds port"):
+            with model_server.served_model("unused", log=tmp_path / "server.log"):
+                pass

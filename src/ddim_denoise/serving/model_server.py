@@ -1,7 +1,8 @@
 """``mlflow models serve`` as a child process on a free port of 127.0.0.1: started, waited for, always stopped.
 
-``served_model`` is a context manager: it yields the server's URL and process id once ``/ping`` answers, and on the
-way out (an error included) stops the server and the uvicorn workers it started. The server runs in its own session,
+``served_model`` is a context manager: it yields the server's URL and process id once ``/ping`` answers and the port
+is held by the server's processes, and on the way out (an error included) stops the server and the uvicorn workers it
+started. The server runs in its own session,
 so its process group holds exactly those processes and nothing of the caller's.
 """
 
@@ -68,6 +69,33 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s
         time.sleep(POLL_S)
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Whether the process ``pid`` or one of its descendants (a uvicorn worker) listens on TCP ``port``."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            listing = getattr(process, "net_connections", None) or process.connections  # psutil < 6: connections
+            connections = listing(kind="tcp")
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections):
+                return True
+    return False
+
+
+def check_port_is_ours(url: str, port: int, process: subprocess.Popen, log: Path) -> None:
+    """After ``/ping`` answered: the server must still run and hold the port, which another listener could have taken
+    between ``free_port`` and the server's bind (and answered ``/ping`` for it)."""
+    if process.poll() is not None or not listens_on(process.pid, port):
+        state = f"exited with code {process.returncode}" if process.returncode is not None else "does not listen on it"
+        raise ServerError(f"{url}/ping answers, but mlflow models serve {state}: another process holds port "
+                          f"{port}{log_tail(log)}")
+
+
 def stop_process_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM the group ``process`` leads, give it ``grace_s``, then SIGKILL whatever of it is left (workers that
     outlived their leader included)."""
@@ -101,4 +129,5 @@ def served_model(model_uri: str, env: Mapping[str, str] | None = None, workers: 
         cleanup.callback(stop_process_group, process)
         url = f"http://{HOST}:{port}"
         wait_until_serving(url, process, log, start_timeout_s)
+        check_port_is_ours(url, port, process, log)
         yield Server(url, process.pid, log)
