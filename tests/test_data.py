@@ -292,10 +292,10 @@ def test_a_tiny_pickle_cannot_build_a_huge_object(name, pickled):
 
 
 def test_containers_and_strings_cannot_multiply_what_the_pickle_holds():
-    """list() of a 1 MB string makes a million objects; str() of a list naming one 1 MB string 50 times renders
-    it 50 times."""
-    text = "x" * 1_000_000
-    _refused_within(10_000_000, pickle.dumps(_Calls(list, (text,)), protocol=4), r"it builds list\('xxx")
+    """list() of a 1 MB byte string makes a million objects; str() of a list naming one 1 MB byte string 50 times
+    renders it 50 times."""
+    text = b"x" * 1_000_000
+    _refused_within(10_000_000, pickle.dumps(_Calls(list, (text,)), protocol=4), r"it builds list\(b'xxx")
     _refused_within(10_000_000, pickle.dumps(_Calls(str, ([text] * 50,)), protocol=4),
                     "it converts a list to a scalar or string")
 
@@ -309,22 +309,65 @@ class _Calls:
 
 
 def test_an_array_filled_again_and_again_from_one_string_is_charged_each_time():
-    """numpy copies a str's latin-1 encoding into each array whose state it is: 100 arrays naming one 1 MB string
-    would build 100 MB from a 1 MB pickle."""
-    state = "a" * 1_000_000
+    """numpy copies a str's latin-1 encoding into each array whose state it is: 8000 arrays naming one 4000-character
+    string would build 32 MB from a 4 kB string, beyond the ~32 MB their opcodes are charged."""
+    state = "a" * 4000
 
     class ArrayFromString:
         def __reduce__(self):
             return np.empty(0).__reduce__()[0], (np.ndarray, (0,), b"b"), (1, (len(state),), np.dtype("u1"), False,
                                                                           state)
 
-    _refused_within(60_000_000, pickle.dumps([ArrayFromString() for _ in range(100)], protocol=4),
-                    r"it builds an array of shape \(1000000,\) and uint8 of 1000000 bytes, more than the")
+    _refused_within(data.MAX_BATCH_BYTES, pickle.dumps([ArrayFromString() for _ in range(8000)], protocol=4),
+                    r"it builds an array of shape \(4000,\) and uint8 of 4000 bytes, more than the")
+
+
+ASTRAL = "\U0001f600"  # one character beyond the BMP: CPython then stores every character of the str in 4 bytes
+NEAR_FULL = data.MAX_BATCH_BYTES - 100
+
+
+@pytest.mark.parametrize("name, pickled", [
+    ("BINUNICODE", b"\x80\x02X" + struct.pack("<I", NEAR_FULL) + (ASTRAL + "a" * (NEAR_FULL - 4)).encode() + b"."),
+    ("BINUNICODE8", b"\x80\x04\x8d" + struct.pack("<Q", NEAR_FULL) + (ASTRAL + "a" * (NEAR_FULL - 4)).encode()
+     + b"."),
+    ("UNICODE", b"V" + ("\\U0001f600" + "a" * (NEAR_FULL - 10)).encode() + b"\n."),  # raw-unicode-escape
+    ("GLOBAL", b"c" + b"a" * (NEAR_FULL - 10) + b"\nb\n."),  # module names are decoded as UTF-8 too
+])
+def test_a_long_str_is_refused_before_anything_decodes_it(name, pickled):
+    """A batch's str values are file names and labels. A 40 MB str with one astral character would decode to 160 MB
+    (twice, if the opcode scan decoded it as pickletools does): refused from its length, the scan decoding nothing."""
+    assert len(pickled) <= data.MAX_BATCH_BYTES
+    _refused_within(1_000_000, pickled, rf"it holds a str of \d+ bytes \({name}, opcode \d\), more than the "
+                                        rf"{data.MAX_TEXT_BYTES} of a file name or label")
+
+
+def test_objects_made_by_opcodes_alone_are_charged():
+    """Three opcodes call _reconstruct again on the same memoized arguments: 60000 empty arrays, ~500 bytes each with
+    their attribute dict, would take 30 MB that no constructor charges (their shape is empty), within the opcode
+    limit. The scan charges each opcode, so the pickle is refused before anything is built."""
+    call_again = b"h\x00h\x01R"  # BINGET _reconstruct, BINGET its arguments, REDUCE
+    memoized = b"cnumpy.core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nK\x00\x85U\x01b\x87q\x01"  # as 0 and 1
+    pickled = b"\x80\x02" + memoized + b"(" + call_again * 60_000 + b"l."
+    assert data.MAX_BATCH_OPCODES > 3 * 60_000
+    _refused_within(1_000_000, pickled, r"it builds the object of opcode \d+ \(\w+\) of \d+ bytes, more than the")
+
+
+@pytest.mark.parametrize("pickled, target", [
+    (b"\x80\x02cnumpy\ndtype\nN}U\x0c__defaults__(U\x02f8\x88\x88ts\x86b.", "numpy.dtype"),
+    (b"\x80\x02c__builtin__\nlist\nN}U\x04spam\x88s\x86b.", "list"),
+])
+def test_a_pickle_cannot_set_attributes_of_the_constructors_it_calls(pickled, target):
+    """BUILD on a plain function sets its attributes: numpy.dtype's defaults would change for the whole process."""
+    defaults = data._builtin_dtype.__defaults__
+    with pytest.raises(DataError, match=rf"it sets the state of {target}, so it is not a CIFAR-10 batch"):
+        data._unpickle_batch(pickled, "data_batch_1")
+    assert data._builtin_dtype.__defaults__ == defaults
 
 
 @pytest.mark.parametrize("pickled, match", [
     (b"\x80\x04\x8e" + struct.pack("<Q", HUGE) + b"x.", "cannot be read .*expected 200000000 bytes"),  # BINBYTES8
-    (b"\x80\x02Nr" + struct.pack("<I", 25_000_000) + b".", "it stores object 3 at memo index 25000000"),  # LONG_BINPUT
+    (b"\x80\x02Nr" + struct.pack("<I", 25_000_000) + b".",  # LONG_BINPUT
+     "it stores at memo index 25000000 after only 3 opcodes"),
     (b"\x80\x04" + b"}" * (data.MAX_BATCH_OPCODES + 1) + b".", "it holds more than 200000 opcodes"),
 ])
 def test_what_pythons_unpickler_allocates_before_reading_is_refused_first(pickled, match):
@@ -364,6 +407,18 @@ def test_a_full_size_official_batch_fits_the_limits():
     assert type(images) is np.ndarray and images.shape == (10000, *data.IMAGE_SHAPE)
     assert np.array_equal(images, arrays["x_train"]) and np.array_equal(labels, arrays["y_train"])
     assert data.MAX_BATCH_BYTES > len(pickled) > 30_720_000
+
+
+def test_a_full_size_batch_re_pickled_by_python_3_fits_the_limits():
+    """The same with every name a str (as Python 3 reads the official batches with encoding='latin1') as long as the
+    official ones (leptodactylus_pentadactylus_s_000004.png), pickled with protocol 4."""
+    arrays = make_cifar_arrays(n_train_per_batch=2000, n_test=1)
+    rows = arrays["x_train"].transpose(0, 3, 1, 2).reshape(10000, -1)
+    pickled = pickle.dumps({"batch_label": "training batch 1 of 5", "labels": arrays["y_train"].tolist(), "data": rows,
+                            "filenames": [f"leptodactylus_pentadactylus_s_{i:06d}.png" for i in range(10000)]},
+                           protocol=4)
+    images, labels = data._parse_batch(data._unpickle_batch(pickled, "data_batch_1"), "data_batch_1")
+    assert np.array_equal(images, arrays["x_train"]) and np.array_equal(labels, arrays["y_train"])
 
 
 def test_a_prepare_killed_midway_leaves_no_manifest_over_a_mixed_split(tmp_path, monkeypatch):

@@ -12,9 +12,9 @@ If none is present and ``params.data.download`` is true, the official archive is
 
 The official batches are pickles, and unpickling runs whatever code the file names. They are therefore read with a
 restricted unpickler that only rebuilds numpy arrays and plain containers, no larger in all than one official
-batch; anything else is refused. Every problem
-with the data (missing, truncated, corrupt, wrong shape, bad labels) is raised as one ``DataError`` line that names
-the file and the fix, never as a traceback from deep inside tarfile, zipfile or pickle.
+batch; anything else is refused. Every problem with the data (missing, truncated, corrupt, wrong shape, bad labels)
+is raised as one ``DataError`` line that names the file and the fix, never as a traceback from deep inside tarfile,
+zipfile or pickle.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pickle
 import pickletools
 import reprlib
 import shutil
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -193,8 +194,25 @@ MAX_BATCH_BYTES = 40_000_000
 # object on the unpickler's stack or memo, so their number bounds the memory they take.
 MAX_BATCH_OPCODES = 200_000
 # What a container constructor may take per item it makes: a pointer and a new small object (a numpy scalar or row
-# view, a one-character string).
+# view, a one-character string). Also what each opcode is charged for what it makes besides its argument: a stack or
+# memo slot, a small object (an int, a float, an empty container, a short tuple) and its place in a list or dict.
 _ITEM_BYTES = 128
+# What an opcode that calls a constructor (REDUCE and the like) is charged for the object it gets back, on top of
+# what the constructor charges for its content: an empty array with its attribute dict takes ~500 bytes.
+_CALL_BYTES = 1024
+_CALL_OPCODES = frozenset({"REDUCE", "BUILD", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX"})
+# A batch's str values are short: the file names and labels, and the module and function names of GLOBAL. Decoded, a
+# character may take 4 bytes (one astral character makes the whole str 4 bytes a character), so a str argument is
+# limited to this many bytes and charged 4 bytes a byte. The official batches hold their file names as Python 2
+# strings, which become bytes, not str.
+MAX_TEXT_BYTES = 4096
+_TEXT_OPCODES = frozenset({"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "GLOBAL", "INST"})
+_LONG_OPCODES = frozenset({"LONG1", "LONG4"})  # an int of n bytes takes up to ~1.1 n bytes: charged 2 a byte
+_LENGTH_PREFIXES = {pickletools.TAKEN_FROM_ARGUMENT1: "<B", pickletools.TAKEN_FROM_ARGUMENT4: "<i",
+                    pickletools.TAKEN_FROM_ARGUMENT4U: "<I", pickletools.TAKEN_FROM_ARGUMENT8U: "<Q"}
+# numpy's __setstate__ keeps a bytes object longer than this as the array's buffer (when aligned, always so for
+# one-byte items) instead of copying it.
+_NUMPY_COPIES_UP_TO = 1000
 
 
 class _Refused(pickle.UnpicklingError):
@@ -219,6 +237,22 @@ class _Budget:
             raise _Refused(f"it builds {what} of {nbytes} bytes, more than the {self.left} left of the "
                            f"{MAX_BATCH_BYTES} one batch may build")
         self.left -= nbytes
+
+
+class _Global:
+    """An allowed global as the unpickler hands it out: a callable whose state no pickle can set. A BUILD opcode on a
+    plain function would set its attributes (``__defaults__``...), for the whole process where it is module-level."""
+
+    __slots__ = ("name", "function")
+
+    def __init__(self, name: str, function):
+        self.name, self.function = name, function
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+    def __setstate__(self, state):
+        raise _Refused(f"it sets the state of {self.name}")
 
 
 def _builtin_dtype(spec: object, align: bool = False, copy: bool = False) -> np.dtype:
@@ -246,20 +280,25 @@ def _array_bytes(shape: object, dtype: np.dtype) -> int:
 
 class _BoundedArray(np.ndarray):
     """What the unpickler builds arrays as: pickles fill arrays through ``__setstate__`` (shape, dtype, bytes), and
-    numpy copies those bytes (a str's latin-1 encoding, a byte-swapped dtype), so each state is charged first."""
+    numpy copies what it is given there (a str's latin-1 encoding, small bytes), so each copy is charged first. A
+    large bytes object numpy keeps as the array's buffer, without a copy: the opcode that made it was charged."""
 
     _budget: _Budget
 
     def __setstate__(self, state):
         if not (isinstance(state, tuple) and len(state) in (4, 5)):
             raise _Refused(f"it sets an array's state to a {type(state).__name__}")
-        shape, dtype = state[-4:-2]
-        dtype = _builtin_dtype(dtype)
-        self._budget.charge(_array_bytes(shape, dtype), f"an array of shape {reprlib.repr(shape)} and {dtype}")
+        shape, dtype, raw = state[-4], _builtin_dtype(state[-3]), state[-1]
+        nbytes, what = _array_bytes(shape, dtype), f"an array of shape {reprlib.repr(shape)} and {dtype}"
+        kept = type(raw) is bytes and len(raw) == nbytes > _NUMPY_COPIES_UP_TO and dtype.itemsize == 1
+        if not kept:
+            self._budget.charge(nbytes, what)
         super().__setstate__(state)
+        if kept and self.base is not raw:  # a numpy that copies after all: charged now, over the budget by one array
+            self._budget.charge(nbytes, what)
 
 
-def _numpy_array_constructors(budget: _Budget) -> dict[tuple[str, str], object]:
+def _numpy_array_constructors(budget: _Budget) -> dict[tuple[str, str], _Global]:
     """The globals a pickled ndarray refers to, under the module names old and new numpy write, each charging the
     array it makes to ``budget``.
 
@@ -279,18 +318,21 @@ def _numpy_array_constructors(budget: _Budget) -> dict[tuple[str, str], object]:
         budget.charge(_array_bytes(shape, dtype), f"numpy.ndarray({reprlib.repr(shape)}, {dtype})")
         return with_budget(_BoundedArray(shape, dtype, *buffer_offset_strides_order))
 
+    ndarray_global = _Global("numpy.ndarray", ndarray)
+
     def reconstruct(subtype, shape, dtype) -> _BoundedArray:
-        if subtype is not ndarray:
+        if subtype is not ndarray_global:
             raise _ForbiddenGlobal(f"an array of type {reprlib.repr(subtype)}")
         dtype = _builtin_dtype(dtype)
         budget.charge(_array_bytes(shape, dtype), f"an array of shape {reprlib.repr(shape)} and {dtype}")
         return with_budget(numpy_reconstruct(_BoundedArray, shape, dtype))
 
+    reconstruct_global = _Global("numpy.core.multiarray._reconstruct", reconstruct)
     return {
-        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy", "ndarray"): ndarray,
-        ("numpy", "dtype"): _builtin_dtype,
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct_global,
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct_global,
+        ("numpy", "ndarray"): ndarray_global,
+        ("numpy", "dtype"): _Global("numpy.dtype", _builtin_dtype),
     }
 
 
@@ -322,7 +364,7 @@ def _scalar_cost(*args) -> int:
     return 4 * sum(len(arg) for arg in args if isinstance(arg, (str, bytes)))
 
 
-def _plain_builtins(budget: _Budget) -> dict[tuple[str, str], object]:
+def _plain_builtins(budget: _Budget) -> dict[tuple[str, str], _Global]:
     """Inert container and scalar types only (no open, eval, getattr, __import__ and the like), each charging what it
     makes to ``budget``: ``bytes(200_000_000)`` is a few opcodes.
 
@@ -330,12 +372,12 @@ def _plain_builtins(budget: _Budget) -> dict[tuple[str, str], object]:
     ``numpy.ndarray``, each is a function, so no pickle reaches a type's ``__new__`` unchecked.
     """
 
-    def charged(constructor: type, cost):
+    def charged(constructor: type, cost) -> _Global:
         def construct(*args):
             budget.charge(cost(*args), f"{constructor.__name__}({', '.join(map(reprlib.repr, args))})")
             return constructor(*args)
 
-        return construct
+        return _Global(constructor.__name__, construct)
 
     costs = {"bytes": _bytes_cost, "bytearray": _bytes_cost, "str": _scalar_cost, "int": _scalar_cost,
              "float": _scalar_cost, "complex": _scalar_cost, "bool": _scalar_cost, "dict": _container_cost,
@@ -362,15 +404,57 @@ class _CifarBatchUnpickler(pickle.Unpickler):
         raise _ForbiddenGlobal(f"persistent id {reprlib.repr(pid)}")
 
 
-def _check_opcodes(data: bytes) -> None:
-    """Refuse, before unpickling, what Python's unpickler would allocate for without reading: a length prefix
-    larger than the bytes that follow (it allocates the length first), a memo index beyond the objects seen so far
-    (it grows its memo table to the index), or more opcodes than a batch has. Truncation raises ValueError."""
-    for count, (opcode, arg, _) in enumerate(pickletools.genops(data), start=1):
+def _check_opcodes(data: bytes, budget: _Budget) -> None:
+    """Refuse, before unpickling, what Python's unpickler would allocate without reading or charging it: a length
+    prefix larger than the bytes that follow (it allocates the length first), a memo index beyond the opcodes read so
+    far (it grows its memo table to the index), more opcodes than a batch has, a str longer than a batch's names.
+    Charge ``budget`` for what each opcode makes: its argument (a str at 4 bytes a byte), and ``_ITEM_BYTES``, or
+    ``_CALL_BYTES`` for an opcode that calls a constructor.
+
+    The opcodes are read here rather than with ``pickletools.genops``, which decodes every argument: a 40 MB str
+    with one astral character decodes to 160 MB. Only lengths are read, so the scan builds nothing large.
+    Truncation, an unknown opcode and a missing STOP raise ValueError."""
+    pos, end = 0, len(data)
+    for count in range(1, MAX_BATCH_OPCODES + 2):
+        if pos >= end:
+            raise ValueError("pickle exhausted before seeing STOP")
+        opcode = pickletools.code2op.get(chr(data[pos]))
+        if opcode is None:
+            raise ValueError(f"at position {pos}, opcode {data[pos:pos + 1]!r} unknown")
         if count > MAX_BATCH_OPCODES:
             raise _Refused(f"it holds more than {MAX_BATCH_OPCODES} opcodes")
-        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg < count:
-            raise _Refused(f"it stores object {count} at memo index {arg}")
+        name, size, pos = opcode.name, opcode.arg.n if opcode.arg else 0, pos + 1
+        if size == pickletools.UP_TO_NEWLINE:
+            newline = pos - 1
+            for _ in range(2 if name in ("GLOBAL", "INST") else 1):  # these two take a module line and a name line
+                newline = data.find(b"\n", newline + 1)
+                if newline < 0:
+                    raise ValueError(f"no newline ends the argument of {name} at position {pos - 1}")
+            size = newline + 1 - pos
+        elif size < 0:  # a length prefix, then that many bytes
+            prefix = _LENGTH_PREFIXES[size]
+            if pos + struct.calcsize(prefix) > end:
+                raise ValueError(f"the pickle ends within the length of {name} at position {pos - 1}")
+            (size,), pos = struct.unpack_from(prefix, data, pos), pos + struct.calcsize(prefix)
+            if size < 0:
+                raise ValueError(f"{name} before position {pos} has a negative length {size}")
+        if size > end - pos:
+            raise ValueError(f"expected {size} bytes in the argument of {name}, but only {end - pos} remain")
+        if name in _TEXT_OPCODES and size > MAX_TEXT_BYTES:
+            raise _Refused(f"it holds a str of {size} bytes ({name}, opcode {count}), more than the "
+                           f"{MAX_TEXT_BYTES} of a file name or label")
+        factor = 4 if name in _TEXT_OPCODES else 2 if name in _LONG_OPCODES else 1
+        budget.charge(factor * size + (_CALL_BYTES if name in _CALL_OPCODES else _ITEM_BYTES),
+                      f"the object of opcode {count} ({name})")
+        arg, pos = data[pos:pos + min(size, 20)], pos + size  # the memo index and frame length: 20 digits at most
+        if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            index = (int(arg) if size <= 20 else end) if name == "PUT" else int.from_bytes(arg, "little")
+            if not 0 <= index < count:
+                raise _Refused(f"it stores at memo index {index} after only {count} opcodes")
+        elif name == "FRAME" and int.from_bytes(arg, "little") > end - pos:
+            raise ValueError(f"expected {int.from_bytes(arg, 'little')} bytes in a frame, but only {end - pos} remain")
+        elif name == "STOP":
+            return
 
 
 def check_batch_size(size: int, where: str) -> None:
@@ -382,9 +466,10 @@ def check_batch_size(size: int, where: str) -> None:
 
 def _unpickle_batch(data: bytes, where: str) -> object:
     check_batch_size(len(data), where)
+    budget = _Budget()
     try:
-        _check_opcodes(data)
-        batch = _CifarBatchUnpickler(io.BytesIO(data), _Budget()).load()
+        _check_opcodes(data, budget)
+        batch = _CifarBatchUnpickler(io.BytesIO(data), budget).load()
     except _Refused as e:
         raise DataError(f"refusing to unpickle {where}: {e}, so it is not a CIFAR-10 batch; "
                         f"replace it with the official {ARCHIVE_NAME}") from None
@@ -617,7 +702,8 @@ def substitute_originals(x: np.ndarray, originals_path: str | Path, key: str) ->
 
 
 def originals_file(cfg) -> Path | None:
-    """The originals file prepare uses: ``data.originals``, where ``auto`` means ``raw_dir``/originals.npz if present."""
+    """The originals file prepare uses: ``data.originals``, where ``auto`` means ``raw_dir``/originals.npz if
+    present."""
     if cfg.originals == "auto":
         path = Path(cfg.raw_dir) / ORIGINALS_NPZ
         return path if path.is_file() else None
@@ -710,8 +796,8 @@ def manifest_tags(manifest: dict) -> dict[str, str]:
     """MLflow tags saying which data a run trained and validated on: the source, the originals, the split."""
     source, originals = manifest["source"], manifest.get("originals")
     return {"data_source": f"{source['kind']} {source['path']}",
-            "data_originals": (f"{originals['path']} ({originals['count']} train, {originals.get('test_count', 0)} test)"
-                               if originals else "none"),
+            "data_originals": (f"{originals['path']} ({originals['count']} train, "
+                               f"{originals.get('test_count', 0)} test)" if originals else "none"),
             "data_val_split": f"{manifest.get('val_split', 'random')}, {manifest['val_size']} images"}
 
 
