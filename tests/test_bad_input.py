@@ -25,6 +25,7 @@ from ddim_denoise.denoising.denoiser import Denoiser, build_model
 from ddim_denoise.pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
 from ddim_denoise.pipeline.files import MANIFEST_FILE
 from ddim_denoise.pipeline.params import ParamsError, default_params, flatten, load_params, set_dotted, validate_params
+from ddim_denoise.pipeline.runtime import check_inductor_settings
 
 QUICK_FAILURE_S = 30  # a params error must come before any data loading or training: seconds, even on a busy CI box
 
@@ -102,6 +103,14 @@ def test_an_inductor_setting_torch_lacks_stops_train_at_the_params(workspace):
                     "no_such_key; see that module for its keys")
     assert not (root / "models").exists() and not (root / "training").exists()
     assert validate_params({"train": {"inductor": {}}}).train.inductor == {}  # an empty mapping imports nothing
+
+
+@pytest.mark.parametrize("key", ["patch", "__class__", "save_config", "triton"])
+def test_an_attribute_of_the_inductor_config_module_is_not_a_setting(key):
+    """The module's functions, dunders and sections are attributes, not settings torch.compile reads."""
+    with pytest.raises(ValueError, match=rf"torch._inductor.config has no {key}; see that module for its keys"):
+        check_inductor_settings({key: True})
+    assert check_inductor_settings({"triton.cudagraphs": False, "max_autotune": False})
 
 
 @pytest.mark.parametrize("command", [["train"], ["train", "--nproc-per-node", "2"], ["prepare"], ["fetch-data"],

@@ -119,10 +119,12 @@ def resolve_compile_mode(mode: str, device: torch.device, world: int) -> str:
 def check_inductor_settings(settings: dict, where: str = "", error: type[Exception] = ValueError) -> dict:
     """``settings`` for torch._inductor.config, or a one-line ``error`` naming the keys it does not have: a misspelt
     key would otherwise fail at the first step, on the GPU box, after a minute of compiling. Params validation
-    (``train.inductor``) and ``benchmarks/train_speed.py --inductor`` call it."""
+    (``train.inductor``) and ``benchmarks/train_speed.py --inductor`` call it. The keys are the settings the module
+    lists (nested ones dotted, ``triton.cudagraphs``), not any attribute: ``patch`` and ``__class__`` are not."""
     import torch._inductor.config as inductor_config  # imported on demand: a second or more
 
-    unknown = [key if key.isidentifier() else repr(key) for key in settings if not hasattr(inductor_config, key)]
+    keys = inductor_config.get_config_copy()
+    unknown = [key if key.isidentifier() else repr(key) for key in settings if key not in keys]
     if unknown:
         prefix = f"{where}: " if where else ""
         raise error(f"{prefix}torch._inductor.config has no {', '.join(unknown)}; see that module for its keys")
