@@ -9,12 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from cifar_fixtures import _RunsCode, malicious_batch_bytes, write_cifar_folder, write_cifar_npz, write_cifar_tar
 from cli_workspace import cli, make_workspace, one_error_line, process_env
 from denoise_fixtures import write_tiny_checkpoint
@@ -24,7 +22,7 @@ from ddim_denoise.cli import app
 from ddim_denoise.denoising.denoiser import Denoiser, build_model
 from ddim_denoise.pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, save_checkpoint
 from ddim_denoise.pipeline.files import MANIFEST_FILE
-from ddim_denoise.pipeline.params import ParamsError, default_params, flatten, load_params, set_dotted, validate_params
+from ddim_denoise.pipeline.params import ParamsError, default_params, load_params, set_dotted, validate_params
 from ddim_denoise.pipeline.runtime import check_inductor_settings
 
 QUICK_FAILURE_S = 30  # a params error must come before any data loading or training: seconds, even on a busy CI box
@@ -53,7 +51,8 @@ def test_a_key_left_out_takes_conf_defaults_and_a_mapping_leaf_is_replaced_whole
 def test_a_key_that_takes_auto_or_a_value_is_one_problem_naming_both():
     """pydantic reports each branch of 'auto' | int apart, under tags such as literal['auto']: one key, one problem."""
     with pytest.raises(ParamsError) as caught:
-        validate_params({"train": {"compile": "yes please"}, "eval": {"workers": 0}, "model": {"channel_mult": [1, "x"]}})
+        validate_params({"train": {"compile": "yes please"}, "eval": {"workers": 0},
+                         "model": {"channel_mult": [1, "x"]}})
     message = str(caught.value)
     assert message.startswith("params: 3 problem(s): ") and "literal" not in message
     assert "train.compile: Input should be 'auto' or a valid boolean" in message
@@ -161,11 +160,13 @@ def test_an_empty_override_is_the_empty_string(tmp_path):
         "mlflow.registered_model": "", "train.max_minutes": None}
 
 
-@pytest.mark.parametrize("override, where", [("train.lr=.inf", "train.lr"), ("diffusion.p_mean=.nan", "diffusion.p_mean"),
+@pytest.mark.parametrize("override, where", [("train.lr=.inf", "train.lr"),
+                                             ("diffusion.p_mean=.nan", "diffusion.p_mean"),
                                              ("eval.sigmas=[0.1, .nan]", "eval.sigmas.1")])
 def test_non_finite_numbers_in_params_are_refused(workspace, override, where):
     """Unbounded floats too: train.lr=inf used to 'train' to NaN weights and exit 0 with a best PSNR of -inf."""
-    assert f"{where}: Input should be a finite number" in one_error_line(CliRunner().invoke(app, ["train", "-S", override]))
+    line = one_error_line(CliRunner().invoke(app, ["train", "-S", override]))
+    assert f"{where}: Input should be a finite number" in line
 
 
 def test_a_batch_larger_than_the_training_set_is_one_line_before_any_step(workspace):
