@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from ddim_denoise.cli import UserError, parse_overrides
 from ddim_denoise.evaluation.training_speed import TrainingSpeedRow, inductor_settings, training_speed_report
 from ddim_denoise.pipeline.checkpoint import atomic_write_text
 from ddim_denoise.pipeline.params import load_params
@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         inductor_overrides = inductor_settings(args.inductor)
-    except ValueError as e:
+        params = load_params(args.params, parse_overrides(args.set))  # -S as the CLI reads it
+    except (ValueError, UserError) as e:  # a bad pair, YAML value, key or params.yaml: one line
         ap.error(str(e))
     cudnn_settings = args.cudnn_benchmark.split(",")
     if not set(cudnn_settings) <= {"on", "off"}:
         ap.error(f"--cudnn-benchmark takes on, off or both comma-separated, not {args.cudnn_benchmark!r}")
-    params = load_params(args.params, {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)})
     report = training_speed_report(params, [int(b) for b in args.batch.split(",")], args.modes.split(","),
                                    resolve_device(args.device), args.steps, args.warmup, cudnn_settings,
                                    {**params.train.inductor, **inductor_overrides}, args.profile, args.profile_rows)

@@ -126,6 +126,24 @@ def test_train_speed_applies_inductor_settings_and_times_the_warm_up(tmp_path, t
     assert "torch._inductor.config has no no_such_setting" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, message", [
+    (["-S", "train.lr=[1"], "--set 'train.lr=[1': not valid YAML"),
+    (["-S", "train.lr"], "--set 'train.lr': expected KEY=VALUE"),
+    (["-S", "train.lr=fast"], "train.lr: Input should be a valid number"),
+    (["--inductor", "max_autotune=[1"], "--inductor 'max_autotune=[1': not valid YAML"),
+    (["--inductor", "max_autotune"], "--inductor 'max_autotune': expected KEY=VALUE"),
+])
+def test_train_speed_reports_a_bad_value_in_one_line(tmp_path, tiny_params, capsys, option, message):
+    """-S reads its values as the CLI does, and --inductor the same way: a YAML error is not a traceback."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params.model_dump()))
+    with pytest.raises(SystemExit) as exited:
+        run_benchmark("train_speed", ["--params", str(params_file), "--device", "cpu", *option])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("train_speed.py: error: ") and message in last
+
+
 def test_count_flops_includes_attention_on_channels_last_inputs(tiny_params):
     """channels_last selects a fused CPU attention kernel that torch's flop counter has no formula for."""
     from ddim_denoise.denoising.denoiser import build_model

@@ -15,7 +15,6 @@ from typing import Iterator, Sequence
 import pandas as pd
 import torch
 import torch._inductor.config as inductor_config
-import yaml
 from torch.autograd import DeviceType
 
 from ddim_denoise.core.diffusion import SigmaSampler
@@ -24,7 +23,7 @@ from ddim_denoise.core.scale import to_model
 from ddim_denoise.core.unet import count_parameters
 from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.evaluation.throughput import PeakTable, count_flops, synchronize
-from ddim_denoise.pipeline.params import Params
+from ddim_denoise.pipeline.params import Params, parse_yaml
 from ddim_denoise.pipeline.runtime import Precision, check_inductor_settings, device_name
 
 MODES = {  # name: (autocast dtype, channels_last, torch.compile mode or None for eager)
@@ -89,9 +88,15 @@ def measure(step, batch: int, steps: int, warmup: int, device) -> tuple[float, f
 
 
 def inductor_settings(pairs: list[str]) -> dict:
-    """``--inductor KEY=VALUE`` pairs as torch._inductor.config settings (values parsed as YAML: True, 8, ...)."""
-    return check_inductor_settings({k: yaml.safe_load(v) for k, _, v in (pair.partition("=") for pair in pairs)},
-                                   "--inductor")
+    """``--inductor KEY=VALUE`` pairs as torch._inductor.config settings, values read as YAML (True, 8, ...) as the
+    CLI reads ``-S`` values; a bad pair or key is one ValueError line."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--inductor {pair!r}: expected KEY=VALUE, e.g. coordinate_descent_tuning=True")
+        settings[key.strip()] = parse_yaml(value, f"--inductor {pair!r}", ValueError)
+    return check_inductor_settings(settings, "--inductor")
 
 
 # The profile's summary of where the time went: (family, lower-case name fragments), first match wins. GPU kernels
