@@ -446,8 +446,10 @@ def _check_opcodes(data: bytes, budget: _Budget) -> None:
         budget.charge(factor * size + (_CALL_BYTES if name in _CALL_OPCODES else _ITEM_BYTES),
                       f"the object of opcode {count} ({name})")
         arg, pos = data[pos:pos + min(size, 20)], pos + size  # the memo index and frame length: 20 digits at most
+        if name == "PUT" and size > 20:
+            raise _Refused(f"it stores at a memo index of {size - 1} digits")
         if name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            index = (int(arg) if size <= 20 else end) if name == "PUT" else int.from_bytes(arg, "little")
+            index = int(arg) if name == "PUT" else int.from_bytes(arg, "little")
             if not 0 <= index < count:
                 raise _Refused(f"it stores at memo index {index} after only {count} opcodes")
         elif name == "FRAME" and int.from_bytes(arg, "little") > end - pos:
