@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddim_denoise.results.serving_load import markdown_report
+from ddim_denoise.serving.load_report import markdown_report
 from ddim_denoise.serving.load_test import (
     DEFAULT_MIX,
     LoadSettings,

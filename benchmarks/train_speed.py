@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ddim_denoise.cli import UserError, parse_overrides
 from ddim_denoise.evaluation.training_speed import TrainingSpeedRow, inductor_settings, training_speed_report
 from ddim_denoise.pipeline.checkpoint import atomic_write_text
-from ddim_denoise.pipeline.params import load_params
+from ddim_denoise.pipeline.params import load_params, parse_overrides
 from ddim_denoise.pipeline.runtime import resolve_device
 
 
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         inductor_overrides = inductor_settings(args.inductor)
         params = load_params(args.params, parse_overrides(args.set))  # -S as the CLI reads it
-    except (ValueError, UserError) as e:  # a bad pair, YAML value, key or params.yaml: one line
+    except ValueError as e:  # a bad pair, YAML value, key or params.yaml: one line (ParamsError)
         ap.error(str(e))
     cudnn_settings = args.cudnn_benchmark.split(",")
     if not set(cudnn_settings) <= {"on", "off"}:

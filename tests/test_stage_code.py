@@ -39,6 +39,7 @@ def test_every_stage_depends_on_the_folders_it_runs():
     # the speed study's stages run benchmark scripts
     for stage, script in {"training": "train_speed.py", "denoising": "denoise_speed.py"}.items():
         assert code_deps("pipelines/results/speed/dvc.yaml", stage) == script_folders(REPO / "benchmarks" / script)
+    assert code_deps(PIPELINES["serve-load"], "serve-load") == script_folders(REPO / "benchmarks" / "serve_load.py")
 
 
 def fake_package(root: Path, files: dict[str, str]) -> None:

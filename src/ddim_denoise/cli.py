@@ -43,16 +43,9 @@ def user_errors(fn):
 
 
 def parse_overrides(items: Optional[list[str]], option: str = "--set") -> dict[str, object]:
-    from ddim_denoise.pipeline.params import parse_yaml
+    from ddim_denoise.pipeline.params import parse_overrides as parse
 
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"{option} {item!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
-        # `key=` is the empty string
-        overrides[key.strip()] = parse_yaml(value, f"{option} {item!r}", UserError) if value.strip() else ""
-    return overrides
+    return parse(items, option, UserError)
 
 
 def load(params_path: str, overrides: Optional[list[str]] = None):
@@ -275,7 +268,8 @@ def export_command(
     out: Path = typer.Option(..., "--out", "-o", help="file to write, e.g. denoiser.onnx"),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's)"),
     check: bool = typer.Option(True, "--check/--no-check", help="compare with PyTorch on noisy photos afterwards"),
-    atol: Optional[float] = typer.Option(None, "--atol", min=0.0, help="parity tolerance on [0,1] pixels (default 1e-4)"),
+    atol: Optional[float] = typer.Option(None, "--atol", min=0.0,
+                                         help="parity tolerance on [0,1] pixels (default 1e-4)"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out file (never the checkpoint itself)"),
 ):
     """Export the one-step denoiser (images in [0,1] NCHW + per-image sigma -> denoised), dynamic batch and size."""

@@ -82,7 +82,8 @@ class TrainConfig(_Section):
     amp: Precision
     channels_last: Literal["auto"] | bool  # see runtime.resolve_channels_last
     compile: Literal["auto"] | bool  # see runtime.resolve_compile
-    # torch.compile's mode; reduce-overhead replays each step as CUDA graphs (one GPU only: runtime.resolve_compile_mode)
+    # torch.compile's mode; reduce-overhead replays each step as CUDA graphs (one GPU only:
+    # runtime.resolve_compile_mode)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
     # torch._inductor.config settings while compiling (runtime.compile_context). Forcing Inductor's layout
     # optimisation, which skips U-Nets by default, trained the gpu profile faster (benchmarks/train_speed.py).
@@ -143,7 +144,8 @@ class EvalConfig(_Section):
     unclip_passes_estimated: int = Field(ge=0)  # the same when sigma is estimated (re-estimated every pass)
     clipped_images: int = Field(ge=0)  # one-step also on these first noisy images stored as 8-bit; 0 = off
     grid_images: int = Field(ge=1)
-    # processes for the classical baselines (BM3D is ~1 s per image per core); auto: one per CPU core this process may use
+    # processes for the classical baselines (BM3D is ~1 s per image per core); auto: one per CPU core this process
+    # may use
     workers: Literal["auto"] | Annotated[int, Field(ge=1)]
 
     @field_validator("sigmas")
@@ -199,6 +201,18 @@ def parse_yaml(text: str, where: str, error: type[Exception]) -> object:
         raise error(f"{where}: not valid YAML ({one_line(e)})") from None
     except RecursionError:
         raise error(f"{where}: not valid YAML (nested too deeply)") from None
+
+
+def parse_overrides(items, option: str = "--set", error: type[Exception] = ParamsError) -> dict[str, object]:
+    """``KEY=VALUE`` command-line items (``-S``/``--set``, a sweep's ``--budget``) as overrides, each value read as
+    YAML (``key=`` is the empty string); a malformed item is one ``error`` line naming ``option``."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise error(f"{option} {item!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
+        overrides[key.strip()] = parse_yaml(value, f"{option} {item!r}", error) if value.strip() else ""
+    return overrides
 
 
 def read_yaml_mapping(path: str | Path, error: type[ValueError], missing_hint: str, expected: str) -> dict:
