@@ -18,15 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cli_workspace import free_port
 
-from ddim_denoise.serving.model_server import stop_process_group
+from ddim_denoise.serving.model_server import answers_ok, stop_process_group
 
 POSTGRES_PROGRAMS = ("initdb", "pg_ctl")
 DEBIAN_POSTGRES_BIN = "/usr/lib/postgresql/*/bin"
@@ -141,14 +139,6 @@ def postgres_server() -> Iterator[Postgres]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _answers_health(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @contextlib.contextmanager
 def mlflow_server(backend_store_uri: str, artifacts_destination: Path, log: Path, app_name: str | None = None,
                   env: dict[str, str] | None = None) -> Iterator[str]:
@@ -164,7 +154,7 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: Path, log: Path
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                    env=env)
     try:
-        wait_until(lambda: _answers_health(url), "mlflow server", START_TIMEOUT_S, process, log)
+        wait_until(lambda: answers_ok(f"{url}/health", timeout=1), "mlflow server", START_TIMEOUT_S, process, log)
         yield url
     finally:
         stop_process_group(process, STOP_TIMEOUT_S)

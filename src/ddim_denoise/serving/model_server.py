@@ -46,9 +46,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def answers_ping(url: str) -> bool:
+def answers_ok(url: str, timeout: float = 2) -> bool:
+    """Whether a GET of ``url`` answers 200 (a server's readiness endpoint: /ping, /health)."""
     try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -61,7 +62,7 @@ def log_tail(log: Path) -> str:
 
 def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while not answers_ping(url):
+    while not answers_ok(f"{url}/ping"):
         if process.poll() is not None:
             raise ServerError(f"mlflow models serve exited with code {process.returncode}{log_tail(log)}")
         if time.monotonic() > deadline:
