@@ -197,6 +197,10 @@ def test_budget_overrides_run_the_same_trials_at_another_budget_in_a_study_of_th
         prepare_setup(options(budget={"train.epochz": 3}))
     refused = CliRunner().invoke(app, ["sweep", "run", "--space", "space.yaml", "--budget", "train.epochs"])
     assert "--budget 'train.epochs': expected KEY=VALUE" in one_error_line(refused)
+    for command in ("best", "verify"):  # they find the --budget study by the same name
+        missing = CliRunner().invoke(app, ["sweep", command, "--space", "space.yaml", "--budget", "train.epochs=3",
+                                           "--budget", "train.max_train_images=null"])
+        assert f"no study {longer.study_name!r}" in one_error_line(missing)
 
 
 def test_space_errors_are_listed_together(workspace):

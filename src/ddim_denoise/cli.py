@@ -294,6 +294,8 @@ SWEEP_STUDY_OPT = typer.Option(None, "--study", help="study name (default: deriv
 SWEEP_STORAGE_OPT = typer.Option(None, "--storage", help="Optuna storage: a SQLAlchemy URL (sqlite:///..., "
                                  "postgresql://...) or journal:PATH (default: sqlite <root>/mlruns/optuna.db)")
 SWEEP_SPACE_OPT = typer.Option(Path("pipelines/sweep/space.yaml"), "--space", help="search space file")
+SWEEP_BUDGET_OPT = typer.Option(None, "--budget", help="KEY=VALUE over the space file's budget (repeatable): the "
+                                "same trials at another budget, in a study of its own")
 
 
 def sweep_errors(fn):
@@ -330,9 +332,7 @@ def sweep_run_command(
                                          "images/s (Pareto front; no pruning)"),
     stop_after_failures: int = typer.Option(5, "--stop-after-failures", min=0, help="stop this worker after this "
                                             "many failed trials in a row (0: never)"),
-    budget: Optional[list[str]] = typer.Option(None, "--budget", help="KEY=VALUE over the space file's budget "
-                                               "(repeatable): the same trials at another budget, in a study of its "
-                                               "own"),
+    budget: Optional[list[str]] = SWEEP_BUDGET_OPT,
     params: str = PARAMS_OPT,
 ):
     """Search the space: each trial trains with params.yaml + the space's budget + sampled values."""
@@ -362,13 +362,14 @@ def sweep_best_command(
                                "(conf/profile/NAME.yaml, comments kept) and compose params.yaml again; refused "
                                "when the study ran under other defaults than params.yaml's, or `sweep verify` did "
                                "not find the trial better than the defaults at params.yaml's budget"),
+    budget: Optional[list[str]] = SWEEP_BUDGET_OPT,
     params: str = PARAMS_OPT,
 ):
     """Print the best trial and the `dvc exp run -S ...` command that trains it with the full budget."""
     from ddim_denoise.sweep.study import SweepOptions, best_trial_report
 
-    report = best_trial_report(SweepOptions(params_path=Path(params), space_path=space, study=study,
-                                            storage=storage), trial, apply)
+    report = best_trial_report(SweepOptions(params_path=Path(params), space_path=space, study=study, storage=storage,
+                                            budget=parse_overrides(budget, "--budget")), trial, apply)
     typer.echo(report.text)
     if report.command:
         typer.echo(f"train it for real:\n  {report.command}")
@@ -388,14 +389,15 @@ def sweep_verify_command(
     storage: Optional[str] = SWEEP_STORAGE_OPT,
     space: Path = SWEEP_SPACE_OPT,
     trial: Optional[int] = typer.Option(None, "--trial", help="a given trial instead of the best"),
+    budget: Optional[list[str]] = SWEEP_BUDGET_OPT,
     params: str = PARAMS_OPT,
 ):
     """Retrain the best trial and params.yaml's defaults at params.yaml's budget, compare them on the validation
     split, and record whether the trial wins by more than the 95% CI (`sweep best --apply` needs that)."""
     from ddim_denoise.sweep.study import SweepOptions, verify_best
 
-    verification = verify_best(SweepOptions(params_path=Path(params), space_path=space, study=study,
-                                            storage=storage), trial)
+    verification = verify_best(SweepOptions(params_path=Path(params), space_path=space, study=study, storage=storage,
+                                            budget=parse_overrides(budget, "--budget")), trial)
     typer.echo(verification.line())
 
 
