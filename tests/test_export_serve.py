@@ -33,7 +33,7 @@ from ddim_denoise.serving.export import (
     run_eager,
     verify_export,
 )
-from ddim_denoise.serving.image_io import decode_image
+from ddim_denoise.data.image_io import decode_image
 from ddim_denoise.serving.model_server import served_model
 
 REGISTERED_NAME = "ddim-denoiser-test"

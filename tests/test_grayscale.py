@@ -15,8 +15,8 @@ from ddim_denoise.core.scale import sigma_to_model
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.denoising.grayscale import identical_channels, looks_mono_noise
 from ddim_denoise.serving.denoise_files import DenoiseOptions, denoise_decoded, image_sigma
-from ddim_denoise.serving.image_io import split_channels
-from ddim_denoise.serving.tiling import TileOptions
+from ddim_denoise.data.image_io import split_channels
+from ddim_denoise.denoising.tiling import TileOptions
 
 
 @pytest.fixture

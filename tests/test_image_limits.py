@@ -11,10 +11,10 @@ import pytest
 from denoise_fixtures import encode_with_reference, write_tiny_checkpoint
 from typer.testing import CliRunner
 
-import ddim_denoise.serving.image_io as image_io
+import ddim_denoise.data.image_io as image_io
 from ddim_denoise.cli import app
 from ddim_denoise.pipeline.errors import InputError
-from ddim_denoise.serving.image_io import DecodeLimits, decode_image, image_pixels, read_image
+from ddim_denoise.data.image_io import DecodeLimits, decode_image, image_pixels, read_image
 
 H, W = 12, 10
 PIXELS = {

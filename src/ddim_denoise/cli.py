@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from ddim_denoise.serving.image_io import DEFAULT_MAX_PIXELS  # light: numpy, which the package imports anyway
+from ddim_denoise.data.image_io import DEFAULT_MAX_PIXELS  # light: numpy, which the package imports anyway
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and use a DDIM diffusion denoiser.")
 
@@ -230,9 +230,9 @@ def denoise_command(
         load_denoiser,
         plan_outputs,
     )
-    from ddim_denoise.serving.image_io import DecodeLimits
+    from ddim_denoise.data.image_io import DecodeLimits
     from ddim_denoise.serving.model_source import resolved_checkpoint
-    from ddim_denoise.serving.tiling import TileOptions
+    from ddim_denoise.denoising.tiling import TileOptions
 
     if (sigma is None) == (not estimate):
         raise UserError("give either --sigma S (pixel scale, e.g. 0.1) or --estimate")

@@ -124,7 +124,7 @@ class RequestLimits:
         return cls(**values)
 
     def decode_limits(self):
-        from ddim_denoise.serving.image_io import DecodeLimits
+        from ddim_denoise.data.image_io import DecodeLimits
 
         return DecodeLimits(self.max_image_pixels, setting=_setting("max_image_pixels"))
 
@@ -179,7 +179,7 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from ddim_denoise.pipeline.errors import InputError
         from ddim_denoise.serving.denoise_files import denoise_decoded
-        from ddim_denoise.serving.image_io import decode_image, encode_image
+        from ddim_denoise.data.image_io import decode_image, encode_image
 
         checked = self._checked_rows(pd.DataFrame(model_input), params or {})
         images, used = [], []
@@ -198,7 +198,7 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
         sigma is valid: a bad last row costs no work on the others. Nothing is decoded but base64 and headers."""
         from ddim_denoise.pipeline.errors import InputError
         from ddim_denoise.serving.denoise_files import DenoiseOptions
-        from ddim_denoise.serving.image_io import image_pixels
+        from ddim_denoise.data.image_io import image_pixels
 
         limits = self.limits
         if "image" not in frame.columns:
