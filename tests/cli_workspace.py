@@ -19,7 +19,8 @@ import numpy as np
 import yaml
 from cifar_fixtures import write_cifar_npz
 
-from ddim_denoise.data.cifar10 import IMAGE_SHAPE, TRAIN_BATCHES, prepare
+from ddim_denoise.data.cifar10 import IMAGE_SHAPE, TRAIN_BATCHES
+from ddim_denoise.data.prepared import prepare
 from ddim_denoise.pipeline.params import Params, set_dotted, validate_params
 from ddim_denoise.serving.model_server import free_port  # noqa: F401 (the tests take it from here)
 

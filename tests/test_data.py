@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
 from ddim_denoise.data import cifar10 as data
+from ddim_denoise.data import prepared
 from ddim_denoise.pipeline.errors import DataError
 from ddim_denoise.pipeline.files import MANIFEST_FILE
 from ddim_denoise.pipeline.params import validate_params
@@ -89,7 +90,7 @@ def test_split_is_seeded_disjoint_and_complete():
 def test_validation_set_must_leave_training_images(tmp_path, val_size):
     write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
     with pytest.raises(DataError, match=f"data.val_size={val_size} .*{N_TRAIN} training images"):
-        data.prepare(params_for(tmp_path, val_size=val_size))
+        prepared.prepare(params_for(tmp_path, val_size=val_size))
 
 
 def labelled_images(x, y) -> list[bytes]:
@@ -99,10 +100,10 @@ def labelled_images(x, y) -> list[bytes]:
 
 def test_prepare_writes_uint8_splits_and_a_manifest(tmp_path):
     archive = write_cifar_tar(tmp_path / "raw", N_PER_BATCH, N_TEST)
-    manifest = data.prepare(params_for(tmp_path))
+    manifest = prepared.prepare(params_for(tmp_path))
 
     expected = make_cifar_arrays(N_PER_BATCH, N_TEST)
-    splits = {split: data.load_split(tmp_path / "prepared", split) for split in data.SPLITS}
+    splits = {split: prepared.load_split(tmp_path / "prepared", split) for split in prepared.SPLITS}
     for x, y in splits.values():
         assert x.dtype == np.uint8 and y.dtype == np.uint8 and x.shape[1:] == data.IMAGE_SHAPE and len(x) == len(y)
     assert {s: len(x) for s, (x, _) in splits.items()} == {"train": N_TRAIN - VAL_SIZE, "val": VAL_SIZE,
@@ -132,7 +133,7 @@ def write_originals(path, k: int, k_test: int = 2, shift: int = 3) -> tuple:
 
 def test_originals_replace_their_jpeg_twins_and_can_form_the_training_set_alone(tmp_path):
     write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
-    plain = data.prepare(params_for(tmp_path))
+    plain = prepared.prepare(params_for(tmp_path))
     path, originals, test_originals = write_originals(tmp_path / "originals.npz", k=12)
     idx_train, idx_val = data.split_indices(N_TRAIN, VAL_SIZE, 0)
     arrays = make_cifar_arrays(N_PER_BATCH, N_TEST)
@@ -141,18 +142,18 @@ def test_originals_replace_their_jpeg_twins_and_can_form_the_training_set_alone(
 
     params = params_for(tmp_path)
     params.data.originals, params.data.val_split = str(path), "random"
-    manifest = data.prepare(params)
-    assert np.array_equal(data.load_split(tmp_path / "prepared", "train")[0], expected[idx_train])
-    assert np.array_equal(data.load_split(tmp_path / "prepared", "val")[0], expected[idx_val])
-    assert np.array_equal(data.load_split(tmp_path / "prepared", "test")[0], expected_test)
+    manifest = prepared.prepare(params)
+    assert np.array_equal(prepared.load_split(tmp_path / "prepared", "train")[0], expected[idx_train])
+    assert np.array_equal(prepared.load_split(tmp_path / "prepared", "val")[0], expected[idx_val])
+    assert np.array_equal(prepared.load_split(tmp_path / "prepared", "test")[0], expected_test)
     assert manifest["originals"]["count"] == 12 and manifest["originals"]["test_count"] == 2
     assert manifest["dataset_sha256"] != plain["dataset_sha256"]
 
     params.data.originals_only = True
-    manifest = data.prepare(params)
+    manifest = prepared.prepare(params)
     only = idx_train[idx_train < 12]
     assert 0 < len(only) < len(idx_train)
-    assert np.array_equal(data.load_split(tmp_path / "prepared", "train")[0], expected[only])
+    assert np.array_equal(prepared.load_split(tmp_path / "prepared", "train")[0], expected[only])
     assert manifest["counts"]["train"] == len(only) and manifest["counts"]["val"] == VAL_SIZE
 
 
@@ -160,15 +161,16 @@ def test_validation_on_originals_is_their_last_images_and_leaves_training(tmp_pa
     """data/raw/originals.npz is found by data.originals=auto, and validation (val_split=auto) is taken from it."""
     write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
     _, originals, _ = write_originals(tmp_path / "raw" / data.ORIGINALS_NPZ, k=12)
-    manifest = data.prepare(params_for(tmp_path, val_size=4))
-    val = data.load_split(tmp_path / "prepared", "val")[0]
-    train = data.load_split(tmp_path / "prepared", "train")[0]
+    manifest = prepared.prepare(params_for(tmp_path, val_size=4))
+    val = prepared.load_split(tmp_path / "prepared", "val")[0]
+    train = prepared.load_split(tmp_path / "prepared", "train")[0]
     assert manifest["val_split"] == "originals" and manifest["source"]["path"].endswith("cifar10.npz")
     assert np.array_equal(val, originals[8:12]) and len(train) == N_TRAIN - 4
     assert not any((image == train).all(axis=(1, 2, 3)).any() for image in val)
     random = params_for(tmp_path, val_size=4)
     random.data.val_split = "random"
-    assert data.data_identity(data.prepare(random)) != data.data_identity(manifest)  # no resume across the two
+    # no resume across the two
+    assert prepared.data_identity(prepared.prepare(random)) != prepared.data_identity(manifest)
 
 
 def test_validation_on_originals_needs_enough_of_them(tmp_path):
@@ -176,10 +178,10 @@ def test_validation_on_originals_needs_enough_of_them(tmp_path):
     params = params_for(tmp_path, val_size=12)
     params.data.originals, params.data.val_split = str(write_originals(tmp_path / "o.npz", k=12)[0]), "originals"
     with pytest.raises(DataError, match="val_split=originals takes data.val_size=12 of the 12 original"):
-        data.prepare(params)
+        prepared.prepare(params)
     params.data.originals = None
     with pytest.raises(DataError, match="takes data.val_size=12 of the 0 original"):
-        data.prepare(params)
+        prepared.prepare(params)
 
 
 def test_originals_of_other_images_are_refused(tmp_path):
@@ -187,18 +189,18 @@ def test_originals_of_other_images_are_refused(tmp_path):
     params = params_for(tmp_path)
     params.data.originals = str(write_originals(tmp_path / "originals.npz", k=12, shift=128)[0])
     with pytest.raises(DataError, match="its x_train is not the first 12 images"):
-        data.prepare(params)
+        prepared.prepare(params)
     params.data.originals = str(tmp_path / "missing.npz")
     with pytest.raises(DataError, match="missing.npz not found"):
-        data.prepare(params)
+        prepared.prepare(params)
 
 
 def test_prepare_is_reproducible_per_seed(tmp_path):
     write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
     val = {}
     for seed in (0, 0, 1):
-        data.prepare(params_for(tmp_path, seed=seed))
-        val.setdefault(seed, []).append(data.load_split(tmp_path / "prepared", "val")[0])
+        prepared.prepare(params_for(tmp_path, seed=seed))
+        val.setdefault(seed, []).append(prepared.load_split(tmp_path / "prepared", "val")[0])
     assert np.array_equal(*val[0]) and not np.array_equal(val[0][0], val[1][0])
 
 
@@ -211,7 +213,7 @@ def test_folder_hash_covers_the_batch_files_in_sorted_order(tmp_path):
 
 def test_load_split_says_to_run_prepare_first(tmp_path):
     with pytest.raises(DataError, match="run `ddim-denoise prepare`"):
-        data.load_split(tmp_path / "prepared", "train")
+        prepared.load_split(tmp_path / "prepared", "train")
 
 
 @pytest.mark.parametrize("payload", [f"{os.system.__module__}.system", "builtins.open"])
@@ -231,7 +233,7 @@ def test_a_pickle_that_runs_code_is_refused_without_side_effects(tmp_path, paylo
     (folder / "data_batch_3").write_bytes(malicious(marker))
     refused = rf"refusing to unpickle .*data_batch_3: it asks for {payload}, so it is not a CIFAR-10 batch"
     with pytest.raises(DataError, match=refused):
-        data.prepare(params_for(tmp_path))
+        prepared.prepare(params_for(tmp_path))
     assert not marker.exists()
     assert not (tmp_path / "prepared").exists()
 
@@ -432,19 +434,19 @@ def test_a_full_size_batch_re_pickled_by_python_3_fits_the_limits():
 
 def test_a_prepare_killed_midway_leaves_no_manifest_over_a_mixed_split(tmp_path, monkeypatch):
     write_cifar_npz(tmp_path / "raw", N_PER_BATCH, N_TEST)
-    data.prepare(params_for(tmp_path))
-    save = data._save_npy
+    prepared.prepare(params_for(tmp_path))
+    save = prepared.save_npy
 
     def killed_at_the_validation_images(path, array):
         if path.name.startswith("val_x"):
             raise KeyboardInterrupt
         save(path, array)
 
-    monkeypatch.setattr(data, "_save_npy", killed_at_the_validation_images)
+    monkeypatch.setattr(data, "save_npy", killed_at_the_validation_images)
     with pytest.raises(KeyboardInterrupt):  # another split: train_x is rewritten before the kill, val_x is not
-        data.prepare(params_for(tmp_path, seed=1))
+        prepared.prepare(params_for(tmp_path, seed=1))
     with pytest.raises(DataError, match="run `ddim-denoise prepare`"):
-        data.load_split(tmp_path / "prepared", "val")
+        prepared.load_split(tmp_path / "prepared", "val")
 
 
 def test_truncated_archive_is_reported_as_such(tmp_path):

@@ -93,7 +93,7 @@ def fixed_noise_loss(params, model_state: dict | None) -> float:
     if model_state is not None:
         probe.model.load_state_dict(model_state)
     probe.model.eval()
-    x0 = probe._batch_to_model_scale(torch.from_numpy(probe.train_x))
+    x0 = probe._batch_to_model_scale(probe.train_images.epoch_images(0))
     with torch.no_grad():
         return sum(probe.loss_fn(probe.model, x0, torch.Generator().manual_seed(draw)).item()
                    for draw in range(NOISE_DRAWS)) / NOISE_DRAWS

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
 from ddim_denoise.core.metrics import make_noisy, psnr_of_mean_mse, psnr_ssim, to_float
-from ddim_denoise.data.cifar10 import MANIFEST_FORMAT
+from ddim_denoise.data.prepared import MANIFEST_FORMAT
 from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.evaluation import evaluate as evaluate_module
 from ddim_denoise.evaluation.baselines import bm3d_denoise, map_images, nlm_denoise, resolve_workers

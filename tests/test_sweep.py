@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
-from ddim_denoise.data import cifar10 as data_module
-from ddim_denoise.data.cifar10 import load_split, prepare
+from ddim_denoise.data import prepared as data_module
+from ddim_denoise.data.prepared import load_split, prepare
 from ddim_denoise.evaluation import evaluate as evaluate_module
 from ddim_denoise.pipeline import params as params_module
 from ddim_denoise.pipeline.params import load_params, validate_params

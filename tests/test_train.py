@@ -9,7 +9,8 @@ import pytest
 import torch
 from cifar_fixtures import write_cifar_npz
 
-from ddim_denoise.data.cifar10 import prepare
+from ddim_denoise.data.patches import FixedImages
+from ddim_denoise.data.prepared import prepare
 from ddim_denoise.pipeline.checkpoint import CheckpointError, load_checkpoint
 from ddim_denoise.pipeline.errors import TrainingError
 from ddim_denoise.pipeline.params import ParamsError, validate_params
@@ -90,9 +91,10 @@ def test_short_training_lowers_the_loss(workspace):
     trainer = build_trainer(params)
     # Smooth images (random colour gradients): learnable structure, unlike the fixture's random pixels.
     ramp = np.linspace(0, 1, 32, dtype=np.float32)
-    colours = np.random.default_rng(0).uniform(0, 1, (len(trainer.train_x), 1, 1, 3)).astype(np.float32)
-    trainer.train_x = (255 * colours * ramp[None, :, None, None] * ramp[None, None, :, None]).astype(np.uint8)
-    x0 = trainer._batch_to_model_scale(torch.from_numpy(trainer.train_x[:8]))
+    colours = np.random.default_rng(0).uniform(0, 1, (len(trainer.train_images), 1, 1, 3)).astype(np.float32)
+    trainer.train_images = FixedImages(
+        (255 * colours * ramp[None, :, None, None] * ramp[None, None, :, None]).astype(np.uint8))
+    x0 = trainer._batch_to_model_scale(trainer.train_images.images[:8])
     gen = lambda: torch.Generator().manual_seed(0)  # same noise levels and noise before and after
     with torch.no_grad():
         before = trainer.loss_fn(trainer.model, x0, gen()).item()
@@ -125,7 +127,7 @@ def test_interrupted_run_resumes_to_the_same_state(workspace, tmp_path):
     first = build_trainer(with_train(workspace, epochs=3, out_dir="resumed"))
     # Simulate a kill after epoch 1: run one epoch and save, as fit() does, then start a fresh process-like trainer.
     first._start_tracking(None)
-    first.train_epoch(torch.from_numpy(first.train_x))
+    first.train_epoch(first.train_images.epoch_images(0))
     first.epoch += 1
     first.validation_seconds = 100.0  # time spent before the kill counts on
     first._end_of_epoch({"epoch_loss": 0.0})
@@ -363,7 +365,7 @@ def test_training_batches_have_the_memory_format_train_channels_last_asks_for(wo
     # The uint8 batch is permuted from NHWC, so it has channels_last strides already; left as it is, it made the
     # convolutions run channels_last under train.channels_last=false too (bf16 on a CPU at 0.6x its speed).
     trainer = build_trainer(with_train(workspace, epochs=1, channels_last=setting))
-    batch = trainer._batch_to_model_scale(torch.from_numpy(trainer.train_x[:4]))
+    batch = trainer._batch_to_model_scale(trainer.train_images.images[:4])
     assert batch.shape == (4, 3, 32, 32) and batch.is_contiguous(memory_format=memory_format)
     weight = next(p for p in trainer.model.parameters() if p.ndim == 4)
     assert weight.is_contiguous(memory_format=memory_format)

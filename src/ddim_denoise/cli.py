@@ -14,7 +14,9 @@ from typing import Optional
 
 import typer
 
-from ddim_denoise.data.image_io import DEFAULT_MAX_PIXELS  # light: numpy, which the package imports anyway
+from ddim_denoise.data.image_io import (
+    DEFAULT_MAX_PIXELS,  # light: numpy, which the package imports anyway
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and use a DDIM diffusion denoiser.")
 
@@ -66,7 +68,10 @@ def train(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT,
                                              "more than 1 relaunches through torchrun (DDP); each takes "
                                              "train.batch_size images per step")):
     """Train the diffusion U-Net (resumes an interrupted run from models/last.pt). Under torchrun, one rank each."""
-    from ddim_denoise.training.distributed import relaunch_with_torchrun, train_as_launched
+    from ddim_denoise.training.distributed import (
+        relaunch_with_torchrun,
+        train_as_launched,
+    )
 
     cfg = load(params, set_)  # every params problem is reported here, before any process or work starts
     if nproc_per_node > 1:
@@ -84,15 +89,16 @@ def train(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT,
 @app.command("prepare")
 @user_errors
 def prepare_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT):
-    """Split CIFAR-10 into seeded train/val and the official test set, as .npy files (the DVC prepare stage)."""
-    from ddim_denoise.data.cifar10 import manifest_tags, prepare
+    """Split the data (data.source: CIFAR-10 or a folder of pictures) into seeded train / validation / test
+    (the DVC prepare stage)."""
+    from ddim_denoise.data.prepared import manifest_tags, prepare
 
     manifest = prepare(load(params, set_))
     counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
-    source = manifest["source"]
+    source, tags = manifest["source"], manifest_tags(manifest)
     typer.echo(f"prepared {counts} images from {source['kind']} {source['path']} "
-               f"(sha256 {manifest['dataset_sha256'][:12]}); originals: {manifest_tags(manifest)['data_originals']}; "
-               f"validation: {manifest['val_split']}")
+               f"(sha256 {manifest['dataset_sha256'][:12]}); originals: {tags['data_originals']}; "
+               f"validation: {tags['data_val_split']}")
 
 
 @app.command("fetch-data")
@@ -223,6 +229,8 @@ def denoise_command(
     """Remove Gaussian noise from image files (large ones in blended tiles); write them to --out."""
     from tqdm import tqdm
 
+    from ddim_denoise.data.image_io import DecodeLimits
+    from ddim_denoise.denoising.tiling import TileOptions
     from ddim_denoise.serving.denoise_files import (
         DenoiseOptions,
         check_pixel_sigma,
@@ -230,9 +238,7 @@ def denoise_command(
         load_denoiser,
         plan_outputs,
     )
-    from ddim_denoise.data.image_io import DecodeLimits
     from ddim_denoise.serving.model_source import resolved_checkpoint
-    from ddim_denoise.denoising.tiling import TileOptions
 
     if (sigma is None) == (not estimate):
         raise UserError("give either --sigma S (pixel scale, e.g. 0.1) or --estimate")
@@ -273,7 +279,11 @@ def export_command(
     force: bool = typer.Option(False, "--force", help="replace an existing --out file (never the checkpoint itself)"),
 ):
     """Export the one-step denoiser (images in [0,1] NCHW + per-image sigma -> denoised), dynamic batch and size."""
-    from ddim_denoise.serving.export import DEFAULT_PARITY_ATOL, export_model, verify_export
+    from ddim_denoise.serving.export import (
+        DEFAULT_PARITY_ATOL,
+        export_model,
+        verify_export,
+    )
 
     path = export_model(checkpoint, fmt, out, opset, force)
     typer.echo(f"exported {fmt} to {path}")
@@ -336,7 +346,11 @@ def sweep_run_command(
     params: str = PARAMS_OPT,
 ):
     """Search the space: each trial trains with params.yaml + the space's budget + sampled values."""
-    from ddim_denoise.sweep.study import SweepOptions, run_sweep, sigterm_as_keyboard_interrupt
+    from ddim_denoise.sweep.study import (
+        SweepOptions,
+        run_sweep,
+        sigterm_as_keyboard_interrupt,
+    )
 
     options = SweepOptions(params_path=Path(params), space_path=space, study=study, storage=storage, trials=trials,
                            total=total, timeout=timeout, pruner=pruner, out=out, multi_objective=multi_objective,

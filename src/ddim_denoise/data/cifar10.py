@@ -32,15 +32,14 @@ import struct
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
 import numpy as np
 
-from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
+from ddim_denoise.data.prepared import MANIFEST_FORMAT, one_line, reading, save_npy, split_paths
+from ddim_denoise.pipeline.checkpoint import atomic_write_text
 from ddim_denoise.pipeline.errors import DataError
 from ddim_denoise.pipeline.files import MANIFEST_FILE
 
@@ -58,10 +57,6 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 PREFERRED_NPZ = "cifar10.npz"  # the name the offline copy's command writes (docs/pipeline.md, *Data*); chosen first
 ORIGINALS_NPZ = "originals.npz"  # in raw_dir: original pixels of the first images (data.originals: auto finds it)
 CIFAR_HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
-
-# What prepare writes.
-SPLITS = ("train", "val", "test")
-MANIFEST_FORMAT = "ddim-denoise-data/1"
 
 SourceKind = Literal["tar", "folder", "npz"]
 _HASH_CHUNK = 1 << 20
@@ -150,7 +145,7 @@ def ensure_source(raw_dir: str | Path, download: bool) -> Source:
     try:
         _download_official(raw_dir)
     except Exception as e:  # no network, DNS, HTTP error, MD5 mismatch, disk full: all reported the same way
-        raise DataError(f"no CIFAR-10 data found and the download failed ({_one_line(e)}): "
+        raise DataError(f"no CIFAR-10 data found and the download failed ({one_line(e)}): "
                         f"{_accepted_sources_hint(raw_dir)}") from e
     source = find_source(raw_dir)
     if source is None:  # the downloader reported success but left nothing usable
@@ -500,7 +495,7 @@ def _unpickle_batch(data: bytes, where: str) -> object:
         raise DataError(f"refusing to unpickle {where}: {e}, so it is not a CIFAR-10 batch; "
                         f"replace it with the official {ARCHIVE_NAME}") from None
     except (ValueError, pickle.UnpicklingError) as e:  # a length beyond the end, an unknown opcode, no STOP...
-        raise DataError(f"{where}: cannot be read ({_one_line(e)}): the file is truncated or corrupt; "
+        raise DataError(f"{where}: cannot be read ({one_line(e)}): the file is truncated or corrupt; "
                         "replace it with a good copy") from None
     if isinstance(batch, dict):  # the arrays as plain numpy arrays, their unpickling done
         batch = {key: value.view(np.ndarray) if isinstance(value, _BoundedArray) else value
@@ -544,30 +539,11 @@ def _assemble_batches(batches: dict[str, tuple[np.ndarray, np.ndarray]], where: 
 # Loading each kind of source
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-@contextmanager
-def _reading(path: Path) -> Iterator[None]:
-    """Report any failure to parse ``path`` (truncated gzip, bad zip, garbage pickle...) as one DataError line."""
-    try:
-        yield
-    except DataError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as e:  # tarfile/zipfile/zlib/EOF/pickle/ValueError and whatever else a corrupt file provokes
-        raise DataError(f"{path}: cannot be read ({_one_line(e)}): the file is truncated or corrupt; "
-                        "replace it with a good copy") from e
-
-
 def _load_tar(path: Path) -> Cifar10:
     """Read the batches straight from the archive, in one sequential pass over the gzip stream."""
     wanted = {f"{BATCH_FOLDER}/{name}": name for name in BATCH_NAMES}
     batches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    with _reading(path), tarfile.open(path, mode="r|gz") as tar:
+    with reading(path), tarfile.open(path, mode="r|gz") as tar:
         for member in tar:
             name = wanted.get(member.name.removeprefix("./"))
             if name is None or not member.isfile():
@@ -592,13 +568,13 @@ def _load_folder(folder: Path) -> Cifar10:
         path = folder / name
         if path.is_file():
             check_batch_size(path.stat().st_size, str(path))
-            with _reading(path):
+            with reading(path):
                 batches[name] = _parse_batch(_unpickle_batch(path.read_bytes(), str(path)), str(path))
     return _assemble_batches(batches, folder)
 
 
 def _load_npz(path: Path) -> Cifar10:
-    with _reading(path):
+    with reading(path):
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise DataError(f"{path}: not an .npz archive (a single .npy array); save it with numpy.savez and the "
@@ -655,7 +631,7 @@ def source_digests(source: Source) -> tuple[str, dict[str, str]]:
     combined, per_file = hashlib.sha256(), {}
     for path in files:
         digest = hashlib.sha256()
-        with _reading(path), open(path, "rb") as f:
+        with reading(path), open(path, "rb") as f:
             while chunk := f.read(_HASH_CHUNK):
                 digest.update(chunk)
                 combined.update(chunk)
@@ -670,15 +646,6 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndar
                         "lower it in params.yaml")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[val_size:]), np.sort(order[:val_size])
-
-
-def _split_paths(prepared_dir: Path, split: str) -> tuple[Path, Path]:
-    return prepared_dir / f"{split}_x.npy", prepared_dir / f"{split}_y.npy"
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def load_images_npz(path: str | Path, key: str = "x_test", n: int | None = None) -> np.ndarray:
@@ -708,7 +675,7 @@ def substitute_originals(x: np.ndarray, originals_path: str | Path, key: str) ->
     ~0.8 dB worse at sigma 0.1 on original pixels than on JPEG pixels. Returns (images, K); K is 0 where the file has
     no ``key``.
     """
-    with _reading(Path(originals_path)), np.load(originals_path, allow_pickle=False) as archive:
+    with reading(Path(originals_path)), np.load(originals_path, allow_pickle=False) as archive:
         if key not in archive:
             return x, 0
     originals = load_images_npz(originals_path, key)
@@ -755,7 +722,7 @@ def split_train_val(n: int, cfg, seed: int, n_originals: int) -> tuple[np.ndarra
     return np.setdiff1d(np.arange(n), val_idx), val_idx, mode
 
 
-def prepare(params) -> dict:
+def prepare_cifar10(params) -> dict:
     """Load the raw data, put in the original pixels ``data.originals`` holds, split off the validation set
     (``data.val_split``), and write the splits and a manifest.
 
@@ -772,7 +739,7 @@ def prepare(params) -> dict:
     if originals_path is not None:
         x_train, n_train_originals = substitute_originals(x_train, originals_path, "x_train")
         x_test, n_test_originals = substitute_originals(x_test, originals_path, "x_test")
-        with _reading(originals_path), open(originals_path, "rb") as f:
+        with reading(originals_path), open(originals_path, "rb") as f:
             originals_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         originals = {"path": str(originals_path), "sha256": originals_sha256, "count": n_train_originals,
                      "test_count": n_test_originals, "only": cfg.originals_only}
@@ -788,14 +755,15 @@ def prepare(params) -> dict:
     # Gone first: a prepare killed midway must not leave the last manifest vouching for a mix of two splits.
     (prepared_dir / MANIFEST_FILE).unlink(missing_ok=True)
     for split, (x, y) in splits.items():
-        x_path, y_path = _split_paths(prepared_dir, split)
-        _save_npy(x_path, x)
-        _save_npy(y_path, y)
+        x_path, y_path = split_paths(prepared_dir, split)
+        save_npy(x_path, x)
+        save_npy(y_path, y)
     dataset_sha256, file_sha256 = source_digests(source)
     if originals:  # other pixels, another data set: runs must not resume across it
         dataset_sha256 = hashlib.sha256(f"{dataset_sha256}+{originals}".encode()).hexdigest()
     manifest = {
         "format": MANIFEST_FORMAT,
+        "dataset": "cifar10",
         "source": {"kind": source.kind, "path": str(source.path), "sha256": file_sha256},
         "dataset_sha256": dataset_sha256,
         "originals": originals,
@@ -811,42 +779,3 @@ def prepare(params) -> dict:
     return manifest
 
 
-def data_identity(manifest: dict) -> str:
-    """What a run trains and validates on: the data set and how prepare split it. Runs and sweep studies resume only
-    on the same; a larger data.val_size would move images a checkpoint trained on into validation."""
-    identity = f"{manifest['dataset_sha256']}/seed {manifest['seed']}/val_size {manifest['val_size']}"
-    return identity + ("/validation on originals" if manifest.get("val_split") == "originals" else "")
-
-
-def manifest_tags(manifest: dict) -> dict[str, str]:
-    """MLflow tags saying which data a run trained and validated on: the source, the originals, the split."""
-    source, originals = manifest["source"], manifest.get("originals")
-    return {"data_source": f"{source['kind']} {source['path']}",
-            "data_originals": (f"{originals['path']} ({originals['count']} train, "
-                               f"{originals.get('test_count', 0)} test)" if originals else "none"),
-            "data_val_split": f"{manifest.get('val_split', 'random')}, {manifest['val_size']} images"}
-
-
-def read_manifest(prepared_dir: str | Path) -> dict:
-    """The manifest prepare wrote; a DataError saying to run prepare if there is none."""
-    path = Path(prepared_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise DataError(f"{prepared_dir}: no prepared data ({MANIFEST_FILE} missing): run `ddim-denoise prepare` "
-                        "(or `dvc repro prepare`) first")
-    with _reading(path):
-        return json.loads(path.read_text())
-
-
-def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 NHWC images, uint8 labels) of one prepared split: ``train``, ``val`` or ``test``."""
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    read_manifest(prepared_dir)
-    x_path, y_path = _split_paths(Path(prepared_dir), split)
-    arrays = []
-    for path in (x_path, y_path):
-        if not path.is_file():
-            raise DataError(f"{path} is missing: run `ddim-denoise prepare` (or `dvc repro prepare`) again")
-        with _reading(path):
-            arrays.append(np.load(path, allow_pickle=False))
-    return validate_arrays(*arrays, where=f"{prepared_dir} ({split} split)")

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ddim_denoise.core.metrics import make_noisy, mean_ci95, psnr_of_mean_mse, psnr_ssim, to_float
-from ddim_denoise.data.cifar10 import load_split
+from ddim_denoise.data.prepared import load_split
 from ddim_denoise.denoising.clipping import as_8bit
 from ddim_denoise.pipeline.checkpoint import atomic_path, atomic_write_text
 from ddim_denoise.pipeline.files import GRID_FILE, METRICS_FILE, TABLE_FILE

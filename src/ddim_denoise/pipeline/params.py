@@ -32,14 +32,24 @@ def _off_as_written(value: object) -> object:
 Precision = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_off_as_written)]
 
 
+FileShare = Annotated[float, Field(gt=0, lt=1)] | Annotated[int, Field(ge=1)] | list[str]
+
+
 class DataConfig(_Section):
-    raw_dir: str
+    source: Literal["cifar10", "folder"]
+    raw_dir: str  # cifar10: the archive's folder; folder: the pictures themselves
     prepared_dir: str
-    val_size: int = Field(ge=1)
+    val_size: int = Field(ge=1)  # cifar10: held-out training images; folder: validation crops
     val_split: Literal["auto", "random", "originals"]
     download: bool  # fall back to torchvision's download when data/raw holds no archive
     originals: str | None  # .npz of original pixels of the first train/test images (for JPEG copies), or "auto"
     originals_only: bool  # train split = those original-pixel images alone (a fine-tuning set)
+    # source folder (data/folder.py): the split by file, what to do with files it cannot use, the crops
+    val_files: FileShare  # a fraction of the files, a count, or the file names
+    test_files: FileShare
+    bad_files: Literal["skip", "refuse"]  # unreadable, smaller than patch_size, or a duplicate
+    patch_size: int = Field(ge=8)
+    patches_per_epoch: int = Field(ge=1)
 
 
 class ModelConfig(_Section):
@@ -79,6 +89,7 @@ class TrainConfig(_Section):
     grad_clip: float = Field(gt=0)
     ema_decay: float = Field(ge=0, lt=1)
     hflip: bool
+    rot90: bool  # random quarter turns too (square crops: the folder source's patches, CIFAR-10)
     amp: Precision
     channels_last: Literal["auto"] | bool  # see runtime.resolve_channels_last
     compile: Literal["auto"] | bool  # see runtime.resolve_compile

@@ -21,13 +21,24 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ddim_denoise.data.image_io import (
+    DEFAULT_QUALITY,
+    DecodedImage,
+    DecodeLimits,
+    read_image,
+    write_image,
+)
 from ddim_denoise.denoising.clipping import saturated
-from ddim_denoise.denoising.denoiser import Denoiser, check_denoise_options, estimate_sigma, max_sigma
+from ddim_denoise.denoising.denoiser import (
+    Denoiser,
+    check_denoise_options,
+    estimate_sigma,
+    max_sigma,
+)
 from ddim_denoise.denoising.grayscale import identical_channels, looks_mono_noise
-from ddim_denoise.pipeline.errors import InputError
-from ddim_denoise.data.image_io import DEFAULT_QUALITY, DecodedImage, DecodeLimits, read_image, write_image
-from ddim_denoise.serving.output_paths import refuse_existing, same_file
 from ddim_denoise.denoising.tiling import TileOptions, denoise_tiled, tile_boxes
+from ddim_denoise.pipeline.errors import InputError
+from ddim_denoise.serving.output_paths import refuse_existing, same_file
 
 log = logging.getLogger(__name__)
 

@@ -177,9 +177,9 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
         self.limits = RequestLimits.from_environment()  # read as the server starts: a bad value stops it there
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from ddim_denoise.data.image_io import decode_image, encode_image
         from ddim_denoise.pipeline.errors import InputError
         from ddim_denoise.serving.denoise_files import denoise_decoded
-        from ddim_denoise.data.image_io import decode_image, encode_image
 
         checked = self._checked_rows(pd.DataFrame(model_input), params or {})
         images, used = [], []
@@ -196,9 +196,9 @@ class DenoiserModel(mlflow.pyfunc.PythonModel):
     def _checked_rows(self, frame: pd.DataFrame, params: dict) -> list:
         """(file bytes, options) per row, once the whole request is within ``self.limits`` and every option and
         sigma is valid: a bad last row costs no work on the others. Nothing is decoded but base64 and headers."""
+        from ddim_denoise.data.image_io import image_pixels
         from ddim_denoise.pipeline.errors import InputError
         from ddim_denoise.serving.denoise_files import DenoiseOptions
-        from ddim_denoise.data.image_io import image_pixels
 
         limits = self.limits
         if "image" not in frame.columns:

@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddim_denoise.data.cifar10 import data_identity, read_manifest
+from ddim_denoise.data.prepared import data_identity, read_manifest
 from ddim_denoise.pipeline.params import Params, flatten, load_params
 from ddim_denoise.pipeline.stage_code import code_digest
 from ddim_denoise.pipeline.tracking import project_root

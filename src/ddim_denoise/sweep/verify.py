@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ddim_denoise.core.metrics import mean_ci95, to_float
-from ddim_denoise.data.cifar10 import load_split
+from ddim_denoise.data.prepared import load_split
 from ddim_denoise.pipeline.params import Params, flatten, validate_params
 from ddim_denoise.pipeline.stage_code import code_digest
 from ddim_denoise.sweep.objective import per_image_scores

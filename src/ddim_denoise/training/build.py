@@ -8,14 +8,20 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ddim_denoise.core.diffusion import SigmaSampler
 from ddim_denoise.core.metrics import to_float
 from ddim_denoise.core.precond import DenoisingLoss, Preconditioner
 from ddim_denoise.core.schedule import NoiseSchedule
-from ddim_denoise.data.cifar10 import data_identity, load_split, manifest_tags, read_manifest
+from ddim_denoise.data.folder import load_images
+from ddim_denoise.data.patches import FixedImages, PatchSource, TrainImages
+from ddim_denoise.data.prepared import (
+    data_identity,
+    load_split,
+    manifest_tags,
+    read_manifest,
+)
 from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.pipeline import tracking
 from ddim_denoise.pipeline.checkpoint import load_checkpoint, load_model_weights
@@ -99,19 +105,28 @@ def wrap_for_training(model: torch.nn.Module, runtime: Runtime, world: int) -> t
     return torch.compile(wrapped, mode=runtime.compile_mode) if runtime.compile else wrapped
 
 
-def load_train_images(params: Params, rank: int, world: int) -> tuple[np.ndarray, int]:
-    """The training images (uint8, at most ``train.max_train_images``) and the batches this rank takes of them per
-    epoch: refused when that is none (full batches only: no step would ever run)."""
-    cfg = params.train
-    train_x, _ = load_split(params.data.prepared_dir, "train")
-    if cfg.max_train_images:
-        train_x = train_x[: cfg.max_train_images]
-    batches_per_epoch = len(epoch_batches(len(train_x), cfg.batch_size, 0, params.seed, rank, world))
+def load_train_images(params: Params, runtime: Runtime, rank: int, world: int) -> tuple[TrainImages, int]:
+    """What each epoch trains on, on the device where it fits, and the batches this rank takes of it per epoch:
+    refused when that is none (full batches only: no step would ever run).
+
+    CIFAR-10: the training images (at most ``train.max_train_images``). A folder of pictures: ``data.patches_per_epoch``
+    fresh random crops of the whole pictures (at most ``train.max_train_images``, the sweeps' budget)."""
+    cfg, data = params.train, params.data
+    # the whole uint8 set lives on the GPU: no loader bottleneck
+    device = runtime.device if runtime.device.type == "cuda" else "cpu"
+    if data.source == "folder":
+        per_epoch = min(data.patches_per_epoch, cfg.max_train_images or data.patches_per_epoch)
+        images: TrainImages = PatchSource(load_images(data.prepared_dir, "train"), data.patch_size, per_epoch,
+                                          params.seed, device)
+    else:
+        train_x, _ = load_split(data.prepared_dir, "train")
+        images = FixedImages(train_x[: cfg.max_train_images] if cfg.max_train_images else train_x, device)
+    batches_per_epoch = len(epoch_batches(len(images), cfg.batch_size, 0, params.seed, rank, world))
     if batches_per_epoch == 0:
-        raise ParamsError(f"train.batch_size={cfg.batch_size} is more than the {len(train_x) // world} training "
+        raise ParamsError(f"train.batch_size={cfg.batch_size} is more than the {len(images) // world} training "
                           f"images each of {world} process(es) gets per epoch: lower train.batch_size or raise "
                           "train.max_train_images")
-    return train_x, batches_per_epoch
+    return images, batches_per_epoch
 
 
 def build_network(params: Params, runtime: Runtime) -> tuple[Preconditioner, EMA, NoiseSchedule]:
@@ -147,7 +162,7 @@ def build_trainer(params: Params, rank: int = 0, world: int = 1, on_epoch_end=No
     runtime = resolve_runtime(cfg, world)
     out_dir, training_dir = Path(cfg.out_dir), Path(training_dir)
     torch.manual_seed(params.seed + rank)
-    train_x, batches_per_epoch = load_train_images(params, rank, world)
+    train_images, batches_per_epoch = load_train_images(params, runtime, rank, world)
     val_x, _ = load_split(params.data.prepared_dir, "val")
     manifest = read_manifest(params.data.prepared_dir)
     if rank == 0:
@@ -164,12 +179,13 @@ def build_trainer(params: Params, rank: int = 0, world: int = 1, on_epoch_end=No
         loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.use_grad_scaler),
         noise_gen=torch.Generator(runtime.device).manual_seed(params.seed * 7919 + rank),
-        train_x=train_x, val_clean=to_float(val_x[: cfg.val_images]), batches_per_epoch=batches_per_epoch,
+        train_images=train_images, val_clean=to_float(val_x[: cfg.val_images]), batches_per_epoch=batches_per_epoch,
         fingerprint=run_fingerprint(params, data_identity(manifest)), dataset_hash=manifest["dataset_sha256"],
         nonfinite_guard=NonfiniteGuard(cfg.max_nonfinite_steps, runtime.device),
         divergence_guard=DivergenceGuard(cfg.divergence_factor, cfg.max_diverged_steps),
         records=RunRecords(params, out_dir, training_dir, run_name or tracking.training_run_name(params),
-                           {**tracking.training_run_tags(params), **manifest_tags(manifest), **(run_tags or {})}), on_epoch_end=on_epoch_end)
+                           {**tracking.training_run_tags(params), **manifest_tags(manifest), **(run_tags or {})}),
+        on_epoch_end=on_epoch_end)
 
 
 def train(params: Params, rank: int = 0, world: int = 1) -> dict:

@@ -26,9 +26,14 @@ from ddim_denoise.core.precond import DenoisingLoss, Preconditioner
 from ddim_denoise.core.scale import uint8_to_model
 from ddim_denoise.core.schedule import NoiseSchedule
 from ddim_denoise.core.unet import count_parameters
+from ddim_denoise.data.patches import TrainImages
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.pipeline.errors import TrainingError
-from ddim_denoise.pipeline.files import BEST_CHECKPOINT, LAST_CHECKPOINT, epoch_checkpoint
+from ddim_denoise.pipeline.files import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    epoch_checkpoint,
+)
 from ddim_denoise.pipeline.params import Params
 from ddim_denoise.pipeline.runtime import compile_context
 from ddim_denoise.training import guards, resume
@@ -67,14 +72,15 @@ class Trainer:
     def __init__(self, params: Params, runtime: Runtime, *, rank: int, world: int, model: Preconditioner, ema: EMA,
                  train_model: torch.nn.Module, schedule: NoiseSchedule, loss_fn: DenoisingLoss,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 scaler: torch.amp.GradScaler, noise_gen: torch.Generator, train_x: np.ndarray, val_clean: np.ndarray,
-                 batches_per_epoch: int, fingerprint: str, dataset_hash: str, nonfinite_guard: NonfiniteGuard,
-                 divergence_guard: DivergenceGuard, records: RunRecords, on_epoch_end=None):
+                 scaler: torch.amp.GradScaler, noise_gen: torch.Generator, train_images: TrainImages,
+                 val_clean: np.ndarray, batches_per_epoch: int, fingerprint: str, dataset_hash: str,
+                 nonfinite_guard: NonfiniteGuard, divergence_guard: DivergenceGuard, records: RunRecords,
+                 on_epoch_end=None):
         self.params, self.cfg, self.runtime = params, params.train, runtime
         self.rank, self.world = rank, world
         self.model, self.ema, self.train_model, self.schedule, self.loss_fn = model, ema, train_model, schedule, loss_fn
         self.optimizer, self.scheduler, self.scaler, self.noise_gen = optimizer, scheduler, scaler, noise_gen
-        self.train_x, self.val_clean, self.batches_per_epoch = train_x, val_clean, batches_per_epoch  # uint8, float
+        self.train_images, self.val_clean, self.batches_per_epoch = train_images, val_clean, batches_per_epoch
         self.fingerprint, self.dataset_hash = fingerprint, dataset_hash
         self.nonfinite_guard, self.divergence_guard = nonfinite_guard, divergence_guard
         self.records, self.on_epoch_end = records, on_epoch_end
@@ -144,6 +150,9 @@ class Trainer:
         if self.cfg.hflip:
             flip = torch.rand(x.shape[0], device=self.device, generator=self.noise_gen) < 0.5
             x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(3), x)
+        if self.cfg.rot90:  # a quarter turn or none, then the flip above: all eight orientations of a square
+            turn = torch.rand(x.shape[0], device=self.device, generator=self.noise_gen) < 0.5
+            x = torch.where(turn.reshape(-1, 1, 1, 1), x.rot90(1, (2, 3)), x)
         # Either way explicitly: the permuted uint8 batch has channels_last strides, and a channels_last input makes
         # the convolutions run channels_last even where train.channels_last resolves to off (bf16 training on a CPU
         # then ran at 0.6x its speed: benchmarks/train_speed.py, bf16 against bf16_cl).
@@ -265,12 +274,9 @@ class Trainer:
         run_id = self.try_resume()
         if self.is_main:
             self._start_tracking(run_id)
-        data = torch.from_numpy(self.train_x)
-        if self.device.type == "cuda":
-            data = data.to(self.device)  # the whole uint8 set lives on the GPU: no loader bottleneck
         n_params = count_parameters(self.model)
         log.info("training %s parameters on %s (%s), %d images/epoch, %d epochs", f"{n_params:,}", self.device,
-                 self.runtime.precision.name, len(data), self.cfg.epochs)
+                 self.runtime.precision.name, len(self.train_images), self.cfg.epochs)
         # The epoch log's time left, and a warning inside the first epoch: a CPU given the gpu profile learns in
         # minutes that it faces days.
         self.clock = EpochClock()
@@ -280,7 +286,7 @@ class Trainer:
         try:
             while self.epoch < self.cfg.epochs:
                 with compile_context(self.cfg.compile, self.compile, self.cfg.inductor):
-                    mean_loss = self._train_epoch_or_explain_oom(data)
+                    mean_loss = self._train_epoch_or_explain_oom(self.train_images.epoch_images(self.epoch))
                 self.epoch += 1
                 out_of_time = self.epoch < self.cfg.epochs and guards.out_of_time(
                     self.clock, self.cfg.max_minutes, self.world, self.device)
