@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from ddim_denoise.core.metrics import to_float
-from ddim_denoise.data.cifar10 import load_split
+from ddim_denoise.data.prepared import load_split
 from ddim_denoise.evaluation.denoising_speed import denoising_speed
 from ddim_denoise.evaluation.lossless import LOSSLESS_SUBSET, load_lossless_images
 from ddim_denoise.pipeline.checkpoint import atomic_write_text
