@@ -13,8 +13,8 @@ from denoise_fixtures import encode_with_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ddim_denoise.pipeline.errors import InputError
 from ddim_denoise.data.image_io import DecodedImage, DecodeLimits, decode_image
+from ddim_denoise.pipeline.errors import InputError
 
 CASES = 1000  # fixed and derandomized: the same cases on every run, a few seconds
 LIMITS = DecodeLimits(max_pixels=64 * 64)  # a mutated header declaring a large image is refused, not decoded

@@ -10,10 +10,10 @@ from denoise_fixtures import decode_with_reference, encode_with_reference, noisy
 from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
-from ddim_denoise.denoising.denoiser import Denoiser
-from ddim_denoise.pipeline.errors import InputError
 from ddim_denoise.data.image_io import decode_image, read_image, sniff_format, write_image
+from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.denoising.tiling import TileOptions, blend_window, denoise_tiled, tile_boxes
+from ddim_denoise.pipeline.errors import InputError
 
 RNG = np.random.default_rng(0)
 H, W = 21, 27  # odd: not a multiple of the U-Net's downsampling factor

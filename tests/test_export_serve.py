@@ -23,6 +23,7 @@ from denoise_fixtures import (
 from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
+from ddim_denoise.data.image_io import decode_image
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.serving.export import (
     check_parity,
@@ -33,7 +34,6 @@ from ddim_denoise.serving.export import (
     run_eager,
     verify_export,
 )
-from ddim_denoise.data.image_io import decode_image
 from ddim_denoise.serving.model_server import served_model
 
 REGISTERED_NAME = "ddim-denoiser-test"
@@ -199,7 +199,10 @@ def test_the_evaluated_model_is_logged_as_code_with_exactly_pinned_requirements(
     info = log_evaluated_model(checkpoint, run_id, None, {"test_psnr": 30.0})  # logged, not registered
     assert info.registered_model_version is None and mlflow.get_run(run_id).data.metrics["test_psnr"] == 30.0
     folder = Path(mlflow.artifacts.download_artifacts(info.model_uri))
-    flavors = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    assert mlmodel["metadata"] == {"trained_on": "CIFAR-10 (32x32 thumbnails)", "training_image_side": 32,
+                                   "data_source": "cifar10"}  # what the served model was trained on
+    flavors = mlmodel["flavors"]
     assert set(flavors) == {"python_function"}  # no pytorch flavour (a pickled nn.Module)
     pyfunc = flavors["python_function"]
     assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"

@@ -12,11 +12,11 @@ from PIL import Image
 
 import ddim_denoise.denoising.denoiser as denoiser_module
 from ddim_denoise.core.scale import sigma_to_model
+from ddim_denoise.data.image_io import split_channels
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.denoising.grayscale import identical_channels, looks_mono_noise
-from ddim_denoise.serving.denoise_files import DenoiseOptions, denoise_decoded, image_sigma
-from ddim_denoise.data.image_io import split_channels
 from ddim_denoise.denoising.tiling import TileOptions
+from ddim_denoise.serving.denoise_files import DenoiseOptions, denoise_decoded, image_sigma
 
 
 @pytest.fixture

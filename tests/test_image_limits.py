@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 import ddim_denoise.data.image_io as image_io
 from ddim_denoise.cli import app
-from ddim_denoise.pipeline.errors import InputError
 from ddim_denoise.data.image_io import DecodeLimits, decode_image, image_pixels, read_image
+from ddim_denoise.pipeline.errors import InputError
 
 H, W = 12, 10
 PIXELS = {

@@ -68,10 +68,7 @@ def train(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT,
                                              "more than 1 relaunches through torchrun (DDP); each takes "
                                              "train.batch_size images per step")):
     """Train the diffusion U-Net (resumes an interrupted run from models/last.pt). Under torchrun, one rank each."""
-    from ddim_denoise.training.distributed import (
-        relaunch_with_torchrun,
-        train_as_launched,
-    )
+    from ddim_denoise.training.distributed import relaunch_with_torchrun, train_as_launched
 
     cfg = load(params, set_)  # every params problem is reported here, before any process or work starts
     if nproc_per_node > 1:
@@ -279,11 +276,7 @@ def export_command(
     force: bool = typer.Option(False, "--force", help="replace an existing --out file (never the checkpoint itself)"),
 ):
     """Export the one-step denoiser (images in [0,1] NCHW + per-image sigma -> denoised), dynamic batch and size."""
-    from ddim_denoise.serving.export import (
-        DEFAULT_PARITY_ATOL,
-        export_model,
-        verify_export,
-    )
+    from ddim_denoise.serving.export import DEFAULT_PARITY_ATOL, export_model, verify_export
 
     path = export_model(checkpoint, fmt, out, opset, force)
     typer.echo(f"exported {fmt} to {path}")
@@ -346,11 +339,7 @@ def sweep_run_command(
     params: str = PARAMS_OPT,
 ):
     """Search the space: each trial trains with params.yaml + the space's budget + sampled values."""
-    from ddim_denoise.sweep.study import (
-        SweepOptions,
-        run_sweep,
-        sigterm_as_keyboard_interrupt,
-    )
+    from ddim_denoise.sweep.study import SweepOptions, run_sweep, sigterm_as_keyboard_interrupt
 
     options = SweepOptions(params_path=Path(params), space_path=space, study=study, storage=storage, trials=trials,
                            total=total, timeout=timeout, pruner=pruner, out=out, multi_objective=multi_objective,

@@ -17,6 +17,7 @@ from ddim_denoise.core.schedule import NoiseSchedule
 from ddim_denoise.core.unet import build_unet
 from ddim_denoise.denoising.clipping import estimate_noise_sigma, saturated, share_noise, unclip
 from ddim_denoise.denoising.grayscale import RGB_SIGMA_FACTOR, identical_channels, looks_mono_noise, to_gray, whiten
+from ddim_denoise.denoising.trained_on import far_larger_warning
 from ddim_denoise.pipeline.checkpoint import load_checkpoint, load_model_weights
 from ddim_denoise.pipeline.params import Params, validate_params
 from ddim_denoise.pipeline.runtime import resolve_channels_last, resolve_device, resolve_inference_precision
@@ -78,6 +79,8 @@ class Denoiser:
     that have such pixels (``clipping.unclip``); with an estimated sigma, ``unclip_passes_estimated`` passes, each
     re-estimating it on the unclipped images. H and W of any size work: images are reflect-padded up to a multiple of
     the U-Net's downsampling factor and cropped back. ``amp`` (auto | bf16 | fp16 | off) overrides ``params.eval.amp``.
+    A model trained on CIFAR-10 warns once when asked for pictures far larger than its thumbnails
+    (``warn_if_far_larger``).
     """
 
     def __init__(self, model: Preconditioner, schedule: NoiseSchedule, params: Params, device=None,
@@ -91,6 +94,7 @@ class Denoiser:
         self.factor = self.model.net.downsampling_factor
         self.last_sigma: np.ndarray | None = None  # the estimate, when denoise() was called with sigma=None
         self._warned_untrained_sigma = False
+        self._warned_far_larger = False
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device=None, amp: str | None = None,
@@ -119,6 +123,7 @@ class Denoiser:
                              f"{noisy.shape}; drop the alpha channel first")
         if not np.issubdtype(noisy.dtype, np.floating):
             raise ValueError(f"expected float images on the [0, 1] scale, got dtype {noisy.dtype}; divide integers by 255")
+        self.warn_if_far_larger(*noisy.shape[1:3])
         options = dict(steps=steps, eta=eta, batch_size=batch_size, seed=seed, mono_noise=mono_noise,
                        ddim_stop_sigma=ddim_stop_sigma, colour=colour)
         stop = float(sigma_to_model(torch.tensor(float(ddim_stop_sigma))))
@@ -193,6 +198,17 @@ class Denoiser:
         """The pixel-scale noise levels training drew from (``log_uniform``); None where it drew from all of them."""
         d = self.params.diffusion
         return (d.sigma_min, d.sigma_max) if d.t_sampling == "log_uniform" else None
+
+    def warn_if_far_larger(self, height: int, width: int) -> None:
+        """Once per Denoiser: a warning when a whole picture of this size is far larger than the model was trained
+        on (``trained_on.far_larger_warning``). Callers that denoise a picture in tiles call it with the picture's
+        size; ``denoise`` calls it with the size of the images it is given."""
+        if self._warned_far_larger:
+            return
+        warning = far_larger_warning(self.params, height, width)
+        if warning:
+            self._warned_far_larger = True
+            log.warning(warning)
 
     def _warn_untrained_sigma(self, sigma: np.ndarray, same_noise: bool) -> None:
         """Once per Denoiser: outside its training range the model extrapolates (still better than the input, but

@@ -21,22 +21,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ddim_denoise.data.image_io import (
-    DEFAULT_QUALITY,
-    DecodedImage,
-    DecodeLimits,
-    read_image,
-    write_image,
-)
+from ddim_denoise.data.image_io import DEFAULT_QUALITY, DecodedImage, DecodeLimits, read_image, write_image
 from ddim_denoise.denoising.clipping import saturated
-from ddim_denoise.denoising.denoiser import (
-    Denoiser,
-    check_denoise_options,
-    estimate_sigma,
-    max_sigma,
-)
+from ddim_denoise.denoising.denoiser import Denoiser, check_denoise_options, estimate_sigma, max_sigma
 from ddim_denoise.denoising.grayscale import identical_channels, looks_mono_noise
 from ddim_denoise.denoising.tiling import TileOptions, denoise_tiled, tile_boxes
+from ddim_denoise.denoising.trained_on import trained_on
 from ddim_denoise.pipeline.errors import InputError
 from ddim_denoise.serving.output_paths import refuse_existing, same_file
 
@@ -88,14 +78,17 @@ class DenoiseOptions:
 
 
 def load_denoiser(checkpoint: str | Path, device: str | None = None) -> Denoiser:
-    """``Denoiser.from_checkpoint``, with a device that cannot be used reported as an InputError."""
+    """``Denoiser.from_checkpoint``, with a device that cannot be used reported as an InputError; logs which data
+    the model was trained on."""
     from ddim_denoise.pipeline.runtime import resolve_device
 
     try:
         resolve_device(device or "auto")
     except (ValueError, RuntimeError) as e:  # "cuda" without a GPU, or a malformed device name
         raise InputError(f"--device {device}: {e}") from None
-    return Denoiser.from_checkpoint(checkpoint, device=device)
+    denoiser = Denoiser.from_checkpoint(checkpoint, device=device)
+    log.info("the model was trained on %s", trained_on(denoiser.params))
+    return denoiser
 
 
 @dataclass(frozen=True)
@@ -140,8 +133,10 @@ def denoise_decoded(denoiser: Denoiser, image: DecodedImage, options: DenoiseOpt
 
     Fully transparent pixels are invisible, and files often store them as 0. Taken for noise clipped to 0, they misled
     the estimate (0.04 for a cut-out's 0.1). They reach the model as flat TRANSPARENT_FILL, neither clipped nor counted
-    as noise (``clipping.estimate_noise_sigma``), and come back as stored."""
+    as noise (``clipping.estimate_noise_sigma``), and come back as stored. A picture far larger than the model was
+    trained on is warned about once per Denoiser (``Denoiser.warn_if_far_larger``), before it is cut into tiles."""
     rgb = image.rgb
+    denoiser.warn_if_far_larger(*rgb.shape[:2])
     transparent = np.zeros(rgb.shape[:2], dtype=bool) if image.alpha is None else image.alpha == 0
     if transparent.any():
         rgb = np.where(transparent[..., None], np.float32(TRANSPARENT_FILL), rgb)

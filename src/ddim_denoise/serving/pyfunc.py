@@ -14,6 +14,11 @@ false: true when every colour image's noise is one draw copied to R, G and B, as
 Output: one row per input, ``image`` (base64 of the denoised file, in the input's format, bit depth and channels,
 alpha untouched) and ``sigma`` (the level used). A bad image or sigma answers HTTP 400 with the reason.
 
+What the model was trained on is in the MLmodel file's ``metadata`` (``model_metadata``: ``trained_on`` in words,
+``training_image_side``, ``data_source``; ``mlflow.models.get_model_info(uri).metadata``), and is logged at INFO as
+the model loads. A model trained on CIFAR-10 logs a warning (on the server's stderr), once per serving process, when
+asked for a picture far larger than its thumbnails (``denoising/trained_on.py``). The response is unchanged.
+
 Each request is bounded before any image is decoded (``RequestLimits``, set by environment variables of the serving
 process): rows, base64 characters per image (checked before base64 decoding), pixels per image and per request (read
 from the image headers), DDIM steps. A request over a limit answers HTTP 400 naming it.
@@ -167,13 +172,23 @@ def _row_sigma(value):
     return value
 
 
+def model_metadata(params) -> dict:
+    """The MLmodel file's ``metadata``: which data the checkpoint's model was trained on, and at what size."""
+    from ddim_denoise.denoising.trained_on import trained_on, training_side
+
+    return {"trained_on": trained_on(params), "training_image_side": training_side(params),
+            "data_source": params.data.source}
+
+
 class DenoiserModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: decodes each row's image, denoises it as ``ddim-denoise denoise`` would, re-encodes it."""
 
     def load_context(self, context):
         from ddim_denoise.denoising.denoiser import Denoiser
+        from ddim_denoise.denoising.trained_on import trained_on
 
         self.denoiser = Denoiser.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+        log.info("serving a model trained on %s", trained_on(self.denoiser.params))
         self.limits = RequestLimits.from_environment()  # read as the server starts: a bad value stops it there
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -241,11 +256,12 @@ def serving_requirements() -> list[str]:
 
 
 def _model_arguments(checkpoint_path: str | Path) -> dict:
-    """What ``log_pyfunc_model`` and ``save_pyfunc_model`` store alike: code, checkpoint, signature, requirements."""
+    """What ``log_pyfunc_model`` and ``save_pyfunc_model`` store alike: code, checkpoint, signature, requirements,
+    and what the model was trained on."""
     from ddim_denoise.denoising.denoiser import Denoiser
 
     checkpoint_path = Path(checkpoint_path)
-    Denoiser.from_checkpoint(checkpoint_path, device="cpu")  # refuse a bad checkpoint before storing it
+    denoiser = Denoiser.from_checkpoint(checkpoint_path, device="cpu")  # refuse a bad checkpoint before storing it
     return dict(
         python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: nothing is pickled
         artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
@@ -253,6 +269,7 @@ def _model_arguments(checkpoint_path: str | Path) -> dict:
         signature=model_signature(),
         input_example=input_example(),
         pip_requirements=serving_requirements(),
+        metadata=model_metadata(denoiser.params),
     )
 
 

@@ -16,12 +16,7 @@ from ddim_denoise.core.precond import DenoisingLoss, Preconditioner
 from ddim_denoise.core.schedule import NoiseSchedule
 from ddim_denoise.data.folder import load_images
 from ddim_denoise.data.patches import FixedImages, PatchSource, TrainImages
-from ddim_denoise.data.prepared import (
-    data_identity,
-    load_split,
-    manifest_tags,
-    read_manifest,
-)
+from ddim_denoise.data.prepared import data_identity, load_split, manifest_tags, read_manifest
 from ddim_denoise.denoising.denoiser import build_model
 from ddim_denoise.pipeline import tracking
 from ddim_denoise.pipeline.checkpoint import load_checkpoint, load_model_weights

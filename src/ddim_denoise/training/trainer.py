@@ -29,11 +29,7 @@ from ddim_denoise.core.unet import count_parameters
 from ddim_denoise.data.patches import TrainImages
 from ddim_denoise.denoising.denoiser import Denoiser
 from ddim_denoise.pipeline.errors import TrainingError
-from ddim_denoise.pipeline.files import (
-    BEST_CHECKPOINT,
-    LAST_CHECKPOINT,
-    epoch_checkpoint,
-)
+from ddim_denoise.pipeline.files import BEST_CHECKPOINT, LAST_CHECKPOINT, epoch_checkpoint
 from ddim_denoise.pipeline.params import Params
 from ddim_denoise.pipeline.runtime import compile_context
 from ddim_denoise.training import guards, resume
