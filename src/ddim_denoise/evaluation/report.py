@@ -295,10 +295,13 @@ def write_report(params: Params, training_dir: str | Path = TRAINING_DIR) -> Pat
         figures["grid"] = f"{FIGURES_DIR}/{GRID_FILE}"
 
     n_test = int(table.n_images.max())
+    data = (f"your pictures ({params.data.raw_dir})" if params.data.source == "folder" else "CIFAR-10")
+    test_images = (f"the first {n_test} test pictures of {params.data.raw_dir}, each denoised whole"
+                   if params.data.source == "folder" else f"the first {n_test} CIFAR-10 test images")
     lines = [
-        "# ddim-denoise: Gaussian denoising on CIFAR-10",
+        f"# ddim-denoise: Gaussian denoising on {data}",
         "",
-        f"Evaluated on the first {n_test} CIFAR-10 test images. Noise: x + N(0, σ²) on the [0, 1] pixel scale "
+        f"Evaluated on {test_images}. Noise: x + N(0, σ²) on the [0, 1] pixel scale "
         "(σ = 0.1 is 25.5/255). The methods get the noisy input unclipped; their estimates and the noisy input's "
         "own row are scored after clipping to [0, 1]. Every method sees "
         "the same noisy images; PSNR and SSIM are per-image means with 95% confidence intervals. "

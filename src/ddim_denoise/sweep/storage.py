@@ -13,6 +13,8 @@ it with other settings would mix incomparable trials, so that is refused with th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -40,6 +42,12 @@ SETTINGS_ATTR = "sweep.settings"
 FAIL_REASON_ATTR = "fail_reason"
 
 StaleTrialCallback = Callable[[Any, Any], None]  # (study, frozen trial), called after the trial was marked FAIL
+
+
+def fingerprint_of(record: dict) -> str:
+    """The short hash a study keeps of what its results rest on (its settings; a verification's params and code):
+    a later command compares it to tell whether they still hold."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class SweepError(ValueError):

@@ -18,8 +18,6 @@ Parallel: start several ``ddim-denoise sweep run`` processes on the same ``--stu
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import signal
 import threading
@@ -49,6 +47,7 @@ from ddim_denoise.sweep.storage import (
     changed_keys,
     default_storage_url,
     fail_dead_local_trials,
+    fingerprint_of,
     open_storage,
     open_study,
     redact,
@@ -128,10 +127,6 @@ def defaults_drift(study, base: Params, space: SearchSpace, params_path: Path) -
                        for key in changed[:DRIFT_KEYS_SHOWN])
     more = f"; and {len(changed) - DRIFT_KEYS_SHOWN} more" if len(changed) > DRIFT_KEYS_SHOWN else ""
     return f"study {study.study_name!r} ran under other defaults than {params_path} ({listed}{more})"
-
-
-def fingerprint_of(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def prepare_setup(options: SweepOptions, need_fingerprint: bool = True) -> SweepSetup:

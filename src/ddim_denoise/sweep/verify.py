@@ -24,6 +24,7 @@ from ddim_denoise.pipeline.params import Params, flatten, validate_params
 from ddim_denoise.pipeline.stage_code import code_digest
 from ddim_denoise.sweep.objective import per_image_scores
 from ddim_denoise.sweep.space import with_overrides
+from ddim_denoise.sweep.storage import fingerprint_of
 
 VERIFICATION_ATTR = "verification"  # the study's user attribute holding the last ``Verification``
 VERIFY_COMMAND = "ddim-denoise sweep verify"
@@ -52,12 +53,8 @@ class Verification:
 
 def budget_fingerprint(base: Params) -> str:
     """What a verification's result rests on: params.yaml's values (the budget and the defaults) and the code."""
-    import hashlib
-    import json
-
     values = {k: v for k, v in flatten(base).items() if not k.startswith("mlflow.")}
-    text = json.dumps({"params": values, "code": code_digest("sweep")}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return fingerprint_of({"params": values, "code": code_digest("sweep")})
 
 
 def paired_verdict(trial: int, fingerprint: str, defaults: np.ndarray, winner: np.ndarray) -> Verification:
