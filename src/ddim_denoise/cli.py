@@ -14,9 +14,8 @@ from typing import Optional
 
 import typer
 
-from ddim_denoise.data.image_io import (
-    DEFAULT_MAX_PIXELS,  # light: numpy, which the package imports anyway
-)
+from ddim_denoise.data.image_io import DEFAULT_MAX_PIXELS  # light: numpy, which the package imports anyway
+from ddim_denoise.pipeline.files import TRAINING_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and use a DDIM diffusion denoiser.")
 
@@ -66,15 +65,18 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logg
 def train(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_OPT,
           nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="processes (GPUs) on this machine: "
                                              "more than 1 relaunches through torchrun (DDP); each takes "
-                                             "train.batch_size images per step")):
+                                             "train.batch_size images per step"),
+          records_dir: str = typer.Option(str(TRAINING_DIR), "--records-dir", help="where the run's summary.json and "
+                                          "CSV histories go (a study beside the main chain keeps its own)")):
     """Train the diffusion U-Net (resumes an interrupted run from models/last.pt). Under torchrun, one rank each."""
     from ddim_denoise.training.distributed import relaunch_with_torchrun, train_as_launched
 
     cfg = load(params, set_)  # every params problem is reported here, before any process or work starts
     if nproc_per_node > 1:
         overrides = [arg for item in set_ or [] for arg in ("--set", item)]
-        raise typer.Exit(relaunch_with_torchrun(nproc_per_node, ["train", "--params", params, *overrides]))
-    summary = train_as_launched(cfg)
+        raise typer.Exit(relaunch_with_torchrun(nproc_per_node, ["train", "--params", params, *overrides,
+                                                                 "--records-dir", records_dir]))
+    summary = train_as_launched(cfg, records_dir)
     if summary is None:  # a rank other than 0: rank 0 reports for the run
         return
     steady = summary["steady_images_per_s"]
@@ -109,15 +111,16 @@ def fetch_data_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET
 
 
 def log_to_training_run(params, metrics: dict[str, float] | None = None,
-                        artifacts: tuple[tuple[Path, str], ...] = ()):
-    """Add metrics and (path, artifact folder) pairs to the training's MLflow run, if training recorded one;
-    return that run's id."""
+                        artifacts: tuple[tuple[Path, str], ...] = (), records_dir: str | Path = TRAINING_DIR):
+    """Add metrics and (path, artifact folder) pairs to the training's MLflow run, if training recorded one in
+    ``records_dir``; return that run's id."""
     from ddim_denoise.evaluation.report import training_run_id
     from ddim_denoise.pipeline.tracking import start_run
 
-    run_id = training_run_id()
+    run_id = training_run_id(records_dir)
     if run_id is None:
-        logging.getLogger(__name__).warning("no MLflow run id in training/summary.json: results not logged to MLflow")
+        logging.getLogger(__name__).warning("no MLflow run id in %s/summary.json: results not logged to MLflow",
+                                            records_dir)
         return None
     run = start_run(params.mlflow.experiment, run_id=run_id)
     if metrics:
@@ -138,7 +141,10 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
                                                            help="processes for BM3D/NLM (default: eval.workers)"),
                      mlflow_prefix: str = typer.Option("test", "--mlflow-prefix",
                                                        help="MLflow metric names start with it (a study's own "
-                                                            "evaluation keeps the pipeline's test_* metrics)")):
+                                                            "evaluation keeps the pipeline's test_* metrics)"),
+                     records_dir: str = typer.Option(str(TRAINING_DIR), "--records-dir",
+                                                     help="the training records whose MLflow run gets the results "
+                                                          "(train --records-dir)")):
     """Score the model, the noisy input, BM3D and NLM on the test split; write eval.out_dir."""
     from ddim_denoise.evaluation.baselines import resolve_workers
     from ddim_denoise.evaluation.evaluate import evaluate, mlflow_metrics
@@ -149,7 +155,7 @@ def evaluate_command(params: str = PARAMS_OPT, set_: Optional[list[str]] = SET_O
     out = Path(cfg.eval.out_dir)
     files = [out / name for name in (METRICS_FILE, TABLE_FILE, GRID_FILE) if (out / name).is_file()]
     metrics = mlflow_metrics(table, mlflow_prefix)
-    run_id = log_to_training_run(cfg, metrics, tuple((f, out.name) for f in files))
+    run_id = log_to_training_run(cfg, metrics, tuple((f, out.name) for f in files), records_dir)
     if run_id and cfg.mlflow.log_model:
         from ddim_denoise.serving.pyfunc import log_evaluated_model
 

@@ -183,5 +183,5 @@ def build_trainer(params: Params, rank: int = 0, world: int = 1, on_epoch_end=No
         on_epoch_end=on_epoch_end)
 
 
-def train(params: Params, rank: int = 0, world: int = 1) -> dict:
-    return build_trainer(params, rank, world).fit()
+def train(params: Params, rank: int = 0, world: int = 1, training_dir: str | Path = TRAINING_DIR) -> dict:
+    return build_trainer(params, rank, world, training_dir=training_dir).fit()

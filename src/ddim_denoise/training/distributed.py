@@ -24,10 +24,12 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ddim_denoise.pipeline.errors import TrainingError
+from ddim_denoise.pipeline.files import TRAINING_DIR
 from ddim_denoise.pipeline.params import Params
 
 log = logging.getLogger(__name__)
@@ -118,9 +120,10 @@ def with_device(params: Params, device: str) -> Params:
     return params.model_copy(update={"train": params.train.model_copy(update={"device": device})})
 
 
-def train_as_launched(params: Params) -> dict | None:
-    """Train as this process's part of the launch: a plain run, or one rank of a torchrun job. Returns the run's
-    summary on rank 0 and None on the other ranks (their numbers are not the run's)."""
+def train_as_launched(params: Params, training_dir: str | Path = TRAINING_DIR) -> dict | None:
+    """Train as this process's part of the launch: a plain run, or one rank of a torchrun job, its records (CSV
+    histories, summary.json) in ``training_dir``. Returns the run's summary on rank 0 and None on the other ranks
+    (their numbers are not the run's)."""
     from ddim_denoise.pipeline.runtime import resolve_device
     from ddim_denoise.training.build import train
 
@@ -129,7 +132,7 @@ def train_as_launched(params: Params) -> dict | None:
     with process_group(launch, resolve_device(device)):
         if not launch.is_main:  # rank 0 reports for the run; the others speak up only about problems
             logging.getLogger(__package__).setLevel(logging.WARNING)
-        summary = train(with_device(params, device), launch.rank, launch.world_size)
+        summary = train(with_device(params, device), launch.rank, launch.world_size, training_dir)
     return summary if launch.is_main else None
 
 
