@@ -14,6 +14,7 @@ from picture_fixtures import write_picture_folder
 from ddim_denoise.data.folder import load_images, split_by_file
 from ddim_denoise.data.patches import PatchSource, crop_positions, random_crops
 from ddim_denoise.data.prepared import load_split, manifest_tags, prepare, read_manifest
+from ddim_denoise.pipeline.checkpoint import load_checkpoint
 from ddim_denoise.pipeline.errors import DataError
 from ddim_denoise.pipeline.params import validate_params
 from ddim_denoise.training.build import build_trainer
@@ -110,3 +111,26 @@ def test_the_trainer_trains_on_crops_of_the_pictures_and_tags_the_split(folder_p
     assert np.isfinite(summary["best_val_psnr"])
     tags = mlflow.MlflowClient().get_run(summary["mlflow_run_id"]).data.tags
     assert tags["data_test_files"] == "a.png, d.npy"
+
+
+def test_a_run_on_crops_resumed_after_a_kill_ends_where_an_uninterrupted_one_does(folder_params):
+    """Each epoch's crops come from (seed, epoch): a resume trains on the crops the killed run would have."""
+    params, _ = folder_params
+    prepare(params)
+
+    def run(out_dir: str):
+        raw = params.model_dump()
+        raw["train"].update(epochs=2, rot90=True, out_dir=out_dir)
+        return build_trainer(validate_params(raw))
+
+    run("straight").fit()
+    first = run("resumed")
+    first._start_tracking(None)
+    first.train_epoch(first.train_images.epoch_images(0))
+    first.epoch += 1
+    first._end_of_epoch({"epoch_loss": 0.0})  # what fit() saves after epoch 1; then the process dies
+    run("resumed").fit()
+    a, b = load_checkpoint("straight/last.pt"), load_checkpoint("resumed/last.pt")
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cifar_fixtures import write_cifar_npz
+from picture_fixtures import write_picture_folder
 
 from ddim_denoise.pipeline.profiles import compose_params
 
@@ -104,3 +105,26 @@ def test_dvc_repro_runs_the_whole_chain_and_tracks_it(project):
     _, runs = mlflow_runs(proj)
     assert sorted(r.data.params["train.lr"] for r in runs) == ["0.001", "0.002"]
     assert not list((proj / ".dvc" / "tmp").glob("exps/**/mlruns/mlflow.db"))
+
+
+@pytest.mark.slow
+def test_the_photos_profile_trains_evaluates_and_reports_on_a_folder_of_pictures(project):
+    """docs/own-images.md's commands on a generated folder: one profile name, with the tiny sizes on top."""
+    proj, run = project
+    expected = write_picture_folder(proj / "data" / "photos")
+    run("dvc", "add", "data/photos")
+    sizes = {f"{section}.{key}": value for section in ("model", "diffusion", "train", "eval")
+             for key, value in TINY[section].items()}
+    sizes.update({"data.patch_size": 32, "data.patches_per_epoch": 16, "data.val_size": 4, "data.val_files": 1,
+                  "data.test_files": 2, "eval.n_images": 2})
+    overrides = [arg for key, value in sizes.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+    run("dvc", "exp", "run", "-S", "profile=photos", *overrides)
+
+    manifest = json.loads((proj / "data" / "prepared" / "manifest.json").read_text())
+    assert manifest["dataset"] == "folder" and len(manifest["split"]["test"]) == 2
+    assert {item["file"] for item in manifest["left_out"]} == {n for n, what in expected.items() if what != "ok"}
+    metrics = json.loads((proj / "evaluation" / "metrics.json").read_text())
+    assert {"noisy", "model_1step", "model_ddim2", "bm3d", "nlm"} <= set(metrics["sigma_0.1"])
+    assert "Gaussian denoising on your pictures (data/photos)" in (proj / "reports" / "report.md").read_text()
+    _, runs = mlflow_runs(proj)
+    assert runs[0].data.tags["data_test_files"] == ", ".join(manifest["split"]["test"])

@@ -24,6 +24,16 @@ def test_the_committed_params_yaml_is_what_dvc_exp_run_composes():
     assert yaml.safe_load((REPO / "params.yaml").read_text()) == compose_params()
 
 
+def test_the_photos_study_runs_the_photos_profile_as_its_header_says():
+    """pipelines/results/photos/params.yaml is the photos profile with the study's folders and split: the overrides
+    its header lists, composed (a changed profile must reach the worked example's figures)."""
+    path = REPO / "pipelines" / "results" / "photos" / "params.yaml"
+    header = "".join(line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#"))
+    overrides = yaml.safe_load(header.split("write_params_yaml(path, ", 1)[1].split("])", 1)[0] + "]")
+    assert overrides[0] == "profile=photos"
+    assert yaml.safe_load(path.read_text()) == compose_params(overrides)
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_is_valid_and_names_itself(profile):
     params = validate_params(compose_params([f"profile={profile}"]), source=profile)
@@ -31,9 +41,11 @@ def test_every_profile_is_valid_and_names_itself(profile):
 
 
 def test_the_profiles_differ_where_it_matters():
-    quick, cpu, gpu = (validate_params(compose_params([f"profile={name}"]))
-                       for name in ("quick", "cpu", "gpu"))
-    assert set(PROFILES) == {"quick", "cpu", "gpu"}
+    quick, cpu, gpu, photos = (validate_params(compose_params([f"profile={name}"]))
+                               for name in ("quick", "cpu", "gpu", "photos"))
+    assert set(PROFILES) == {"quick", "cpu", "gpu", "photos"}
+    assert {p.data.source for p in (quick, cpu, gpu)} == {"cifar10"} and photos.data.source == "folder"
+    assert photos.train.rot90 and not quick.train.rot90
     assert quick.train.max_train_images and quick.train.epochs < cpu.train.epochs < gpu.train.epochs
     assert cpu.train.max_train_images is None and gpu.train.max_train_images is None
     assert gpu.model.base_channels > cpu.model.base_channels and gpu.train.batch_size > cpu.train.batch_size

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ddim_denoise.pipeline.errors import DataError
-from ddim_denoise.results import headline, levers, serving_load, transfer
+from ddim_denoise.results import headline, levers, photos, serving_load, transfer
 
 
 def test_the_headline_says_where_the_model_stands_against_each_published_model():
@@ -96,3 +96,28 @@ def test_the_transfer_table_ranks_the_same_configurations_at_both_budgets(tmp_pa
     trials(f"{transfer.STUDY}/results", [26.0, 26.5, 25.0, 25.5], [0.002, 0.001, 0.003, 0.008])
     with pytest.raises(DataError, match="trial 2 ran other parameters than the lever study's"):
         transfer.paired_trials(tmp_path)
+
+
+def test_the_photos_table_pairs_the_folder_model_with_bm3d_and_the_cifar_model(tmp_path):
+    study = tmp_path / photos.STUDY
+    for folder in ("evaluation", "cifar_model", "training"):
+        (study / folder).mkdir(parents=True)
+    (study / "params.yaml").write_text(yaml.safe_dump({"data": {"test_files": ["astronaut.png", "coffee.png"]},
+                                                       "eval": {"ddim_steps": 10}}))
+
+    def rows(method_psnr: dict[str, float]) -> pd.DataFrame:
+        return pd.DataFrame([{"sigma": 0.1, "method": m, "n_images": 2, "psnr": p, "psnr_ci95": 0.5, "ssim": 0.9,
+                              "ssim_ci95": 0.01, "images_per_s": 1.0, "psnr_of_mean_mse": p,
+                              "psnr_of_mean_mse_ci95": 0.5, "psnr_1step_same_images": 0.0,
+                              "ssim_1step_same_images": 0.0} for m, p in method_psnr.items()])
+
+    rows({"noisy": 20.0, "bm3d": 30.0, "nlm": 28.0, "model_1step": 31.25, "model_ddim10": 31.0}).to_csv(
+        study / "evaluation/psnr_vs_sigma.csv", index=False)
+    rows({"noisy": 20.0, "model_1step": 29.5}).to_csv(study / "cifar_model/psnr_vs_sigma.csv", index=False)
+    (study / "training/summary.json").write_text(json.dumps(
+        {"parameters": 1_540_000, "train_seconds": 600.4, "precision": "bf16", "device_name": "a CPU",
+         "best_val_psnr": 27.5}))
+    text = photos.render(tmp_path)
+    assert "| 0.1 | 20.00 ± 0.50 / 0.900 | 30.00 ± 0.50 / 0.900 | 28.00 ± 0.50 / 0.900 | 29.50 ± 0.50 / 0.900 | " \
+           "31.25 ± 0.50 / 0.900 | 31.00 ± 0.50 / 0.900 | +1.25 | +1.75 |" in text
+    assert "(astronaut.png, coffee.png; n = 2)" in text and "1.54M parameters, 600 s of training" in text

@@ -36,6 +36,9 @@ def test_every_stage_depends_on_the_folders_it_runs():
     assert code_deps("pipelines/results/headline/dvc.yaml", "evaluate") == stage_folders("evaluate")
     assert code_deps("pipelines/results/levers/dvc.yaml", "levers") == stage_folders("sweep")
     assert code_deps("pipelines/results/transfer/dvc.yaml", "long") == stage_folders("sweep")
+    photos = "pipelines/results/photos/dvc.yaml"
+    for stage, entry in {"prepare": "prepare", "train": "train", "evaluate": "evaluate", "cifar-model": "evaluate"}.items():
+        assert code_deps(photos, stage) == stage_folders(entry), stage
     # the speed study's stages run benchmark scripts
     for stage, script in {"training": "train_speed.py", "denoising": "denoise_speed.py"}.items():
         assert code_deps("pipelines/results/speed/dvc.yaml", stage) == script_folders(REPO / "benchmarks" / script)

@@ -16,6 +16,7 @@ import yaml
 from cifar_fixtures import write_cifar_npz
 from cli_workspace import one_error_line
 from optuna.trial import TrialState
+from picture_fixtures import write_picture_folder
 from typer.testing import CliRunner
 
 from ddim_denoise.cli import app
@@ -263,6 +264,20 @@ def test_baseline_trial_runs_params_yaml_values_first(workspace):
     assert second.params == {"train.lr": 2.0e-3, "diffusion.prediction": base.diffusion.prediction}
     assert second.user_attrs[ENQUEUED_ATTR] == "train.lr=0.002"
     assert result["baseline"]["trial"] == 0
+
+
+def test_a_sweep_searches_on_a_folder_of_pictures_as_on_cifar10(workspace):
+    """data.source: folder: trials train on crops (the budget's max_train_images caps them) and score on the
+    validation crops."""
+    write_picture_folder(workspace / "pictures")
+    params = load_params("params.yaml")
+    params.data = params.data.model_copy(update={"source": "folder", "raw_dir": "pictures", "patch_size": 32,
+                                                 "val_files": 1, "test_files": 2})
+    prepare(params)
+    Path("params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+    result = run_sweep(options(trials=1, pruner="none"))
+    study = load_study(result["study"])
+    assert states(study) == ["COMPLETE"] and np.isfinite(study.best_value)
 
 
 def test_the_sweep_objective_never_loads_the_test_split(workspace, monkeypatch):
