@@ -9,7 +9,7 @@ import pandas as pd
 
 from ddim_denoise.evaluation.evaluate import NOISY, ONE_STEP, TABLE_COLUMNS
 from ddim_denoise.pipeline.files import TABLE_FILE
-from ddim_denoise.results.sources import TRAINING_SUMMARY, read_csv, training_summary
+from ddim_denoise.results.sources import TRAINING_SUMMARY, read_csv, rows_by_sigma, training_summary
 
 STUDY = "pipelines/results/headline"
 TABLE = f"{STUDY}/{TABLE_FILE}"
@@ -17,10 +17,6 @@ ANCHORS = f"{STUDY}/anchors.csv"  # published figures, typed in with their sourc
 ANCHOR_COLUMNS = ("model", "parameters", "sigma", "psnr_of_mean_mse", "source")
 SOURCES = (TABLE, ANCHORS, TRAINING_SUMMARY)
 BM3D = "bm3d"
-
-
-def _by_sigma(table: pd.DataFrame, method: str) -> pd.DataFrame:
-    return table[table.method == method].set_index("sigma")
 
 
 def _with_ci(value: float, ci: float, digits: int = 2) -> str:
@@ -62,7 +58,7 @@ def render(root: Path) -> str:
     """Every column the issue of comparability needs: both PSNR forms with 95% CIs, SSIM, the noisy input, BM3D
     paired on its own images, and the anchors."""
     table, anchors, summary = _study(root)
-    one, noisy, bm3d = (_by_sigma(table, m) for m in (ONE_STEP, NOISY, BM3D))
+    one, noisy, bm3d = (rows_by_sigma(table, m) for m in (ONE_STEP, NOISY, BM3D))
     published, named = _published(anchors)
     n_bm3d = int(bm3d.n_images.max()) if len(bm3d) else 0
     header = ["σ", "noisy input", "one-step: mean PSNR", "one-step: PSNR of mean MSE", "one-step: SSIM",
@@ -88,7 +84,7 @@ def render(root: Path) -> str:
 def render_short(root: Path) -> str:
     """The README's form: the published comparison alone."""
     table, anchors, summary = _study(root)
-    one = _by_sigma(table, ONE_STEP)
+    one = rows_by_sigma(table, ONE_STEP)
     published, named = _published(anchors)
     header = ["σ", f"this model ({summary['parameters'] / 1e6:.2f}M)", *named.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

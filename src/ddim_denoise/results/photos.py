@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from ddim_denoise.evaluation.evaluate import NOISY, ONE_STEP, TABLE_COLUMNS
+from ddim_denoise.evaluation.evaluate import NOISY, ONE_STEP, TABLE_COLUMNS, model_method_name
 from ddim_denoise.pipeline.files import SUMMARY_FILE, TABLE_FILE
-from ddim_denoise.results.sources import read_csv, read_json
+from ddim_denoise.results.sources import read_csv, read_json, rows_by_sigma
 
 STUDY = "pipelines/results/photos"
 PARAMS = f"{STUDY}/params.yaml"
@@ -31,15 +31,12 @@ def render(root: Path) -> str:
     params = yaml.safe_load((root / PARAMS).read_text())
     photos, cifar = read_csv(root, PHOTOS_TABLE, TABLE_COLUMNS), read_csv(root, CIFAR_TABLE, TABLE_COLUMNS)
     summary = read_json(root, TRAINING)
-    ddim = f"model_ddim{params['eval']['ddim_steps']}"
+    ddim = model_method_name(params["eval"]["ddim_steps"])
 
-    def by_sigma(table: pd.DataFrame, method: str) -> pd.DataFrame:
-        return table[table.method == method].set_index("sigma")
-
-    columns = {"noisy input": by_sigma(photos, NOISY), "BM3D": by_sigma(photos, "bm3d"),
-               "NLM": by_sigma(photos, "nlm"), "CIFAR-10 model, one step": by_sigma(cifar, ONE_STEP),
-               "photos model, one step": by_sigma(photos, ONE_STEP),
-               f"photos model, DDIM-{params['eval']['ddim_steps']}": by_sigma(photos, ddim)}
+    columns = {"noisy input": rows_by_sigma(photos, NOISY), "BM3D": rows_by_sigma(photos, "bm3d"),
+               "NLM": rows_by_sigma(photos, "nlm"), "CIFAR-10 model, one step": rows_by_sigma(cifar, ONE_STEP),
+               "photos model, one step": rows_by_sigma(photos, ONE_STEP),
+               f"photos model, DDIM-{params['eval']['ddim_steps']}": rows_by_sigma(photos, ddim)}
     one, bm3d, cifar_one = columns["photos model, one step"], columns["BM3D"], columns["CIFAR-10 model, one step"]
     header = ["σ", *columns, "photos − BM3D", "photos − CIFAR-10 model"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -44,3 +44,8 @@ def training_summary(root: Path) -> dict:
     if summary is None:
         raise DataError(f"{root / TRAINING_SUMMARY} not found: `dvc pull` or `dvc repro` writes it")
     return summary
+
+
+def rows_by_sigma(table: pd.DataFrame, method: str) -> pd.DataFrame:
+    """An evaluation table's rows of one method, indexed by sigma."""
+    return table[table.method == method].set_index("sigma")
