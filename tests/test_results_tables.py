@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ddim_denoise.pipeline.errors import DataError
-from ddim_denoise.results import headline, levers, photos, serving_load, transfer
+from ddim_denoise.results import headline, levers, photos, search, serving_load, transfer
 
 
 def test_the_headline_says_where_the_model_stands_against_each_published_model():
@@ -96,6 +96,35 @@ def test_the_transfer_table_ranks_the_same_configurations_at_both_budgets(tmp_pa
     trials(f"{transfer.STUDY}/results", [26.0, 26.5, 25.0, 25.5], [0.002, 0.001, 0.003, 0.008])
     with pytest.raises(DataError, match="trial 2 ran other parameters than the lever study's"):
         transfer.paired_trials(tmp_path)
+
+
+def test_the_search_table_gives_each_trials_changes_and_the_verdict_on_the_best(tmp_path):
+    results = tmp_path / search.STUDY / "results"
+    results.mkdir(parents=True)
+    (tmp_path / search.SPACE).write_text(yaml.safe_dump({
+        "budget": {"train.epochs": 2, "train.max_train_images": 3000, "train.val_images": 1000},
+        "pruner": {"default": "hyperband"}}))
+    pd.DataFrame({"number": [0, 1, 2, 3], "state": ["COMPLETE", "PRUNED", "COMPLETE", "FAIL"],
+                  "value": [24.0, 22.5, 24.25, None], "params_diffusion.T": [1000, 1000, 500, 1000],
+                  "params_train.lr": [0.002, 0.005, 0.004, 0.001],
+                  "user_attrs_baseline_params_yaml": [True, None, None, None]}).to_csv(results / "trials.csv",
+                                                                                     index=False)
+    verdict = {"trial": 2, "params_fingerprint": "f", "n_images": 1000, "defaults_psnr": 24.6, "defaults_ci95": 0.3,
+               "winner_psnr": 24.7, "winner_ci95": 0.3, "difference": 0.1, "difference_ci95": 0.05,
+               "verified": True}
+    (results / "verification.json").write_text(json.dumps(verdict))
+    text = search.render(tmp_path)
+    assert "4 trials of 2 epochs x 3,000 images" in text
+    assert "2 complete, 1 pruned, 1 failed" in text
+    assert "| 0 | COMPLETE | 24.000 | +0.000 | none |" in text
+    assert "| 1 | PRUNED | 22.500 | -1.500 | train.lr=0.005 |" in text
+    assert "| 2 | COMPLETE | 24.250 | +0.250 | diffusion.T=500, train.lr=0.004 |" in text
+    assert "| 3 | FAIL | – | – | train.lr=0.001 |" in text
+    assert "- Best: trial 2, 24.250 dB (+0.250 dB over the defaults at this budget)." in text
+    assert "+0.100 ± 0.050 dB; verified: it wins. params.yaml takes it" in text
+    (results / "verification.json").write_text(json.dumps({**verdict, "difference_ci95": 0.2, "verified": False}))
+    assert search.render(tmp_path).endswith("not verified: no win beyond the 95% CI. params.yaml keeps its values: "
+                                            "`sweep best --apply` refuses.")
 
 
 def test_the_photos_table_pairs_the_folder_model_with_bm3d_and_the_cifar_model(tmp_path):

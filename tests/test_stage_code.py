@@ -36,8 +36,11 @@ def test_every_stage_depends_on_the_folders_it_runs():
     assert code_deps("pipelines/results/headline/dvc.yaml", "evaluate") == stage_folders("evaluate")
     assert code_deps("pipelines/results/levers/dvc.yaml", "levers") == stage_folders("sweep")
     assert code_deps("pipelines/results/transfer/dvc.yaml", "long") == stage_folders("sweep")
+    assert code_deps("pipelines/sweep/gpu/dvc.yaml", "sweep") == stage_folders("sweep")
+    assert code_deps(PIPELINES["sweep"], "verify") == stage_folders("sweep")
     photos = "pipelines/results/photos/dvc.yaml"
-    for stage, entry in {"prepare": "prepare", "train": "train", "evaluate": "evaluate", "cifar-model": "evaluate"}.items():
+    photos_entries = {"prepare": "prepare", "train": "train", "evaluate": "evaluate", "cifar-model": "evaluate"}
+    for stage, entry in photos_entries.items():
         assert code_deps(photos, stage) == stage_folders(entry), stage
     # the speed study's stages run benchmark scripts
     for stage, script in {"training": "train_speed.py", "denoising": "denoise_speed.py"}.items():

@@ -1,6 +1,7 @@
 """The Optuna sweep on tiny data: space file validation, trials nested in MLflow, failures, pruning, resume, and
 two worker processes sharing one study."""
 
+import json
 import os
 import shutil
 import socket
@@ -129,8 +130,8 @@ def nested_runs(parent_run_id: str) -> list:
 def test_shipped_space_file_is_valid_and_samples_valid_trials():
     base = load_params(REPO / "params.yaml")
     space = load_space(REPO / "pipelines" / "sweep" / "space.yaml", base)
-    assert {"diffusion.schedule", "diffusion.t_sampling", "diffusion.prediction", "train.lr", "train.ema_decay",
-            "train.warmup_epochs"} <= set(space.parameters)
+    assert {"diffusion.schedule", "diffusion.t_sampling", "train.lr", "train.warmup_epochs"} <= set(space.parameters)
+    assert space.spec.pruner.default == "hyperband" and space.baseline(base) is not None  # warm-started from defaults
     study = optuna.create_study(direction="maximize", sampler=space.build_sampler())
     for _ in range(6):
         trial = study.ask()
@@ -143,6 +144,17 @@ def test_shipped_space_file_is_valid_and_samples_valid_trials():
         assert ("diffusion.beta_end" in sampled) == (sampled["diffusion.schedule"] == "linear")
         assert ("diffusion.p_std" in sampled) == (sampled["diffusion.t_sampling"] == "log_normal")
         study.tell(trial, 0.0)
+
+
+def test_the_search_runs_at_the_lever_budget_and_leaves_alone_what_the_levers_settled():
+    """The search's top rung is the budget whose ranking the transfer study measures (the lever study's), and the
+    choices the lever study settled (prediction target, batch size) are params.yaml's, not searched."""
+    base = load_params(REPO / "params.yaml")
+    search = load_space(REPO / "pipelines" / "sweep" / "space.yaml", base)
+    levers = load_space(REPO / "pipelines" / "results" / "levers" / "space.yaml", base)
+    assert search.budget_params(base).train == levers.budget_params(base).train
+    assert search.budget_params(base).model == levers.budget_params(base).model
+    assert not {"diffusion.prediction", "train.batch_size"} & set(search.parameters)
 
 
 def test_the_lever_study_changes_one_default_per_trial():
@@ -523,19 +535,21 @@ def test_a_worker_that_loses_the_race_to_create_optuna_tables_opens_them_next_ti
 
 
 def test_two_worker_processes_share_one_study(workspace):
+    """pipelines/sweep/gpu/workers.sh starts the workers side by side (the GPU search), and fails when one fails."""
     journal = workspace / "study.journal"
-    command = [sys.executable, "-c", "from ddim_denoise.cli import app; app()", "sweep", "run", "--trials", "1",
-               "--study", "shared", "--storage", f"journal:{journal}", "--space", "space.yaml"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for _ in range(2)]
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    workers = ["bash", str(REPO / "pipelines" / "sweep" / "gpu" / "workers.sh"), "2"]
+    shared = ["--study", "shared", "--storage", f"journal:{journal}", "--space", "space.yaml"]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # where ddim-denoise is installed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
+    done = subprocess.run([*workers, "--trials", "1", *shared], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     study = load_study("shared", optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(journal))))
     assert states(study) == ["COMPLETE", "COMPLETE"]
     runs = nested_runs(study.user_attrs[PARENT_RUN_ATTR])  # both trials under the one parent run
     assert sorted(r.data.tags["sweep.trial"] for r in runs) == ["0", "1"]
+    refused = subprocess.run([*workers, "--trials", "0", *shared], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--trials" in refused.stderr
 
 
 def test_multi_objective_study_keeps_psnr_and_throughput(workspace):
@@ -559,11 +573,12 @@ def test_verify_retrains_the_winner_and_the_defaults_and_apply_follows_its_verdi
     refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
     assert "trial 0 is not verified: run `ddim-denoise sweep verify`" in one_error_line(refused)
 
-    line = verify_command("--study", study_name)  # real trainings, tiny
+    line = verify_command("--study", study_name, "--out", "verification.json")  # real trainings, tiny
     folder = workspace / "sweeps" / study_name / "verify"
     assert all((folder / run / "models" / "best.pt").is_file() for run in ("defaults", "trial_0000"))
     recorded = load_study(study_name).user_attrs[verify.VERIFICATION_ATTR]
     assert recorded["trial"] == 0 and recorded["n_images"] == 8  # the whole validation split
+    assert json.loads((workspace / "verification.json").read_text()) == recorded  # the DVC stage's metric
     assert verify.Verification(**recorded).line() in line
     applied = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
     assert (applied.exit_code == 0) == recorded["verified"], applied.output  # whichever way the tiny runs went

@@ -399,15 +399,22 @@ def sweep_verify_command(
     space: Path = SWEEP_SPACE_OPT,
     trial: Optional[int] = typer.Option(None, "--trial", help="a given trial instead of the best"),
     budget: Optional[list[str]] = SWEEP_BUDGET_OPT,
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the verdict to this JSON file (a DVC metric)"),
     params: str = PARAMS_OPT,
 ):
     """Retrain the best trial and params.yaml's defaults at params.yaml's budget, compare them on the validation
     split, and record whether the trial wins by more than the 95% CI (`sweep best --apply` needs that)."""
+    import dataclasses
+    import json
+
+    from ddim_denoise.pipeline.checkpoint import atomic_write_text
     from ddim_denoise.sweep.study import SweepOptions, verify_best
 
     verification = verify_best(SweepOptions(params_path=Path(params), space_path=space, study=study, storage=storage,
                                             budget=parse_overrides(budget, "--budget")), trial)
     typer.echo(verification.line())
+    if out:
+        atomic_write_text(out, json.dumps(dataclasses.asdict(verification), indent=2) + "\n")
 
 
 if __name__ == "__main__":  # torchrun -m ddim_denoise.cli and python -m ddim_denoise.cli

@@ -22,19 +22,28 @@ def _attr(trials: pd.DataFrame, name: str) -> pd.Series:
     return trials[column] if column in trials else pd.Series(float("nan"), index=trials.index)
 
 
+def is_baseline(trials: pd.DataFrame) -> pd.Series:
+    """Which trials ran params.yaml's own values (``objective.baseline``)."""
+    return _attr(trials, BASELINE_ATTR).astype(str).eq("True")
+
+
+def baseline_value(trials: pd.DataFrame, path: Path) -> float:
+    """The value of the trial that ran params.yaml's own values: what every other trial is measured against."""
+    baseline = is_baseline(trials)
+    if not baseline.any():
+        raise ValueError(f"{path}: no trial ran params.yaml's own values (objective.baseline)")
+    return float(trials.value[baseline].iloc[0])
+
+
 def changes(trials: pd.DataFrame) -> pd.Series:
     """What each trial changed: its ``objective.enqueue`` entry, or that it ran params.yaml's defaults."""
-    is_baseline = _attr(trials, BASELINE_ATTR).astype(str).eq("True")
-    return _attr(trials, ENQUEUED_ATTR).where(~is_baseline, "none: params.yaml's defaults")
+    return _attr(trials, ENQUEUED_ATTR).where(~is_baseline(trials), "none: params.yaml's defaults")
 
 
 def render(root: Path) -> str:
     trials = read_csv(root, TRIALS, ("number", "state", "value"))
     budget = yaml.safe_load((root / SPACE).read_text())["budget"]
-    is_baseline = _attr(trials, BASELINE_ATTR).astype(str).eq("True")
-    if not is_baseline.any():
-        raise ValueError(f"{root / TRIALS}: no trial ran params.yaml's own values (objective.baseline)")
-    reference = float(trials.value[is_baseline].iloc[0])
+    reference = baseline_value(trials, root / TRIALS)
     change = changes(trials)
     ssim = _attr(trials, "val_ssim_mean")
     lines = ["| trial | change | validation PSNR (dB) | minus the defaults | validation SSIM | state |",
