@@ -157,6 +157,20 @@ def test_the_search_runs_at_the_lever_budget_and_leaves_alone_what_the_levers_se
     assert not {"diffusion.prediction", "train.batch_size"} & set(search.parameters)
 
 
+def test_the_gpu_search_runs_the_gpu_recipe_as_its_top_rung_with_unseeded_workers():
+    """pipelines/sweep/gpu: trials train the gpu profile's own 60-epoch recipe unless Hyperband stops them, trial 0
+    is the profile's values, and the parallel workers do not share a sampler seed (they would propose alike)."""
+    folder = REPO / "pipelines" / "sweep" / "gpu"
+    base = load_params(folder / "params.yaml")
+    space = load_space(folder / "space.yaml", base)
+    recipe = space.budget_params(base)
+    assert (recipe.train.epochs, recipe.train.batch_size, recipe.train.max_train_images) == (60, 512, None)
+    assert recipe.model == base.model and recipe.train.compile == base.train.compile
+    pruner = space.build_pruner(None, recipe.train.epochs)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner) and space.spec.sampler["seed"] is None
+    assert space.baseline(base) is not None
+
+
 def test_the_lever_study_changes_one_default_per_trial():
     """pipelines/results/levers: trial 0 is params.yaml's values, each enqueued trial differs from it in its entry."""
     base = load_params(REPO / "params.yaml")
