@@ -24,10 +24,12 @@ def test_the_committed_params_yaml_is_what_dvc_exp_run_composes():
     assert yaml.safe_load((REPO / "params.yaml").read_text()) == compose_params()
 
 
-@pytest.mark.parametrize("study, profile", [("pipelines/results/photos", "photos"), ("pipelines/sweep/gpu", "gpu")])
+@pytest.mark.parametrize("study, profile", [("pipelines/results/photos", "photos"), ("pipelines/sweep/gpu", "gpu"),
+                                            ("pipelines/results/recipes/cpu", "cpu"),
+                                            ("pipelines/results/recipes/gpu", "gpu")])
 def test_a_study_params_yaml_is_its_profile_composed_as_its_header_says(study, profile):
-    """A study's own params.yaml (the photos worked example, the GPU search) is a profile with the overrides its
-    header lists, composed: a changed profile must reach the study's figures."""
+    """A study's own params.yaml (the photos worked example, the GPU search, the recipes) is a profile with the
+    overrides its header lists, composed: a changed profile must reach the study's figures."""
     path = REPO / study / "params.yaml"
     header = "".join(line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#"))
     overrides = yaml.safe_load(header.split("write_params_yaml(path, ", 1)[1].split("])", 1)[0] + "]")

@@ -22,7 +22,8 @@ PIPELINES = {"prepare": "dvc.yaml", "train": "dvc.yaml", "evaluate": "dvc.yaml",
 
 
 def code_deps(pipeline: str, stage: str) -> list[str]:
-    deps = yaml.safe_load((REPO / pipeline).read_text())["stages"][stage]["deps"]
+    stage_def = yaml.safe_load((REPO / pipeline).read_text())["stages"][stage]
+    deps = stage_def.get("do", stage_def)["deps"]  # a foreach stage keeps its deps under `do`
     prefix = "src/ddim_denoise/"
     return sorted(d.split(prefix, 1)[1] for d in deps if prefix in d)
 
@@ -38,6 +39,8 @@ def test_every_stage_depends_on_the_folders_it_runs():
     assert code_deps("pipelines/results/transfer/dvc.yaml", "long") == stage_folders("sweep")
     assert code_deps("pipelines/sweep/gpu/dvc.yaml", "sweep") == stage_folders("sweep")
     assert code_deps(PIPELINES["sweep"], "verify") == stage_folders("sweep")
+    for entry in ("train", "evaluate"):
+        assert code_deps("pipelines/results/recipes/dvc.yaml", entry) == stage_folders(entry), entry
     photos = "pipelines/results/photos/dvc.yaml"
     photos_entries = {"prepare": "prepare", "train": "train", "evaluate": "evaluate", "cifar-model": "evaluate"}
     for stage, entry in photos_entries.items():
