@@ -549,7 +549,7 @@ def test_a_worker_that_loses_the_race_to_create_optuna_tables_opens_them_next_ti
 
 
 def test_two_worker_processes_share_one_study(workspace):
-    """pipelines/sweep/gpu/workers.sh starts the workers side by side (the GPU search), and fails when one fails."""
+    """pipelines/sweep/gpu/workers.sh starts the workers side by side (the GPU search)."""
     journal = workspace / "study.journal"
     workers = ["bash", str(REPO / "pipelines" / "sweep" / "gpu" / "workers.sh"), "2"]
     shared = ["--study", "shared", "--storage", f"journal:{journal}", "--space", "space.yaml"]
@@ -562,8 +562,28 @@ def test_two_worker_processes_share_one_study(workspace):
     assert states(study) == ["COMPLETE", "COMPLETE"]
     runs = nested_runs(study.user_attrs[PARENT_RUN_ATTR])  # both trials under the one parent run
     assert sorted(r.data.tags["sweep.trial"] for r in runs) == ["0", "1"]
-    refused = subprocess.run([*workers, "--trials", "0", *shared], env=env, capture_output=True, text=True)
-    assert refused.returncode == 2 and "--trials" in refused.stderr
+
+
+def test_the_workers_script_waits_for_every_worker_and_fails_when_one_fails(tmp_path):
+    """A stand-in `ddim-denoise`: the first worker to start succeeds after a while, the others fail at once. The
+    script must still wait for the slow one, pass the options on, and exit with a failure's status."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "ddim-denoise"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$@" >> {tmp_path}/calls
+if mkdir {tmp_path}/first 2>/dev/null; then sleep 1; touch {tmp_path}/slow_done; exit 0; fi
+exit 3
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    script = str(REPO / "pipelines" / "sweep" / "gpu" / "workers.sh")
+    done = subprocess.run(["bash", script, "3", "--total", "5"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and (tmp_path / "slow_done").is_file()
+    assert (tmp_path / "calls").read_text().splitlines() == ["sweep run --total 5"] * 3
+    for bad in ("0", "--total", ""):
+        refused = subprocess.run(["bash", script, bad], env=env, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "number of workers" in refused.stderr, bad
 
 
 def test_multi_objective_study_keeps_psnr_and_throughput(workspace):

@@ -51,6 +51,8 @@ def render(root: Path) -> str:
         lines.append(f"| {row.number} | {row.state} | " + (f"{row.value:.3f} | {row.value - reference:+.3f}"
                      if scored else "– | –") + f" | {change} |")
     complete = trials[trials.state == "COMPLETE"]
+    if complete.empty:
+        raise ValueError(f"{root / TRIALS}: no trial completed, so there is no best to report")
     best = complete.loc[complete.value.idxmax()]
     verification = Verification(**read_json(root, VERIFICATION))
     adopted = ("params.yaml takes it (`ddim-denoise sweep best --apply`)." if verification.verified else
