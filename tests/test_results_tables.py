@@ -106,7 +106,7 @@ def test_the_search_table_gives_each_trials_changes_and_the_verdict_on_the_best(
         "pruner": {"default": "hyperband"}}))
     pd.DataFrame({"number": [0, 1, 2, 3], "state": ["COMPLETE", "PRUNED", "COMPLETE", "FAIL"],
                   "value": [24.0, 22.5, 24.25, None], "params_diffusion.T": [1000, 1000, 500, 1000],
-                  "params_train.lr": [0.002, 0.005, 0.004, 0.001],
+                  "params_train.lr": [0.002, 0.0051234567, 0.004, 0.001],
                   "user_attrs_baseline_params_yaml": [True, None, None, None]}).to_csv(results / "trials.csv",
                                                                                      index=False)
     verdict = {"trial": 2, "params_fingerprint": "f", "n_images": 1000, "defaults_psnr": 24.6, "defaults_ci95": 0.3,
@@ -117,7 +117,7 @@ def test_the_search_table_gives_each_trials_changes_and_the_verdict_on_the_best(
     assert "4 trials of 2 epochs x 3,000 images" in text
     assert "2 complete, 1 pruned, 1 failed" in text
     assert "| 0 | COMPLETE | 24.000 | +0.000 | none |" in text
-    assert "| 1 | PRUNED | 22.500 | -1.500 | train.lr=0.005 |" in text
+    assert "| 1 | PRUNED | 22.500 | -1.500 | train.lr=0.00512 |" in text  # sampled floats to 3 digits
     assert "| 2 | COMPLETE | 24.250 | +0.250 | diffusion.T=500, train.lr=0.004 |" in text
     assert "| 3 | FAIL | – | – | train.lr=0.001 |" in text
     assert "- Best: trial 2, 24.250 dB (+0.250 dB over the defaults at this budget)." in text
@@ -125,6 +125,8 @@ def test_the_search_table_gives_each_trials_changes_and_the_verdict_on_the_best(
     (results / "verification.json").write_text(json.dumps({**verdict, "difference_ci95": 0.2, "verified": False}))
     assert search.render(tmp_path).endswith("not verified: no win beyond the 95% CI. params.yaml keeps its values: "
                                             "`sweep best --apply` refuses.")
+    (results / "verification.json").write_text(json.dumps({**verdict, "winner_diverged": True, "verified": False}))
+    assert "+0.100 ± 0.050 dB; not verified: its training diverged at this budget" in search.render(tmp_path)
 
 
 def test_the_photos_table_pairs_the_folder_model_with_bm3d_and_the_cifar_model(tmp_path):

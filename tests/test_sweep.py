@@ -111,7 +111,8 @@ def stub_verification_scores(monkeypatch, gain: float) -> None:
     """``sweep verify`` without its two trainings: per-image validation scores where the trial beats the defaults
     by ``gain`` dB on every image."""
     defaults = 20 + np.random.default_rng(0).normal(0, 1, 8)
-    monkeypatch.setattr(verify, "train_and_score", lambda base, values, *rest: defaults + (gain if values else 0.0))
+    monkeypatch.setattr(verify, "train_and_score",
+                        lambda base, values, *rest, **kwargs: (defaults + (gain if values else 0.0), False))
 
 
 def verify_command(*args: str) -> str:
@@ -631,6 +632,38 @@ def test_verify_retrains_the_winner_and_the_defaults_and_apply_follows_its_verdi
     study.set_user_attr(verify.VERIFICATION_ATTR, {"trial": 0, "verdict": "from another version"})
     refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
     assert "verification is in an older form: run `ddim-denoise sweep verify` again" in one_error_line(refused)
+
+
+def test_a_winner_that_diverges_at_the_full_budget_is_scored_but_never_verified(workspace, monkeypatch):
+    """A winner whose training diverges at params.yaml's budget is a verdict, not a failed stage: its best validated
+    weights are scored and it is not verified however they score; the defaults diverging stays an error."""
+    from ddim_denoise.pipeline.errors import DivergedError
+    from ddim_denoise.training import build
+
+    class DivergingTrainer:
+        def __init__(self, params, **kwargs):
+            self.models = Path(params.train.out_dir)
+
+        def fit(self):
+            self.models.mkdir(parents=True, exist_ok=True)
+            if "first" in str(self.models):  # diverged after one validation, which saved best.pt
+                (self.models / "best.pt").write_bytes(b"weights")
+            raise DivergedError("training diverged: lower train.lr")
+
+    monkeypatch.setattr(build, "build_trainer", DivergingTrainer)
+    monkeypatch.setattr(verify, "per_image_scores", lambda checkpoint, clean, params, steps: (np.full(8, 25.0), None))
+    base = load_params(workspace / "params.yaml")
+    scores, diverged = verify.train_and_score(base, {}, workspace / "first", "run", {}, diverging_allowed=True)
+    assert diverged and scores.tolist() == [25.0] * 8
+    with pytest.raises(DivergedError):  # nothing validated to score
+        verify.train_and_score(base, {}, workspace / "second", "run", {}, diverging_allowed=True)
+    with pytest.raises(DivergedError):  # the defaults must train
+        verify.train_and_score(base, {}, workspace / "first", "run", {})
+
+    defaults = np.full(8, 20.0)
+    verdict = verify.paired_verdict(7, "f", defaults, defaults + 5.0, winner_diverged=True)
+    assert verdict.difference == pytest.approx(5.0) and not verdict.verified
+    assert verdict.line().endswith("not verified: its training diverged at this budget (lower its train.lr)")
 
 
 def test_a_verification_counts_only_a_win_beyond_its_confidence_interval():

@@ -404,17 +404,11 @@ def sweep_verify_command(
 ):
     """Retrain the best trial and params.yaml's defaults at params.yaml's budget, compare them on the validation
     split, and record whether the trial wins by more than the 95% CI (`sweep best --apply` needs that)."""
-    import dataclasses
-    import json
-
-    from ddim_denoise.pipeline.checkpoint import atomic_write_text
     from ddim_denoise.sweep.study import SweepOptions, verify_best
 
     verification = verify_best(SweepOptions(params_path=Path(params), space_path=space, study=study, storage=storage,
-                                            budget=parse_overrides(budget, "--budget")), trial)
+                                            budget=parse_overrides(budget, "--budget")), trial, out)
     typer.echo(verification.line())
-    if out:
-        atomic_write_text(out, json.dumps(dataclasses.asdict(verification), indent=2) + "\n")
 
 
 if __name__ == "__main__":  # torchrun -m ddim_denoise.cli and python -m ddim_denoise.cli

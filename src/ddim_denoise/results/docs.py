@@ -23,7 +23,7 @@ from ddim_denoise.evaluation.evaluate import TABLE_COLUMNS
 from ddim_denoise.evaluation.report import findings, results_table
 from ddim_denoise.pipeline.checkpoint import atomic_write_text
 from ddim_denoise.pipeline.errors import DataError
-from ddim_denoise.results import headline, levers, photos, serving_load, speed, transfer
+from ddim_denoise.results import headline, levers, photos, search, serving_load, speed, transfer
 from ddim_denoise.results.sources import EVALUATION_TABLE, TRAINING_SUMMARY, read_csv, training_summary
 
 RERUN = "ddim-denoise docs"
@@ -71,6 +71,7 @@ BLOCKS: dict[str, Block] = {
     "speed": Block(speed.SOURCES, speed.render),
     "photos": Block(photos.SOURCES, photos.render),
     "transfer": Block(transfer.SOURCES, transfer.render),
+    "search": Block(search.SOURCES, search.render),
 }
 
 

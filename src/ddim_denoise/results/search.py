@@ -20,13 +20,19 @@ SPACE = f"{STUDY}/space.yaml"
 SOURCES = (TRIALS, VERIFICATION, SPACE)
 
 
+def short(value):
+    """A sampled float to 3 significant digits (the table's reader needs the setting, not the sampler's digits;
+    trials.csv keeps them all)."""
+    return float(f"{value:.3g}") if isinstance(value, float) and not value.is_integer() else value
+
+
 def changed_values(trials: pd.DataFrame) -> pd.Series:
     """Each trial's values that differ from the defaults' trial (trial 0), as `key=value, ...`."""
     params = [c for c in trials if c.startswith("params_")]
     defaults = trials[is_baseline(trials)].iloc[0]
 
     def changes(row) -> str:
-        differ = {c.removeprefix("params_"): row[c] for c in params
+        differ = {c.removeprefix("params_"): short(row[c]) for c in params
                   if pd.notna(row[c]) and str(row[c]) != str(defaults[c])}
         return format_changes(differ) or "none"
 

@@ -278,9 +278,9 @@ def load_existing_study(options: SweepOptions) -> tuple[SweepSetup, object]:
                          "pass --study NAME") from None
 
 
-def verify_best(options: SweepOptions, trial_number: int | None = None) -> Verification:
+def verify_best(options: SweepOptions, trial_number: int | None = None, out: Path | None = None) -> Verification:
     """Retrain the best (or the given) trial and params.yaml's defaults at params.yaml's budget and store the verdict
-    on the study (``verify.verify_trial``); refused for a study that ran under other defaults."""
+    on the study (``verify.verify_trial``) and in ``out`` as JSON; refused for a study that ran under other defaults."""
     setup, study = load_existing_study(options)
     trial = chosen_trial(study, trial_number)
     if trial is None:
@@ -288,7 +288,7 @@ def verify_best(options: SweepOptions, trial_number: int | None = None) -> Verif
     drift = defaults_drift(study, setup.base, setup.space, options.params_path)
     if drift:
         raise SweepError(f"sweep verify: {drift}: {RERUN_HINT} first")
-    return verify_trial(study, trial, setup.base, sweep_folder(study.study_name) / "verify")
+    return verify_trial(study, trial, setup.base, sweep_folder(study.study_name) / "verify", out)
 
 
 def best_trial_report(options: SweepOptions, trial_number: int | None = None, apply: bool = False) -> BestTrialReport:
