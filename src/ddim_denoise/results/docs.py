@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ddim_denoise.evaluation.evaluate import TABLE_COLUMNS
@@ -64,8 +65,9 @@ QUICK_PROFILE_FILES = (EVALUATION_TABLE, TRAINING_SUMMARY)
 BLOCKS: dict[str, Block] = {
     "readme-results": Block(QUICK_PROFILE_FILES, readme_results),
     "results-quick-profile": Block(QUICK_PROFILE_FILES, results_page_quick_profile),
-    "headline": Block(headline.SOURCES, headline.render),
-    "readme-headline": Block(headline.SOURCES, headline.render_short),
+    "headline": Block(headline.MAIN_CHAIN.sources, headline.render),
+    "readme-headline": Block(headline.MAIN_CHAIN.sources, headline.render_short),
+    "recipe-cpu": Block(headline.CPU_RECIPE.sources, partial(headline.render, scored=headline.CPU_RECIPE)),
     "levers": Block(levers.SOURCES, levers.render),
     "serving-load": Block(serving_load.SOURCES, serving_load.render),
     "speed": Block(speed.SOURCES, speed.render),

@@ -1,30 +1,58 @@
 """The headline study's table (pipelines/results/headline): the model on the first 1,000 test images in their
-original pixels, beside the published diffusion denoisers in the form they publish, the PSNR of the mean MSE."""
+original pixels, beside the published diffusion denoisers in the form they publish, the PSNR of the mean MSE. The
+recipe studies (pipelines/results/recipes) score their models the same way and are shown the same way."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ddim_denoise.evaluation.evaluate import NOISY, ONE_STEP, TABLE_COLUMNS
-from ddim_denoise.pipeline.files import TABLE_FILE
+from ddim_denoise.pipeline.files import SUMMARY_FILE, TABLE_FILE, TRAINING_DIR
 from ddim_denoise.results.sources import TRAINING_SUMMARY, read_csv, rows_by_sigma, training_summary
 
 STUDY = "pipelines/results/headline"
-TABLE = f"{STUDY}/{TABLE_FILE}"
 ANCHORS = f"{STUDY}/anchors.csv"  # published figures, typed in with their source
 ANCHOR_COLUMNS = ("model", "parameters", "sigma", "psnr_of_mean_mse", "source")
-SOURCES = (TABLE, ANCHORS, TRAINING_SUMMARY)
 BM3D = "bm3d"
+RECIPES = "pipelines/results/recipes"
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A trained model scored on the headline study's images: what it is, its files, and the command that reruns it."""
+    model: str  # the lead's subject
+    table: str  # its evaluation table, repository-relative
+    summary: str  # its training summary
+    rerun: str
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.table, ANCHORS, self.summary)
+
+
+MAIN_CHAIN = Scored("The main chain's model", f"{STUDY}/{TABLE_FILE}", TRAINING_SUMMARY, f"dvc repro {STUDY}/dvc.yaml")
+
+
+def recipe(profile: str) -> Scored:
+    """The recipe study of one profile (pipelines/results/recipes/dvc.yaml's ${item})."""
+    return Scored(f"The `{profile}` recipe's model", f"{RECIPES}/{profile}/evaluation/{TABLE_FILE}",
+                  f"{RECIPES}/{profile}/{TRAINING_DIR.name}/{SUMMARY_FILE}",
+                  f"dvc repro {RECIPES}/dvc.yaml:evaluate@{profile}")
+
+
+CPU_RECIPE = recipe("cpu")
 
 
 def _with_ci(value: float, ci: float, digits: int = 2) -> str:
     return f"{value:.{digits}f} ± {ci:.{digits}f}"
 
 
-def _study(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    return read_csv(root, TABLE, TABLE_COLUMNS), read_csv(root, ANCHORS, ANCHOR_COLUMNS), training_summary(root)
+def _study(root: Path, scored: Scored) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    return (read_csv(root, scored.table, TABLE_COLUMNS), read_csv(root, ANCHORS, ANCHOR_COLUMNS),
+            training_summary(root, scored.summary))
 
 
 def _published(anchors: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -47,17 +75,17 @@ def _standing(one: pd.DataFrame, anchors: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _lead(one: pd.DataFrame, anchors: pd.DataFrame, summary: dict) -> str:
-    return (f"The main chain's model ({summary['parameters'] / 1e6:.2f}M parameters, {summary['train_seconds']:.0f} s "
-            f"of training) on the first {int(one.n_images.max()):,} CIFAR-10 test images in their original pixels "
-            f"(`dvc repro {STUDY}/dvc.yaml`), one step. Published: {anchors.source.iloc[0]}, over all 10,000 test "
-            "images.")
+def _lead(scored: Scored, one: pd.DataFrame, anchors: pd.DataFrame, summary: dict) -> str:
+    return (f"{scored.model} ({summary['parameters'] / 1e6:.2f}M parameters, {summary['train_images_seen']:,} "
+            f"training images in {summary['train_seconds']:.0f} s on {summary['device_name']}) on the first "
+            f"{int(one.n_images.max()):,} CIFAR-10 test images in their original pixels (`{scored.rerun}`), one step. "
+            f"Published: {anchors.source.iloc[0]}, over all 10,000 test images.")
 
 
-def render(root: Path) -> str:
+def render(root: Path, scored: Scored = MAIN_CHAIN) -> str:
     """Every column the issue of comparability needs: both PSNR forms with 95% CIs, SSIM, the noisy input, BM3D
     paired on its own images, and the anchors."""
-    table, anchors, summary = _study(root)
+    table, anchors, summary = _study(root, scored)
     one, noisy, bm3d = (rows_by_sigma(table, m) for m in (ONE_STEP, NOISY, BM3D))
     published, named = _published(anchors)
     n_bm3d = int(bm3d.n_images.max()) if len(bm3d) else 0
@@ -77,13 +105,13 @@ def render(root: Path) -> str:
     notes = [f"- One-step minus BM3D on BM3D's {n_bm3d} images: "
              + ", ".join(f"{bm3d.psnr_1step_same_images[s] - bm3d.psnr[s]:+.2f} dB at σ={s:g}" for s in bm3d.index)
              + "."] if n_bm3d else []
-    return "\n".join([_lead(one, anchors, summary), "", "PSNR in dB ± 95% CI.", "", *lines, "", *notes,
+    return "\n".join([_lead(scored, one, anchors, summary), "", "PSNR in dB ± 95% CI.", "", *lines, "", *notes,
                       *_standing(one, anchors)])
 
 
 def render_short(root: Path) -> str:
-    """The README's form: the published comparison alone."""
-    table, anchors, summary = _study(root)
+    """The README's form: the main chain against the published models alone."""
+    table, anchors, summary = _study(root, MAIN_CHAIN)
     one = rows_by_sigma(table, ONE_STEP)
     published, named = _published(anchors)
     header = ["σ", f"this model ({summary['parameters'] / 1e6:.2f}M)", *named.values()]

@@ -39,10 +39,11 @@ def read_json(root: Path, relative: str) -> dict:
     return json.loads(_committed(root, relative).read_text())
 
 
-def training_summary(root: Path) -> dict:
-    summary = load_training_summary(root / TRAINING_DIR)
+def training_summary(root: Path, relative: str = TRAINING_SUMMARY) -> dict:
+    """A training run's summary.json, ``root/relative``; a DataError naming the file and the rerun when missing."""
+    summary = load_training_summary((root / relative).parent)
     if summary is None:
-        raise DataError(f"{root / TRAINING_SUMMARY} not found: `dvc pull` or `dvc repro` writes it")
+        raise DataError(f"{root / relative} not found: `dvc pull` or `dvc repro` of its pipeline writes it")
     return summary
 
 
