@@ -23,28 +23,43 @@ def test_the_headline_says_where_the_model_stands_against_each_published_model()
 
 
 
-def test_a_recipe_is_shown_from_its_own_files_beside_the_same_anchors(tmp_path):
-    """The cpu recipe's block reads the recipe's table and summary, never the main chain's."""
+def scored_files(root, scored, one_step_psnr: float, train_seconds: float):
+    """A made-up evaluation table (noisy input and one step, sigma 0.1 and 0.2) and training summary for ``scored``."""
     rows = [{"sigma": s, "method": m, "n_images": 1000, "psnr": p, "psnr_ci95": 0.1, "ssim": 0.9, "ssim_ci95": 0.01,
              "images_per_s": 1.0, "psnr_1step_same_images": float("nan"), "ssim_1step_same_images": float("nan"),
              "psnr_of_mean_mse": p - 0.2, "psnr_of_mean_mse_ci95": 0.1}
-            for s in (0.1, 0.2) for m, p in ((NOISY, 20.0), (ONE_STEP, 29.5))]
-    recipe = headline.CPU_RECIPE
-    for relative in (recipe.table, recipe.summary, headline.ANCHORS):
-        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(tmp_path / recipe.table, index=False)
-    (tmp_path / recipe.summary).write_text(json.dumps({"parameters": 1_540_483, "train_images_seen": 490_000,
-                                                       "train_seconds": 7000.0, "device_name": "a CPU"}))
+            for s in (0.1, 0.2) for m, p in ((NOISY, 20.0), (ONE_STEP, one_step_psnr))]
+    for relative in (scored.table, scored.summary, headline.ANCHORS):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(root / scored.table, index=False)
+    (root / scored.summary).write_text(json.dumps({"parameters": 1_540_483, "train_images_seen": 490_000,
+                                                   "train_seconds": train_seconds, "device_name": "a CPU"}))
     pd.DataFrame({"model": ["DDPM", "DDPM"], "parameters": ["35.7M"] * 2, "sigma": [0.1, 0.2],
-                  "psnr_of_mean_mse": [29.2, 25.5], "source": ["a paper"] * 2}).to_csv(tmp_path / headline.ANCHORS,
+                  "psnr_of_mean_mse": [29.2, 25.5], "source": ["a paper"] * 2}).to_csv(root / headline.ANCHORS,
                                                                                      index=False)
-    text = headline.render(tmp_path, recipe)
+
+
+def test_a_recipe_is_shown_from_its_own_files_beside_the_same_anchors(tmp_path):
+    """The cpu recipe's block reads the recipe's table and summary, never the main chain's."""
+    scored_files(tmp_path, headline.CPU_RECIPE, one_step_psnr=29.5, train_seconds=7000.0)
+    text = headline.render(tmp_path, headline.CPU_RECIPE)
     assert text.startswith("The `cpu` recipe's model (1.54M parameters, 490,000 training images in 7000 s on a CPU)")
     assert "`dvc repro pipelines/results/recipes/dvc.yaml:evaluate@cpu`" in text
     assert "| 0.1 | 20.00 | 29.50 ± 0.10 | 29.30 ± 0.10 | 0.9000 ± 0.0100 | 29.2 | – | – |" in text
     assert "minus DDPM: +0.10 / +3.80 dB at σ = 0.1 / 0.2; at or above it at σ = 0.1, 0.2." in text
     with pytest.raises(DataError, match="results/headline/psnr_vs_sigma.csv not found"):
         headline.render(tmp_path)  # the main chain's files are not there
+
+
+def test_the_readme_sets_each_model_beside_the_published_ones(tmp_path):
+    scored_files(tmp_path, headline.MAIN_CHAIN, one_step_psnr=28.5, train_seconds=354.0)
+    scored_files(tmp_path, headline.CPU_RECIPE, one_step_psnr=29.5, train_seconds=7000.0)
+    text = headline.render_short(tmp_path)
+    assert ("| σ | quick profile (1.54M, 6 min of training) | cpu recipe (1.54M, 1.9 h of training) | DDPM (35.7M) |"
+            in text)
+    assert "| 0.2 | 28.30 ± 0.10 | 29.30 ± 0.10 | 25.5 |" in text
+    assert "- quick profile minus DDPM: -0.90 / +2.80 dB at σ = 0.1 / 0.2; at or above it at σ = 0.2." in text
+    assert "- cpu recipe minus DDPM: +0.10 / +3.80 dB" in text
 
 def test_the_lever_table_measures_each_change_against_the_defaults(tmp_path):
     study = tmp_path / levers.STUDY

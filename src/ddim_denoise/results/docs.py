@@ -66,7 +66,7 @@ BLOCKS: dict[str, Block] = {
     "readme-results": Block(QUICK_PROFILE_FILES, readme_results),
     "results-quick-profile": Block(QUICK_PROFILE_FILES, results_page_quick_profile),
     "headline": Block(headline.MAIN_CHAIN.sources, headline.render),
-    "readme-headline": Block(headline.MAIN_CHAIN.sources, headline.render_short),
+    "readme-headline": Block(headline.sources(*headline.README_MODELS), headline.render_short),
     "recipe-cpu": Block(headline.CPU_RECIPE.sources, partial(headline.render, scored=headline.CPU_RECIPE)),
     "levers": Block(levers.SOURCES, levers.render),
     "serving-load": Block(serving_load.SOURCES, serving_load.render),

@@ -24,6 +24,7 @@ RECIPES = "pipelines/results/recipes"
 class Scored:
     """A trained model scored on the headline study's images: what it is, its files, and the command that reruns it."""
     model: str  # the lead's subject
+    label: str  # its column heading
     table: str  # its evaluation table, repository-relative
     summary: str  # its training summary
     rerun: str
@@ -33,17 +34,25 @@ class Scored:
         return (self.table, ANCHORS, self.summary)
 
 
-MAIN_CHAIN = Scored("The main chain's model", f"{STUDY}/{TABLE_FILE}", TRAINING_SUMMARY, f"dvc repro {STUDY}/dvc.yaml")
+MAIN_CHAIN = Scored("The main chain's model", "quick profile", f"{STUDY}/{TABLE_FILE}", TRAINING_SUMMARY,
+                    f"dvc repro {STUDY}/dvc.yaml")
 
 
 def recipe(profile: str) -> Scored:
     """The recipe study of one profile (pipelines/results/recipes/dvc.yaml's ${item})."""
-    return Scored(f"The `{profile}` recipe's model", f"{RECIPES}/{profile}/evaluation/{TABLE_FILE}",
+    return Scored(f"The `{profile}` recipe's model", f"{profile} recipe",
+                  f"{RECIPES}/{profile}/evaluation/{TABLE_FILE}",
                   f"{RECIPES}/{profile}/{TRAINING_DIR.name}/{SUMMARY_FILE}",
                   f"dvc repro {RECIPES}/dvc.yaml:evaluate@{profile}")
 
 
 CPU_RECIPE = recipe("cpu")
+README_MODELS = (MAIN_CHAIN, CPU_RECIPE)  # the models the README sets beside the published ones
+
+
+def sources(*models: Scored) -> tuple[str, ...]:
+    """The files the blocks showing ``models`` read, each once."""
+    return tuple(dict.fromkeys(source for scored in models for source in scored.sources))
 
 
 def _with_ci(value: float, ci: float, digits: int = 2) -> str:
@@ -62,13 +71,13 @@ def _published(anchors: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
             {model: f"{model} ({size})" for model, size in sizes.items()})
 
 
-def _standing(one: pd.DataFrame, anchors: pd.DataFrame) -> list[str]:
+def _standing(one: pd.DataFrame, anchors: pd.DataFrame, who: str = "PSNR of the mean MSE") -> list[str]:
     """Per published model: our PSNR of the mean MSE minus theirs at each sigma, and where ours is at or above."""
     lines = []
     for model, published in anchors.groupby("model", sort=False):
         gaps = one.psnr_of_mean_mse.reindex(published.sigma).to_numpy() - published.psnr_of_mean_mse.to_numpy()
         at_or_above = [f"{s:g}" for s, gap in zip(published.sigma, gaps) if gap >= 0]
-        lines.append(f"- PSNR of the mean MSE minus {model}: "
+        lines.append(f"- {who} minus {model}: "
                      + " / ".join(f"{gap:+.2f}" for gap in gaps) + " dB at σ = "
                      + " / ".join(f"{s:g}" for s in published.sigma) + "; at or above it at "
                      + (f"σ = {', '.join(at_or_above)}" if at_or_above else "no σ") + ".")
@@ -109,16 +118,28 @@ def render(root: Path, scored: Scored = MAIN_CHAIN) -> str:
                       *_standing(one, anchors)])
 
 
-def render_short(root: Path) -> str:
-    """The README's form: the main chain against the published models alone."""
-    table, anchors, summary = _study(root, MAIN_CHAIN)
-    one = rows_by_sigma(table, ONE_STEP)
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def render_short(root: Path, models: tuple[Scored, ...] = README_MODELS) -> str:
+    """The README's form: each model's PSNR of the mean MSE beside the published models', and where each stands."""
+    columns, headings, standing = [], [], []
+    for scored in models:
+        table, anchors, summary = _study(root, scored)
+        one = rows_by_sigma(table, ONE_STEP)
+        columns.append(one)
+        headings.append(f"{scored.label} ({summary['parameters'] / 1e6:.2f}M, "
+                        f"{_duration(summary['train_seconds'])} of training)")
+        standing += _standing(one, anchors, who=scored.label)
     published, named = _published(anchors)
-    header = ["σ", f"this model ({summary['parameters'] / 1e6:.2f}M)", *named.values()]
+    header = ["σ", *headings, *named.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for sigma, row in one.iterrows():
-        lines.append("| " + " | ".join([f"{sigma:g}", _with_ci(row.psnr_of_mean_mse, row.psnr_of_mean_mse_ci95),
+    for sigma in columns[0].index:
+        lines.append("| " + " | ".join([f"{sigma:g}",
+                                        *(_with_ci(one.psnr_of_mean_mse[sigma], one.psnr_of_mean_mse_ci95[sigma])
+                                          for one in columns),
                                         *(f"{published.at[sigma, m]:.1f}" for m in named)]) + " |")
-    return "\n".join([f"PSNR of the mean MSE (dB), one step, on the first {int(one.n_images.max()):,} test images in "
-                      f"their original pixels; the published figures are {anchors.source.iloc[0]}. "
-                      "More in [docs/results.md](docs/results.md).", "", *lines, "", *_standing(one, anchors)])
+    return "\n".join([f"PSNR of the mean MSE (dB), one step, on the first {int(columns[0].n_images.max()):,} test "
+                      f"images in their original pixels; the published figures are {anchors.source.iloc[0]}. "
+                      "More in [docs/results.md](docs/results.md).", "", *lines, "", *standing])
