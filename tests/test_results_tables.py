@@ -22,7 +22,6 @@ def test_the_headline_says_where_the_model_stands_against_each_published_model()
     assert "minus IDDPM: -0.20 / -0.60 dB" in iddpm and iddpm.endswith("at or above it at no σ.")
 
 
-
 def scored_files(root, scored, one_step_psnr: float, train_seconds: float):
     """A made-up evaluation table (noisy input and one step, sigma 0.1 and 0.2) and training summary for ``scored``."""
     rows = [{"sigma": s, "method": m, "n_images": 1000, "psnr": p, "psnr_ci95": 0.1, "ssim": 0.9, "ssim_ci95": 0.01,
@@ -60,6 +59,7 @@ def test_the_readme_sets_each_model_beside_the_published_ones(tmp_path):
     assert "| 0.2 | 28.30 ± 0.10 | 29.30 ± 0.10 | 25.5 |" in text
     assert "- quick profile minus DDPM: -0.90 / +2.80 dB at σ = 0.1 / 0.2; at or above it at σ = 0.2." in text
     assert "- cpu recipe minus DDPM: +0.10 / +3.80 dB" in text
+
 
 def test_the_lever_table_measures_each_change_against_the_defaults(tmp_path):
     study = tmp_path / levers.STUDY

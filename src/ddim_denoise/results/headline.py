@@ -59,9 +59,12 @@ def _with_ci(value: float, ci: float, digits: int = 2) -> str:
     return f"{value:.{digits}f} ± {ci:.{digits}f}"
 
 
-def _study(root: Path, scored: Scored) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    return (read_csv(root, scored.table, TABLE_COLUMNS), read_csv(root, ANCHORS, ANCHOR_COLUMNS),
-            training_summary(root, scored.summary))
+def _scored_files(root: Path, scored: Scored) -> tuple[pd.DataFrame, dict]:
+    return read_csv(root, scored.table, TABLE_COLUMNS), training_summary(root, scored.summary)
+
+
+def _anchors(root: Path) -> pd.DataFrame:
+    return read_csv(root, ANCHORS, ANCHOR_COLUMNS)
 
 
 def _published(anchors: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -94,7 +97,7 @@ def _lead(scored: Scored, one: pd.DataFrame, anchors: pd.DataFrame, summary: dic
 def render(root: Path, scored: Scored = MAIN_CHAIN) -> str:
     """Every column the issue of comparability needs: both PSNR forms with 95% CIs, SSIM, the noisy input, BM3D
     paired on its own images, and the anchors."""
-    table, anchors, summary = _study(root, scored)
+    (table, summary), anchors = _scored_files(root, scored), _anchors(root)
     one, noisy, bm3d = (rows_by_sigma(table, m) for m in (ONE_STEP, NOISY, BM3D))
     published, named = _published(anchors)
     n_bm3d = int(bm3d.n_images.max()) if len(bm3d) else 0
@@ -124,9 +127,10 @@ def _duration(seconds: float) -> str:
 
 def render_short(root: Path, models: tuple[Scored, ...] = README_MODELS) -> str:
     """The README's form: each model's PSNR of the mean MSE beside the published models', and where each stands."""
+    anchors = _anchors(root)
     columns, headings, standing = [], [], []
     for scored in models:
-        table, anchors, summary = _study(root, scored)
+        table, summary = _scored_files(root, scored)
         one = rows_by_sigma(table, ONE_STEP)
         columns.append(one)
         headings.append(f"{scored.label} ({summary['parameters'] / 1e6:.2f}M, "
