@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from cifar_fixtures import write_cifar_npz
 from cli_workspace import one_error_line
@@ -655,8 +656,8 @@ def test_a_winner_that_diverges_at_the_full_budget_is_scored_but_never_verified(
     base = load_params(workspace / "params.yaml")
     scores, diverged = verify.train_and_score(base, {}, workspace / "first", "run", {}, diverging_allowed=True)
     assert diverged and scores.tolist() == [25.0] * 8
-    with pytest.raises(DivergedError):  # nothing validated to score
-        verify.train_and_score(base, {}, workspace / "second", "run", {}, diverging_allowed=True)
+    scores, diverged = verify.train_and_score(base, {}, workspace / "second", "run", {}, diverging_allowed=True)
+    assert diverged and scores is None  # it diverged before its first validation: nothing to score
     with pytest.raises(DivergedError):  # the defaults must train
         verify.train_and_score(base, {}, workspace / "first", "run", {})
 
@@ -664,6 +665,42 @@ def test_a_winner_that_diverges_at_the_full_budget_is_scored_but_never_verified(
     verdict = verify.paired_verdict(7, "f", defaults, defaults + 5.0, winner_diverged=True)
     assert verdict.difference == pytest.approx(5.0) and not verdict.verified
     assert verdict.line().endswith("not verified: its training diverged at this budget (lower its train.lr)")
+    unscored = verify.paired_verdict(7, "f", defaults, None, budget="recipe.yaml")
+    assert unscored.winner_diverged and not unscored.verified and unscored.difference is None
+    assert unscored.line() == ("trial 7 at recipe.yaml's budget on 8 validation images: nothing to score (diverged "
+                               "before its first validation) against the defaults' 20.000 ± 0.000 dB; not verified: "
+                               "its training diverged at this budget (lower its train.lr)")
+
+
+def test_verify_at_another_budget_takes_the_defaults_from_that_budget_s_own_finished_training(workspace):
+    """`sweep verify --at FILE` trains the winner at FILE's budget; the defaults' side is FILE's own training when it
+    is finished and is that very run (as the CPU recipe's is), else trained. `--apply` follows the verdict only while
+    FILE and the code are as they were."""
+    study_name = run_sweep(options(trials=1, pruner="none", study="at"))["study"]
+    recipe = yaml.safe_load((workspace / "params.yaml").read_text())
+    recipe["train"].update(epochs=1, out_dir="recipe/models")
+    (workspace / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    trained = CliRunner().invoke(app, ["train", "-p", "recipe.yaml", "--records-dir", "recipe/training"])
+    assert trained.exit_code == 0, trained.output
+    finished = verify.finished_training(load_params("recipe.yaml"))
+    assert finished == Path("recipe/models/best.pt")
+    assert verify.finished_training(load_params("recipe.yaml", {"train.lr": 5e-4})) is None  # another run
+    assert verify.finished_training(load_params("recipe.yaml", {"train.epochs": 2})) is None  # not finished
+
+    line = verify_command("--study", study_name, "--at", "recipe.yaml")
+    folder = workspace / "sweeps" / study_name / "verify"
+    assert not (folder / "defaults").exists()  # the recipe's training stood for the defaults
+    winner = torch.load(folder / "trial_0000" / "models" / "last.pt", weights_only=True)
+    assert winner["epoch"] == 1 and winner["params"]["train"]["lr"] == load_study(study_name).trials[0].params[
+        "train.lr"]  # the trial's values at the recipe's budget
+    recorded = verify.Verification(**load_study(study_name).user_attrs[verify.VERIFICATION_ATTR])
+    assert recorded.budget == "recipe.yaml" and recorded.line() in line and "at recipe.yaml's budget" in line
+
+    recipe["train"]["grad_clip"] = 0.5  # the budget file changed since: the verdict no longer holds
+    (workspace / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
+    assert ("trial 0 was verified under another recipe.yaml or code: run `ddim-denoise sweep verify` again"
+            in one_error_line(refused))
 
 
 def test_a_verification_counts_only_a_win_beyond_its_confidence_interval():

@@ -370,7 +370,7 @@ def sweep_best_command(
     apply: bool = typer.Option(False, "--apply", help="write the trial's values into params.yaml's profile "
                                "(conf/profile/NAME.yaml, comments kept) and compose params.yaml again; refused "
                                "when the study ran under other defaults than params.yaml's, or `sweep verify` did "
-                               "not find the trial better than the defaults at params.yaml's budget"),
+                               "not find the trial better than the defaults at its full budget (--at)"),
     budget: Optional[list[str]] = SWEEP_BUDGET_OPT,
     params: str = PARAMS_OPT,
 ):
@@ -399,15 +399,18 @@ def sweep_verify_command(
     space: Path = SWEEP_SPACE_OPT,
     trial: Optional[int] = typer.Option(None, "--trial", help="a given trial instead of the best"),
     budget: Optional[list[str]] = SWEEP_BUDGET_OPT,
+    at: Optional[Path] = typer.Option(None, "--at", help="the params file whose budget both are trained at, e.g. "
+                                      "pipelines/results/recipes/cpu/params.yaml (the CPU recipe; its finished "
+                                      "training stands for the defaults); default: --params"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the verdict to this JSON file (a DVC metric)"),
     params: str = PARAMS_OPT,
 ):
-    """Retrain the best trial and params.yaml's defaults at params.yaml's budget, compare them on the validation
+    """Retrain the best trial beside params.yaml's defaults at a full budget (--at), compare them on the validation
     split, and record whether the trial wins by more than the 95% CI (`sweep best --apply` needs that)."""
     from ddim_denoise.sweep.study import SweepOptions, verify_best
 
     verification = verify_best(SweepOptions(params_path=Path(params), space_path=space, study=study, storage=storage,
-                                            budget=parse_overrides(budget, "--budget")), trial, out)
+                                            budget=parse_overrides(budget, "--budget")), trial, out, at)
     typer.echo(verification.line())
 
 

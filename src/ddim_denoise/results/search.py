@@ -1,5 +1,5 @@
 """The search's history and verdict (pipelines/sweep): every trial with what it changed from params.yaml's defaults,
-then the verification of the best at params.yaml's own budget, and whether params.yaml may take it."""
+then the verification of the best at a full training budget, and whether params.yaml may take it."""
 
 from __future__ import annotations
 

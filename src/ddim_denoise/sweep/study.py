@@ -278,9 +278,11 @@ def load_existing_study(options: SweepOptions) -> tuple[SweepSetup, object]:
                          "pass --study NAME") from None
 
 
-def verify_best(options: SweepOptions, trial_number: int | None = None, out: Path | None = None) -> Verification:
-    """Retrain the best (or the given) trial and params.yaml's defaults at params.yaml's budget and store the verdict
-    on the study (``verify.verify_trial``) and in ``out`` as JSON; refused for a study that ran under other defaults."""
+def verify_best(options: SweepOptions, trial_number: int | None = None, out: Path | None = None,
+                at: Path | None = None) -> Verification:
+    """Retrain the best (or the given) trial and take params.yaml's defaults at the budget of the params file ``at``
+    (default: params.yaml itself), and store the verdict on the study (``verify.verify_trial``) and in ``out`` as
+    JSON; refused for a study that ran under other defaults."""
     setup, study = load_existing_study(options)
     trial = chosen_trial(study, trial_number)
     if trial is None:
@@ -288,7 +290,9 @@ def verify_best(options: SweepOptions, trial_number: int | None = None, out: Pat
     drift = defaults_drift(study, setup.base, setup.space, options.params_path)
     if drift:
         raise SweepError(f"sweep verify: {drift}: {RERUN_HINT} first")
-    return verify_trial(study, trial, setup.base, sweep_folder(study.study_name) / "verify", out)
+    budget_file = at or options.params_path
+    budget = setup.base if at is None else load_params(at)
+    return verify_trial(study, trial, budget, budget_file, sweep_folder(study.study_name) / "verify", out)
 
 
 def best_trial_report(options: SweepOptions, trial_number: int | None = None, apply: bool = False) -> BestTrialReport:
@@ -296,7 +300,7 @@ def best_trial_report(options: SweepOptions, trial_number: int | None = None, ap
     written where the next run reads them (comments kept): the profile params.yaml was composed with, then
     params.yaml composed again as `dvc exp run` would; a params.yaml written by hand, in place. A study that ran
     under other defaults than params.yaml's is refused by ``apply`` (SweepError) and only warned about without; so is
-    a trial that ``verify_best`` did not find better than the defaults at params.yaml's budget."""
+    a trial that ``verify_best`` did not find better than the defaults at a full budget."""
     setup, study = load_existing_study(options)
     trial = chosen_trial(study, trial_number)
     text = describe(study, trial, setup.space.objective.metric)
@@ -304,7 +308,7 @@ def best_trial_report(options: SweepOptions, trial_number: int | None = None, ap
         return BestTrialReport(text, None)
     command = dvc_exp_command(trial.params)
     drift = defaults_drift(study, setup.base, setup.space, options.params_path)
-    refusal = adoption_refusal(study, trial, setup.base)
+    refusal = adoption_refusal(study, trial)
     if not apply:
         warning = f"{drift}: its winner may not win under today's; {RERUN_HINT}" if drift else None
         return BestTrialReport(text + f"\nadoption: {refusal or 'verified, --apply writes it'}", command,
