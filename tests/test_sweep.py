@@ -685,7 +685,11 @@ def test_verify_at_another_budget_takes_the_defaults_from_that_budget_s_own_fini
     finished = verify.finished_training(load_params("recipe.yaml"))
     assert finished == Path("recipe/models/best.pt")
     assert verify.finished_training(load_params("recipe.yaml", {"train.lr": 5e-4})) is None  # another run
-    assert verify.finished_training(load_params("recipe.yaml", {"train.epochs": 2})) is None  # not finished
+    last = workspace / "recipe" / "models" / "last.pt"
+    saved = last.read_bytes()
+    torch.save({**torch.load(last, weights_only=True), "epoch": 0}, last)
+    assert verify.finished_training(load_params("recipe.yaml")) is None  # the same run, stopped before its end
+    last.write_bytes(saved)
 
     line = verify_command("--study", study_name, "--at", "recipe.yaml")
     folder = workspace / "sweeps" / study_name / "verify"
@@ -695,6 +699,9 @@ def test_verify_at_another_budget_takes_the_defaults_from_that_budget_s_own_fini
         "train.lr"]  # the trial's values at the recipe's budget
     recorded = verify.Verification(**load_study(study_name).user_attrs[verify.VERIFICATION_ATTR])
     assert recorded.budget == "recipe.yaml" and recorded.line() in line and "at recipe.yaml's budget" in line
+    shown = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name])
+    adoption = "verified, --apply writes it" if recorded.verified else f"{recorded.line()}, so params.yaml keeps"
+    assert f"adoption: {adoption}" in shown.stdout  # the recipe file as it was verified: the verdict stands
 
     recipe["train"]["grad_clip"] = 0.5  # the budget file changed since: the verdict no longer holds
     (workspace / "recipe.yaml").write_text(yaml.safe_dump(recipe))
