@@ -641,14 +641,22 @@ def test_a_winner_that_diverges_at_the_full_budget_is_scored_but_never_verified(
     from ddim_denoise.pipeline.errors import DivergedError
     from ddim_denoise.training import build
 
+    from ddim_denoise.data.prepared import data_identity, read_manifest
+    from ddim_denoise.pipeline.checkpoint import save_checkpoint
+    from ddim_denoise.training.resume import run_fingerprint, validation_yardstick
+
+    def write_best(params, folder: Path) -> None:  # what a validation saves, as far as the verification reads it
+        data = data_identity(read_manifest(params.data.prepared_dir))
+        save_checkpoint(folder / "models" / "best.pt", {"fingerprint": run_fingerprint(params, data),
+                                                          "validation": validation_yardstick(params)})
+
     class DivergingTrainer:
         def __init__(self, params, **kwargs):
-            self.models = Path(params.train.out_dir)
+            self.params = params
 
         def fit(self):
-            self.models.mkdir(parents=True, exist_ok=True)
-            if "first" in str(self.models):  # diverged after one validation, which saved best.pt
-                (self.models / "best.pt").write_bytes(b"weights")
+            if "first" in self.params.train.out_dir:  # diverged after one validation, which saved best.pt
+                write_best(self.params, Path(self.params.train.out_dir).parent)
             raise DivergedError("training diverged: lower train.lr")
 
     monkeypatch.setattr(build, "build_trainer", DivergingTrainer)
@@ -656,8 +664,9 @@ def test_a_winner_that_diverges_at_the_full_budget_is_scored_but_never_verified(
     base = load_params(workspace / "params.yaml")
     scores, diverged = verify.train_and_score(base, {}, workspace / "first", "run", {}, diverging_allowed=True)
     assert diverged and scores.tolist() == [25.0] * 8
+    write_best(load_params(workspace / "params.yaml", {"train.lr": 5e-4}), workspace / "second")  # an earlier run's
     scores, diverged = verify.train_and_score(base, {}, workspace / "second", "run", {}, diverging_allowed=True)
-    assert diverged and scores is None  # it diverged before its first validation: nothing to score
+    assert diverged and scores is None  # it diverged before its first validation: nothing of its own to score
     with pytest.raises(DivergedError):  # the defaults must train
         verify.train_and_score(base, {}, workspace / "first", "run", {})
 
@@ -685,13 +694,21 @@ def test_verify_at_another_budget_takes_the_defaults_from_that_budget_s_own_fini
     finished = verify.finished_training(load_params("recipe.yaml"))
     assert finished == Path("recipe/models/best.pt")
     assert verify.finished_training(load_params("recipe.yaml", {"train.lr": 5e-4})) is None  # another run
+    assert verify.finished_training(load_params("recipe.yaml", {"eval.noise_seed": 99})) is None  # validated otherwise
     last = workspace / "recipe" / "models" / "last.pt"
     saved = last.read_bytes()
     torch.save({**torch.load(last, weights_only=True), "epoch": 0}, last)
     assert verify.finished_training(load_params("recipe.yaml")) is None  # the same run, stopped before its end
     last.write_bytes(saved)
 
-    line = verify_command("--study", study_name, "--at", "recipe.yaml")
+    other = {**recipe, "train": {**recipe["train"], "lr": 5e-4}}  # not params.yaml's defaults: refused
+    (workspace / "other.yaml").write_text(yaml.safe_dump(other))
+    refused = CliRunner().invoke(app, ["sweep", "verify", "--space", "space.yaml", "--study", study_name,
+                                       "--at", "other.yaml"])
+    assert refused.exit_code == 2 and ("sweep verify --at: other.yaml holds other defaults than params.yaml (train.lr:"
+                                       in one_error_line(refused))
+
+    line = verify_command("--study", study_name, "--at", str(workspace / "recipe.yaml"))
     folder = workspace / "sweeps" / study_name / "verify"
     assert not (folder / "defaults").exists()  # the recipe's training stood for the defaults
     winner = torch.load(folder / "trial_0000" / "models" / "last.pt", weights_only=True)
@@ -708,6 +725,9 @@ def test_verify_at_another_budget_takes_the_defaults_from_that_budget_s_own_fini
     refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
     assert ("trial 0 was verified under another recipe.yaml or code: run `ddim-denoise sweep verify` again"
             in one_error_line(refused))
+    (workspace / "recipe.yaml").unlink()
+    refused = CliRunner().invoke(app, ["sweep", "best", "--space", "space.yaml", "--study", study_name, "--apply"])
+    assert "trial 0 was verified at recipe.yaml's budget, which cannot be read now (" in one_error_line(refused)
 
 
 def test_a_verification_counts_only_a_win_beyond_its_confidence_interval():

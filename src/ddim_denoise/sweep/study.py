@@ -64,6 +64,9 @@ OBJECTIVE_EVAL_KEYS = ("eval.sigmas", "eval.noise_seed", "eval.ddim_steps", "eva
 TRAINING_SECTIONS = ("seed", "model", "diffusion", "train")
 RERUN_HINT = f"rerun the sweep (dvc repro {DEFAULT_SPACE_FILE.parent / 'dvc.yaml'})"
 DRIFT_KEYS_SHOWN = 3  # the refusal stays one readable line
+# What a budget file (``sweep verify --at``) may set otherwise than params.yaml: how long and on how many images both
+# sides train, and how many images pick their best epoch; every other key that shapes a result stays params.yaml's.
+BUDGET_KEYS = ("train.epochs", "train.max_train_images", "train.val_images")
 
 
 @dataclass
@@ -108,6 +111,20 @@ def study_settings(base: Params, space: SearchSpace, data: str) -> dict:
     return {"params": fixed_params(base, space), "space": space.describe(), "data": data, "code": code_digest("sweep")}
 
 
+def listed_changes(old: dict, new: dict, old_where: str, new_where: str) -> str | None:
+    """The keys of two flat mappings that differ, a few shown with both values (one readable line); None if none."""
+    changed = changed_keys(old, new)
+    if not changed:
+        return None
+
+    def shown(values: dict, key: str) -> str:
+        return format_value(values[key]) if key in values else "absent"
+
+    listed = "; ".join(f"{key}: {shown(old, key)} {old_where}, {shown(new, key)} {new_where}"
+                       for key in changed[:DRIFT_KEYS_SHOWN])
+    return listed + (f"; and {len(changed) - DRIFT_KEYS_SHOWN} more" if len(changed) > DRIFT_KEYS_SHOWN else "")
+
+
 def defaults_drift(study, base: Params, space: SearchSpace, params_path: Path) -> str | None:
     """None when the study's trials ran under the fixed params ``base`` gives now; else why its winner is no
     evidence for them: the keys that differ (a few), or that the study recorded none. With ``--study NAME`` an
@@ -115,18 +132,24 @@ def defaults_drift(study, base: Params, space: SearchSpace, params_path: Path) -
     ran_under = study.user_attrs.get(SETTINGS_ATTR, {}).get("params")
     if ran_under is None:
         return f"study {study.study_name!r} predates the record of the defaults its trials ran under"
-    now = fixed_params(base, space)
-    changed = changed_keys(ran_under, now)
-    if not changed:
+    listed = listed_changes(ran_under, fixed_params(base, space), "there", "here")
+    if listed is None:
         return None
+    return f"study {study.study_name!r} ran under other defaults than {params_path} ({listed})"
 
-    def shown(values: dict, key: str) -> str:
-        return format_value(values[key]) if key in values else "absent"
 
-    listed = "; ".join(f"{key}: {shown(ran_under, key)} there, {shown(now, key)} here"
-                       for key in changed[:DRIFT_KEYS_SHOWN])
-    more = f"; and {len(changed) - DRIFT_KEYS_SHOWN} more" if len(changed) > DRIFT_KEYS_SHOWN else ""
-    return f"study {study.study_name!r} ran under other defaults than {params_path} ({listed}{more})"
+def budget_drift(base: Params, budget: Params, params_path: Path, budget_file: Path) -> str | None:
+    """None when the params file ``budget`` differs from params.yaml (``base``) in its budget alone
+    (``BUDGET_KEYS``) and in how it runs; else the keys that differ: its defaults would be other defaults than those
+    a verification compares the winner with."""
+    def shaping(params: Params) -> dict:
+        return {key: value for key, value in flatten(params).items()
+                if (key.split(".")[0] in (*TRAINING_SECTIONS, "data") or key in OBJECTIVE_EVAL_KEYS)
+                and not is_operational(key) and key not in BUDGET_KEYS}
+
+    listed = listed_changes(shaping(base), shaping(budget), f"in {params_path}", f"in {budget_file}")
+    return None if listed is None else (f"{budget_file} holds other defaults than {params_path} ({listed}): a budget "
+                                        f"file may differ in {', '.join(BUDGET_KEYS)} alone")
 
 
 def prepare_setup(options: SweepOptions, need_fingerprint: bool = True) -> SweepSetup:
@@ -292,6 +315,9 @@ def verify_best(options: SweepOptions, trial_number: int | None = None, out: Pat
         raise SweepError(f"sweep verify: {drift}: {RERUN_HINT} first")
     budget_file = at or options.params_path
     budget = setup.base if at is None else load_params(at)
+    mismatch = budget_drift(setup.base, budget, options.params_path, budget_file)
+    if mismatch:
+        raise SweepError(f"sweep verify --at: {mismatch}")
     return verify_trial(study, trial, budget, budget_file, sweep_folder(study.study_name) / "verify", out)
 
 

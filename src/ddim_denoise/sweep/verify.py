@@ -32,6 +32,7 @@ from ddim_denoise.pipeline.errors import DivergedError
 from ddim_denoise.pipeline.files import BEST_CHECKPOINT, LAST_CHECKPOINT
 from ddim_denoise.pipeline.params import Params, ParamsError, flatten, load_params, validate_params
 from ddim_denoise.pipeline.stage_code import code_digest
+from ddim_denoise.pipeline.tracking import project_root
 from ddim_denoise.sweep.objective import per_image_scores
 from ddim_denoise.sweep.space import with_overrides
 from ddim_denoise.sweep.storage import fingerprint_of
@@ -78,6 +79,14 @@ def budget_fingerprint(budget: Params) -> str:
     return fingerprint_of({"params": values, "code": code_digest("sweep")})
 
 
+def project_path(path: Path) -> str:
+    """``path`` as a verification records it: relative to the project root, so ``sweep best`` finds it again from
+    any folder (absolute when it lies outside)."""
+    resolved = Path(path).resolve()
+    root = project_root()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(resolved)
+
+
 def paired_verdict(trial: int, fingerprint: str, defaults: np.ndarray, winner: np.ndarray | None,
                    winner_diverged: bool = False, budget: str = "params.yaml") -> Verification:
     """The verdict from per-image scores of the same validation images: verified when the paired difference's 95%
@@ -99,6 +108,22 @@ def validation_scores(checkpoint: Path, params: Params) -> np.ndarray:
     return per_image_scores(checkpoint, clean, params, steps=1)[0]
 
 
+def own_checkpoint(path: Path, params: Params) -> dict | None:
+    """``path``'s state when the run ``params`` describe wrote it: the same params, data and training code
+    (``resume.run_fingerprint``, as a resume checks), validated at the same ``resume.validation_yardstick`` (which
+    picked its best epoch). None otherwise: a checkpoint an earlier run left in the folder is never taken for this
+    run's."""
+    from ddim_denoise.training.resume import run_fingerprint, validation_yardstick
+
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    fingerprint = run_fingerprint(params, data_identity(read_manifest(params.data.prepared_dir)))
+    if state.get("fingerprint") != fingerprint or state.get("validation") != validation_yardstick(params):
+        return None
+    return state
+
+
 def train_and_score(base: Params, values: dict, folder: Path, run_name: str, run_tags: dict[str, str],
                     diverging_allowed: bool = False) -> tuple[np.ndarray | None, bool]:
     """Train ``base`` + ``values`` into ``folder`` (resuming a run left there) and score its best checkpoint per
@@ -115,23 +140,17 @@ def train_and_score(base: Params, values: dict, folder: Path, run_name: str, run
         if not diverging_allowed:
             raise
         log.warning("%s: %s", run_name, e)  # the guard's own words: which step, which threshold
-        return (validation_scores(best, params) if best.is_file() else None), True
+        return (validation_scores(best, params) if own_checkpoint(best, params) else None), True
     return validation_scores(best, params), False
 
 
 def finished_training(params: Params) -> Path | None:
     """The best checkpoint of ``params``' own training (its ``train.out_dir``) when that training is finished and is
-    this very run: the same params, data and training code (``resume.run_fingerprint``, as a resume checks)."""
-    from ddim_denoise.training.resume import run_fingerprint
-
-    last = Path(params.train.out_dir) / LAST_CHECKPOINT
-    if not last.is_file():
-        return None
-    state = load_checkpoint(last)
-    same_run = state.get("fingerprint") == run_fingerprint(params, data_identity(read_manifest(
-        params.data.prepared_dir)))
-    finished = same_run and state.get("epoch", 0) >= params.train.epochs
-    return last.parent / BEST_CHECKPOINT if finished and (last.parent / BEST_CHECKPOINT).is_file() else None
+    this very run (``own_checkpoint``)."""
+    last, best = (Path(params.train.out_dir) / name for name in (LAST_CHECKPOINT, BEST_CHECKPOINT))
+    state = own_checkpoint(last, params)
+    finished = state is not None and state.get("epoch", 0) >= params.train.epochs
+    return best if finished and own_checkpoint(best, params) else None
 
 
 def defaults_scores(budget: Params, folder: Path, run_tags: dict[str, str]) -> np.ndarray:
@@ -154,7 +173,7 @@ def verify_trial(study, trial, budget: Params, budget_file: Path, folder: Path,
     winner, diverged = train_and_score(budget, trial.params, folder / f"trial_{trial.number:04d}",
                                        f"verify-trial-{trial.number}", tags, diverging_allowed=True)
     verification = paired_verdict(trial.number, budget_fingerprint(budget), defaults, winner, diverged,
-                                  str(budget_file))
+                                  project_path(budget_file))
     study.set_user_attr(VERIFICATION_ATTR, asdict(verification))
     if out is not None:
         atomic_write_text(out, json.dumps(asdict(verification), indent=2) + "\n")
@@ -173,9 +192,9 @@ def adoption_refusal(study, trial) -> str | None:
     except TypeError:  # recorded by another version of this code
         return f"trial {trial.number}'s verification is in an older form: run `{VERIFY_COMMAND}` again"
     try:
-        fingerprint = budget_fingerprint(load_params(verification.budget))
+        fingerprint = budget_fingerprint(load_params(project_root() / verification.budget))
     except ParamsError as e:
-        fingerprint = f"unreadable ({e})"
+        return f"trial {trial.number} was verified at {verification.budget}'s budget, which cannot be read now ({e})"
     if verification.params_fingerprint != fingerprint:
         return (f"trial {trial.number} was verified under another {verification.budget} or code: run "
                 f"`{VERIFY_COMMAND}` again")
